@@ -1,0 +1,251 @@
+"""The gateway's CoAP endpoint: txthings' protocol with its gaps closed.
+
+:class:`GatewayProtocol` keeps txthings' request handling (resource
+dispatch, piggybacked and separate responses, block-wise transfers,
+observation) and replaces the parts that do not hold up on an exposed
+server: parsing (strict, never raises), duplicate detection (bounded),
+block-wise reassembly (bounded, size-limited), observers (dropped when the
+client resets or stops answering), and per-datagram logging.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import Counter
+
+from twisted.application.service import Service
+from twisted.logger import Logger
+from txthings import coap
+
+from sense_gateway.coap.exchanges import ExchangeCache
+from sense_gateway.coap.message import BadOption, MalformedMessage, decode
+from sense_gateway.errors import code_text
+
+log = Logger()
+
+#: RFC 7252 sizes a datagram's payload at 1024 bytes without block-wise
+#: transfers; the receive buffer only needs to hold whole datagrams.
+MAX_DATAGRAM = 8192
+
+#: Block-wise uploads assembled at once, across all peers.
+MAX_ASSEMBLIES = 1024
+
+
+class _Assemblies(dict):
+    """txthings' ``incoming_requests``: pending block-wise transfers.
+
+    txthings pops entries unconditionally when a transfer times out; we may
+    already have dropped one (size limit), so a missing key is not an error.
+    """
+
+    def pop(self, key, *default):
+        return super().pop(key, None)
+
+
+class GatewayProtocol(coap.Coap):
+    """A CoAP server endpoint for a txthings resource tree."""
+
+    def __init__(self, endpoint, *, clock, exchange_lifetime: float, max_exchanges: int,
+                 max_payload: int):
+        super().__init__(endpoint)
+        self.clock = clock
+        self.max_payload = max_payload
+        self.exchanges = ExchangeCache(exchange_lifetime, max_exchanges, clock.seconds)
+        # Our own confirmable messages (observe notifications) are few, so
+        # their ACK/RST dedup can share the same mechanism with a small cap.
+        self.acknowledgements = ExchangeCache(exchange_lifetime, 4096, clock.seconds)
+        self.incoming_requests = _Assemblies()
+        #: resources whose observers must be dropped when a peer goes away
+        self.observable_resources: list = []
+        self.responses: Counter[int] = Counter()
+        self.malformed = 0
+        self.duplicates = 0
+
+    # -- receiving ---------------------------------------------------------
+
+    def datagramReceived(self, data: bytes, addr) -> None:
+        host, port = addr[0], addr[1]
+        try:
+            message = decode(data, host, port, self)
+        except MalformedMessage as e:
+            self.malformed += 1
+            log.debug("malformed datagram from {host} port {port}: {reason}",
+                      host=host, port=port, reason=e.reason)
+            if e.mtype == coap.CON and e.message_id is not None:
+                self._send_reset(e.message_id, (host, port))
+            return
+        except BadOption as e:
+            message = e.message
+            if not self.deduplicateMessage(message):
+                code = coap.PROXYING_NOT_SUPPORTED if e.number in (
+                    coap.PROXY_URI, coap.PROXY_SCHEME) else coap.BAD_OPTION
+                self.respond_directly(message, code, e.reason)
+            return
+        try:
+            if self.deduplicateMessage(message):
+                return
+            if coap.isRequest(message.code):
+                self.processRequest(message)
+            elif coap.isResponse(message.code):
+                self.processResponse(message)
+            else:
+                self.processEmpty(message)
+        except Exception:
+            log.failure("failed to handle a message from {host} port {port}", host=host, port=port)
+            if coap.isRequest(message.code) and self.exchanges.response(
+                    (message.mid, message.remote)) is None:
+                self.respond_directly(message, coap.INTERNAL_SERVER_ERROR, "internal error")
+
+    def deduplicateMessage(self, message) -> bool:
+        key = (message.mid, message.remote)
+        if message.mtype in (coap.CON, coap.NON):
+            if not self.exchanges.seen(key):
+                return False
+            self.duplicates += 1
+            if message.mtype == coap.CON:
+                # Answer a retransmitted CON with the response already sent;
+                # if it is still being prepared, the peer will ask again.
+                datagram = self.exchanges.response(key)
+                if datagram is not None:
+                    self._write(datagram, message.remote)
+            return True
+        return self.acknowledgements.seen(key)
+
+    def processRequest(self, request) -> None:
+        block1 = request.opt.block1
+        if block1 is not None:
+            key = (coap.uriPathAsString(request.opt.uri_path), request.remote)
+            offset = block1.block_number * 2 ** (block1.size_exponent + 4)
+            announced = request.opt.getOption(coap.SIZE1)
+            too_large = offset + len(request.payload) > self.max_payload or (
+                announced is not None and announced[0].value > self.max_payload)
+            if too_large:
+                self.incoming_requests.pop(key)
+                self.respond_directly(request, coap.REQUEST_ENTITY_TOO_LARGE,
+                                      f"over {self.max_payload} bytes", size1=self.max_payload)
+                return
+            if key not in self.incoming_requests and len(self.incoming_requests) >= MAX_ASSEMBLIES:
+                self.respond_directly(request, coap.SERVICE_UNAVAILABLE,
+                                      "too many block-wise transfers", max_age=10)
+                return
+        super().processRequest(request)
+
+    def processEmpty(self, message) -> None:
+        if message.mtype == coap.RST and message.mid in self.active_exchanges:
+            # A reset answering a notification cancels the observation
+            # (RFC 7641 3.6); txthings would keep notifying forever.
+            self._forget_observer(self.active_exchanges[message.mid][0])
+        super().processEmpty(message)
+
+    # -- sending -----------------------------------------------------------
+
+    def sendMessage(self, message) -> None:
+        if message.code == coap.EMPTY:
+            # txthings copies the request's token into its empty ACK; an
+            # empty message with a token is a format error (RFC 7252 4.1)
+            # that strict peers reject.
+            message.token = b""
+        if message.mid is None:
+            message.mid = self.nextMessageID()
+        datagram = message.encode()
+        if message.mtype in (coap.ACK, coap.RST):
+            self.exchanges.record_response((message.mid, message.remote), datagram)
+        if coap.isResponse(message.code):
+            self.responses[message.code] += 1
+            if message.code >= coap.BAD_REQUEST:
+                log.info("rejected {source}: {code} {reason}", source=_source(message.remote),
+                         code=code_text(message.code),
+                         reason=message.payload.decode("utf-8", "replace"))
+        self._write(datagram, message.remote)
+        if message.mtype == coap.CON:
+            self.addExchange(message)
+
+    def retransmit(self, message, timeout, retransmission_counter) -> None:
+        if retransmission_counter >= coap.MAX_RETRANSMIT:
+            self.active_exchanges.pop(message.mid, None)
+            self._forget_observer(message)
+            return
+        super().retransmit(message, timeout, retransmission_counter)
+
+    def respond_directly(self, request, code: int, reason: str, *, max_age: int | None = None,
+                         size1: int | None = None) -> None:
+        """Answer *request* with an error without involving a resource."""
+        response = coap.Message(code=code, payload=reason.encode("utf-8")[:120])
+        response.token = request.token
+        response.remote = request.remote
+        if request.mtype == coap.CON:
+            response.mtype, response.mid = coap.ACK, request.mid
+        else:
+            response.mtype = coap.NON
+        if max_age is not None:
+            response.opt.addOption(coap.UintOption(coap.MAX_AGE, max_age))
+        if size1 is not None:
+            response.opt.addOption(coap.UintOption(coap.SIZE1, size1))
+        self.sendMessage(response)
+
+    def _send_reset(self, message_id: int, addr) -> None:
+        rst = coap.Message(mtype=coap.RST, mid=message_id, code=coap.EMPTY)
+        self._write(rst.encode(), addr)
+
+    def _write(self, datagram: bytes, remote) -> None:
+        try:
+            self.transport.write(datagram, (str(remote[0]), remote[1]))
+        except OSError as e:
+            # An unreachable peer must not abort the exchange for others.
+            log.debug("cannot send to {source}: {error}", source=_source(remote), error=e)
+
+    def _forget_observer(self, message) -> None:
+        key = (message.remote, message.token)
+        for resource in self.observable_resources:
+            resource.observers.pop(key, None)
+
+
+def _source(remote) -> str:
+    host, port = remote
+    host = getattr(host, "ipv4_mapped", None) or host
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+class CoapServer(Service):
+    """Listens on the CoAP UDP port and feeds datagrams to a protocol.
+
+    Binding ``::`` serves IPv6 and IPv4 (as mapped addresses) on one
+    socket: we clear IPV6_V6ONLY ourselves rather than rely on the host's
+    ``bindv6only`` default.
+    """
+
+    def __init__(self, protocol: GatewayProtocol, bind: str, port: int, reactor):
+        self.protocol = protocol
+        self.bind = bind
+        self.port_number = port
+        self.reactor = reactor
+        self.port = None
+
+    def startService(self) -> None:
+        family = socket.AF_INET6 if ":" in self.bind else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            # Bursts from many devices arrive faster than one turn of the
+            # reactor: a larger buffer turns them into latency, not loss.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+            sock.bind((self.bind, self.port_number))
+            sock.setblocking(False)
+            self.port = self.reactor.adoptDatagramPort(
+                sock.fileno(), family, self.protocol, maxPacketSize=MAX_DATAGRAM)
+        finally:
+            sock.close()
+        super().startService()
+        log.info("CoAP listening on {address}", address=_source((self.bind, self.address[1])))
+
+    @property
+    def address(self):
+        host = self.port.getHost()
+        return host.host, host.port
+
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()

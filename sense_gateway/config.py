@@ -1,0 +1,257 @@
+"""Typed configuration: defaults, then a TOML file, then ``SENSE_*`` variables,
+then command-line options, validated once at start-up.
+
+Every key has an environment name derived from where it lives:
+``coap.port`` is ``SENSE_COAP_PORT``, top-level ``role`` is ``SENSE_ROLE``.
+Tables this module does not know (``[example_kv]``) are kept for plugins,
+which read them with :meth:`Config.section`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from sense_gateway.errors import ConfigError
+
+ROLES = ("all", "gateway", "processor")
+
+
+@dataclass(frozen=True)
+class CoapConfig:
+    bind: str = "::"
+    port: int = 5683
+    max_payload: int = 1024
+    dedup_entries: int = 65536
+    exchange_lifetime: float = 247.0
+    time_interval: float = 60.0
+    max_observers: int = 256
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    backend: str = "sqlite"
+    path: str = ""
+    max_receives: int = 5
+    visibility_timeout: float = 30.0
+    max_pending: int = 20000
+    max_batch: int = 2000
+    synchronous: str = "full"
+    retry_after: int = 5
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    max_readings: int = 100
+    max_fields: int = 32
+    max_name_length: int = 64
+    max_string_length: int = 256
+    max_device_length: int = 64
+    max_future: float = 300.0
+    min_timestamp: float = 946684800.0
+
+
+@dataclass(frozen=True)
+class Config:
+    role: str = "all"
+    data_dir: str = "./var"
+    plugins_dir: str = "plugins"
+    keep_raw: bool = False
+    stats_interval: float = 60.0
+    disable_plugins: tuple[str, ...] = ()
+    coap: CoapConfig = field(default_factory=CoapConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    sections: Mapping[str, Mapping[str, Any]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+
+    def section(self, name: str) -> Mapping[str, Any]:
+        """A plugin's own table from the config file (empty if absent)."""
+        return self.sections.get(name, MappingProxyType({}))
+
+    @property
+    def queue_path(self) -> Path:
+        return Path(self.queue.path or Path(self.data_dir) / "queue.sqlite3")
+
+
+_TABLES = {"coap": CoapConfig, "queue": QueueConfig, "validation": ValidationConfig}
+
+
+def _convert(key: str, kind: Any, value: Any) -> Any:
+    """Coerce *value* (from TOML or an environment string) to *kind*."""
+    from_text = isinstance(value, str)
+    try:
+        if kind in ("bool", bool):
+            if isinstance(value, bool):
+                return value
+            if from_text and value.strip().lower() in ("1", "true", "yes", "on"):
+                return True
+            if from_text and value.strip().lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(value)
+        if kind in ("int", int):
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if kind in ("float", float):
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if kind in ("str", str):
+            if not isinstance(value, str):
+                raise ValueError(value)
+            return value
+        if kind in ("tuple[str, ...]",):
+            if from_text:
+                return tuple(part.strip() for part in value.split(",") if part.strip())
+            if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+                return tuple(value)
+            raise ValueError(value)
+    except ValueError:
+        pass
+    type_name = getattr(kind, "__name__", str(kind))
+    raise ConfigError(f"{key}: expected {type_name}, got {value!r}")
+
+
+def _field_kinds(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _kind_name(kind: Any) -> Any:
+    if kind in (bool, int, float, str):
+        return kind
+    return str(kind).replace("typing.", "")
+
+
+def _apply(cls, base, values: Mapping[str, Any], prefix: str):
+    """Return a copy of dataclass *base* with *values* (already flat) applied."""
+    kinds = _field_kinds(cls)
+    changes = {}
+    for key, value in values.items():
+        if key not in kinds:
+            raise ConfigError(f"{prefix}{key}: unknown configuration key")
+        changes[key] = _convert(prefix + key, _kind_name(kinds[key]), value)
+    return dataclasses.replace(base, **changes)
+
+
+def env_names() -> dict[str, tuple[str | None, str]]:
+    """``SENSE_*`` variable -> (table or None, key)."""
+    names = {}
+    for key in _field_kinds(Config):
+        if key in _TABLES or key == "sections":
+            continue
+        names[f"SENSE_{key.upper()}"] = (None, key)
+    for table, cls in _TABLES.items():
+        for key in _field_kinds(cls):
+            names[f"SENSE_{table.upper()}_{key.upper()}"] = (table, key)
+    return names
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the configuration.
+
+    *overrides* use dotted keys (``"coap.port"``) and come from the command
+    line; they win over the environment, which wins over the file.
+    """
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                document = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"--config: no such file: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        layers.append((f"{path}: ", document))
+
+    environ = os.environ if environ is None else environ
+    from_env: dict[str, Any] = {}
+    names = env_names()
+    for name, value in environ.items():
+        if name in names:
+            table, key = names[name]
+            target = from_env.setdefault(table, {}) if table else from_env
+            target[key] = value
+        elif name.startswith("SENSE_") and name not in _IGNORED_ENV:
+            raise ConfigError(f"{name}: unknown SENSE_ environment variable")
+    layers.append(("environment ", from_env))
+
+    from_cli: dict[str, Any] = {}
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        table, _, key = dotted.rpartition(".")
+        target = from_cli.setdefault(table, {}) if table else from_cli
+        target[key] = value
+    layers.append(("option ", from_cli))
+
+    config = Config()
+    sections: dict[str, dict[str, Any]] = {}
+    for origin, document in layers:
+        top = {}
+        for key, value in document.items():
+            if key in _TABLES:
+                if not isinstance(value, Mapping):
+                    raise ConfigError(f"{origin}{key}: expected a table")
+                table = _apply(_TABLES[key], getattr(config, key), value, f"{origin}{key}.")
+                config = dataclasses.replace(config, **{key: table})
+            elif isinstance(value, Mapping) and key not in _field_kinds(Config):
+                sections.setdefault(key, {}).update(value)
+            else:
+                top[key] = value
+        config = _apply(Config, config, top, origin)
+    config = dataclasses.replace(
+        config,
+        sections=MappingProxyType({k: MappingProxyType(v) for k, v in sections.items()}),
+    )
+    validate(config)
+    return config
+
+
+# Variables that configure things other than this file's keys.
+_IGNORED_ENV = frozenset({"SENSE_CONFIG"})
+
+
+def validate(config: Config) -> None:
+    """Check values that have a type but not every value of it makes sense."""
+    if config.role not in ROLES:
+        raise ConfigError(f"role: must be one of {', '.join(ROLES)}, got {config.role!r}")
+    try:
+        ipaddress.ip_address(config.coap.bind)
+    except ValueError:
+        raise ConfigError(f"coap.bind: not an IP address: {config.coap.bind!r}") from None
+    if not 0 <= config.coap.port <= 65535:
+        raise ConfigError(f"coap.port: out of range: {config.coap.port}")
+    positive = {
+        "coap.max_payload": config.coap.max_payload,
+        "coap.dedup_entries": config.coap.dedup_entries,
+        "coap.max_observers": config.coap.max_observers,
+        "queue.max_receives": config.queue.max_receives,
+        "queue.max_pending": config.queue.max_pending,
+        "queue.max_batch": config.queue.max_batch,
+        "validation.max_readings": config.validation.max_readings,
+        "validation.max_fields": config.validation.max_fields,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+    if config.coap.time_interval <= 0:
+        raise ConfigError(f"coap.time_interval: must be positive, got {config.coap.time_interval}")
+    if config.queue.synchronous not in ("full", "normal"):
+        raise ConfigError(
+            f"queue.synchronous: must be 'full' or 'normal', got {config.queue.synchronous!r}"
+        )

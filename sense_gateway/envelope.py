@@ -1,0 +1,117 @@
+"""What travels through the queue: one accepted request as a versioned document.
+
+An :class:`Envelope` holds everything the processor needs (device, sequence
+number, decoded readings, where and when it came from), so the processor
+never needs a device-format decoder.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from dataclasses import dataclass, field
+from typing import Union
+
+import orjson
+
+ENVELOPE_VERSION = 1
+
+FieldValue = Union[float, int, bool, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One point: a measurement with fields and tags at a time (epoch s)."""
+
+    fields: dict[str, FieldValue]
+    ts: float | None = None
+    measurement: str = "sense"
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """What a decoder returns: readings and, if the payload says, who sent them."""
+
+    readings: list[Reading]
+    device: str | None = None
+    seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """What a decoder or validator may know about the request besides its payload."""
+
+    path: str
+    content_format: int | None
+    source_host: str
+    source_port: int
+    received: float
+    transport: str = "coap"
+    identity: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """An accepted request, as stored in the queue."""
+
+    id: str
+    device: str
+    seq: int | None
+    received: float
+    source: str
+    transport: str
+    identity: str | None
+    path: str
+    content_format: int | None
+    readings: list[Reading]
+    raw: bytes | None = None
+
+    def to_json(self) -> bytes:
+        doc = {
+            "v": ENVELOPE_VERSION,
+            "id": self.id,
+            "device": self.device,
+            "seq": self.seq,
+            "received": self.received,
+            "source": self.source,
+            "transport": self.transport,
+            "identity": self.identity,
+            "path": self.path,
+            "cf": self.content_format,
+            "readings": [
+                {"m": r.measurement, "ts": r.ts, "f": r.fields, "t": r.tags}
+                for r in self.readings
+            ],
+        }
+        if self.raw is not None:
+            doc["raw"] = base64.b64encode(self.raw).decode("ascii")
+        return orjson.dumps(doc)
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> "Envelope":
+        doc = orjson.loads(data)
+        if doc.get("v") != ENVELOPE_VERSION:
+            raise ValueError(f"unknown envelope version {doc.get('v')!r}")
+        raw = doc.get("raw")
+        return cls(
+            id=doc["id"],
+            device=doc["device"],
+            seq=doc["seq"],
+            received=doc["received"],
+            source=doc["source"],
+            transport=doc["transport"],
+            identity=doc["identity"],
+            path=doc["path"],
+            content_format=doc["cf"],
+            readings=[
+                Reading(fields=r["f"], ts=r["ts"], measurement=r["m"], tags=r["t"])
+                for r in doc["readings"]
+            ],
+            raw=base64.b64decode(raw) if raw is not None else None,
+        )
+
+
+def new_envelope_id() -> str:
+    """A 96-bit random id, unique enough across gateways without coordination."""
+    return os.urandom(12).hex()

@@ -1,0 +1,100 @@
+"""The plugin contract: every hook a SENSE Gateway plugin may implement.
+
+Hooks are cheap and synchronous. Anything that does I/O (queues, later
+sinks and registries) is an object a ``sense_register_*`` hook returns a
+factory for; the core calls those objects and owns retries and threads.
+
+Implement a hook with the ``hookimpl`` marker::
+
+    from sense_gateway.hookspecs import hookimpl
+
+    @hookimpl
+    def sense_register_formats():
+        return [Format(...)]
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "sense_gateway"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def sense_register_formats():
+    """Return the payload formats this plugin decodes.
+
+    Called once at start-up. Return an iterable of
+    :class:`sense_gateway.formats.Format`. Each format names the CoAP
+    Content-Format numbers it accepts (``None`` for "no option"), the
+    paths it accepts them on (each path becomes a POST resource listed in
+    ``/.well-known/core``), and a ``decode(payload, context)`` callable
+    returning :class:`sense_gateway.envelope.Decoded` or raising
+    :class:`sense_gateway.errors.DecodeError`. ``decode`` runs on the
+    reactor thread for every request: keep it fast and free of I/O.
+
+    Two formats may not claim the same (path, Content-Format) pair; a
+    clash fails start-up naming both.
+
+    Example::
+
+        @hookimpl
+        def sense_register_formats():
+            return [Format("kv", content_formats=(0,), paths=("/kv",),
+                           decode=decode_kv)]
+    """
+
+
+@hookspec
+def sense_validate(envelope, config):
+    """Check an accepted-looking envelope before it is queued.
+
+    Called for every decoded request, on the reactor thread, with the
+    :class:`sense_gateway.envelope.Envelope` about to be queued and the
+    :class:`sense_gateway.config.Config`. Every implementation is called.
+    Return ``None`` (or an empty list) when it is fine, or a list of short
+    problem strings; the device gets 4.00 Bad Request with the first
+    problem as diagnostic payload. Do not raise.
+
+    Example::
+
+        @hookimpl
+        def sense_validate(envelope, config):
+            if envelope.device.startswith("test-"):
+                return ["test devices are not accepted here"]
+    """
+
+
+@hookspec
+def sense_register_queues():
+    """Return queue backends by name: ``{name: factory}``.
+
+    Called once at start-up; the core picks the factory named by the
+    ``queue.backend`` key and calls ``factory(config, reactor)``. The
+    factory returns an :class:`sense_gateway.queues.EnvelopeQueue`
+    (a Twisted service, started and stopped with the gateway) or raises
+    :class:`sense_gateway.errors.ConfigError` naming the key at fault.
+    """
+
+
+@hookspec
+def sense_coap_resources(config, reactor):
+    """Return extra CoAP resources: ``{path: resource}``.
+
+    Called once at start-up with the configuration and the reactor.
+    ``path`` is ``"/name"`` or ``"/a/b"``; ``resource`` is a txthings
+    ``CoAPResource`` (see :mod:`sense_gateway.coap.resources` for the
+    helpers our own resources use). Resources with ``visible = True`` are
+    listed in ``/.well-known/core`` with their link parameters. A resource
+    that needs a clock or periodic work may also be a Twisted service; the
+    gateway then starts and stops it.
+
+    Example::
+
+        @hookimpl
+        def sense_coap_resources(config, reactor):
+            return {"/version": VersionResource()}
+    """

@@ -1,0 +1,108 @@
+"""From payload to queued envelope: route, decode, validate, enqueue.
+
+:class:`IngestPipeline` knows nothing about CoAP or UDP. It gets a payload
+and a :class:`~sense_gateway.envelope.RequestContext`, and either raises a
+:class:`~sense_gateway.errors.RequestError` at once (the device gets the
+error's code) or returns the queue's Deferred, which fires once the
+envelope is durable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from sense_gateway.config import Config
+from sense_gateway.envelope import Envelope, RequestContext, new_envelope_id
+from sense_gateway.errors import (
+    DecodeError,
+    PluginLoadError,
+    RequestError,
+    TooLarge,
+    UnsupportedFormat,
+    ValidationError,
+)
+from sense_gateway.formats import Format
+
+log = Logger()
+
+
+def _describe_format(cf: int | None) -> str:
+    return "none" if cf is None else str(cf)
+
+
+class IngestPipeline:
+    """Decodes and validates readings, then hands them to the queue."""
+
+    def __init__(self, formats: Iterable[Format], validate, queue, config: Config):
+        """
+        *validate* is the ``sense_validate`` hook caller: called with
+        ``envelope`` and ``config``, it returns one result per plugin.
+        """
+        self._routes: dict[str, dict[int | None, Format]] = {}
+        for fmt in formats:
+            for path in fmt.paths:
+                route = self._routes.setdefault(path, {})
+                for cf in fmt.content_formats:
+                    if cf in route:
+                        raise PluginLoadError(
+                            f"formats {route[cf].name!r} and {fmt.name!r} both claim "
+                            f"Content-Format {_describe_format(cf)} on {path}")
+                    route[cf] = fmt
+        self._validate = validate
+        self.queue = queue
+        self.config = config
+        self._max_payload = config.coap.max_payload
+        self._keep_raw = config.keep_raw
+
+    def paths(self) -> list[str]:
+        return sorted(self._routes)
+
+    def content_formats(self, path: str) -> list[int | None]:
+        return list(self._routes.get(path, {}))
+
+    def accept(self, payload: bytes, context: RequestContext) -> Deferred:
+        """Turn one request into a queued envelope, or raise why not."""
+        if len(payload) > self._max_payload:
+            raise TooLarge(f"payload over {self._max_payload} bytes")
+        route = self._routes[context.path]
+        fmt = route.get(context.content_format)
+        if fmt is None:
+            accepted = ", ".join(_describe_format(cf) for cf in route)
+            raise UnsupportedFormat(
+                f"Content-Format {_describe_format(context.content_format)} not accepted "
+                f"on {context.path}; use {accepted}")
+        try:
+            decoded = fmt.decode(payload, context)
+        except RequestError:
+            raise
+        except Exception as e:
+            # A decoder bug must cost one request, not the server.
+            log.failure("decoder {format} failed", format=fmt.name)
+            raise DecodeError(f"{fmt.name} decoder failed: {type(e).__name__}") from e
+
+        readings = [
+            r if r.ts is not None else dataclasses.replace(r, ts=context.received)
+            for r in decoded.readings
+        ]
+        host = context.source_host
+        envelope = Envelope(
+            id=new_envelope_id(),
+            device=decoded.device if decoded.device is not None else "",
+            seq=decoded.seq,
+            received=context.received,
+            source=f"[{host}]:{context.source_port}" if ":" in host else f"{host}:{context.source_port}",
+            transport=context.transport,
+            identity=context.identity,
+            path=context.path,
+            content_format=context.content_format,
+            readings=readings,
+            raw=payload if self._keep_raw else None,
+        )
+        for problems in self._validate(envelope=envelope, config=self.config):
+            if problems:
+                raise ValidationError(problems[0])
+        return self.queue.put([envelope])
