@@ -8,6 +8,7 @@ with ``addCleanup``, so both trial and pytest run them.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -89,13 +90,14 @@ def libcoap_request(method: str, url: str, payload: bytes | None = None,
     """Run ``coap-client-notls`` and return the response code and payload."""
     if COAP_CLIENT is None:
         raise RuntimeError("coap-client-notls is not installed (Debian package libcoap3-bin)")
-    args = ["-m", method, "-B", "5", "-v", "5", *extra]
-    tmp = None
+    scratch = Path(tempfile.mkdtemp(prefix="coap-client-"))
+    received = scratch / "payload"
+    # At -v 7 libcoap logs "process incoming 2.04 response" on stdout; a
+    # success payload goes to the -o file, an error's to stderr.
+    args = ["-m", method, "-B", "5", "-v", "7", "-o", str(received), *extra]
     if payload is not None:
-        fd, tmp = tempfile.mkstemp()
-        os.write(fd, payload)
-        os.close(fd)
-        args += ["-f", tmp]
+        (scratch / "request").write_bytes(payload)
+        args += ["-f", str(scratch / "request")]
     if content_format is not None:
         args += ["-t", str(content_format)]
     if non:
@@ -103,22 +105,14 @@ def libcoap_request(method: str, url: str, payload: bytes | None = None,
     args.append(url)
     try:
         out, err, status = yield utils.getProcessOutputAndValue(COAP_CLIENT, args, env=os.environ)
+        body = received.read_bytes() if received.exists() else None
     finally:
-        if tmp:
-            os.unlink(tmp)
-    return _parse_libcoap(out, err)
-
-
-def _parse_libcoap(out: bytes, err: bytes) -> CoapClientResult:
-    # At -v 5 libcoap logs the received PDU's code ("v:1 t:ACK c:2.04 ...")
-    # on stderr; the payload goes to stdout.
-    code = None
-    for line in err.decode("utf-8", "replace").splitlines():
-        if " c:" in line and ("t:ACK" in line or "t:NON" in line or "t:CON" in line):
-            marker = line.split(" c:", 1)[1].split()[0]
-            if marker[:1] in "2345" and "." in marker:
-                code = marker
-    return CoapClientResult(code, out, out, err)
+        shutil.rmtree(scratch)
+    codes = re.findall(rb"process incoming (\d\.\d\d) response", out)
+    code = codes[-1].decode() if codes else None
+    if body is None:
+        body = err[len(code) + 1:] if code and err.startswith(code.encode()) else b""
+    return CoapClientResult(code, body, out, err)
 
 
 @defer.inlineCallbacks

@@ -1,0 +1,78 @@
+"""Configuration: defaults < TOML file < SENSE_* environment < options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from sense_gateway.config import Config, load_config
+from sense_gateway.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class ConfigTests(SynchronousTestCase):
+    def write(self, text: str) -> str:
+        path = self.mktemp()
+        Path(path).write_text(text)
+        return path
+
+    def test_example_file_states_the_defaults(self):
+        # etc/sense-gateway.toml documents every key with its default.
+        example = load_config(REPO / "etc" / "sense-gateway.toml", environ={})
+        self.assertEqual(example, Config())
+
+    def test_file_overrides_defaults(self):
+        config = load_config(self.write('role = "gateway"\n[coap]\nport = 5700\n'), environ={})
+        self.assertEqual((config.role, config.coap.port, config.coap.bind), ("gateway", 5700, "::"))
+
+    def test_environment_overrides_file(self):
+        path = self.write("[coap]\nport = 5700\n")
+        config = load_config(path, environ={"SENSE_COAP_PORT": "5800", "SENSE_KEEP_RAW": "true"})
+        self.assertEqual((config.coap.port, config.keep_raw), (5800, True))
+
+    def test_options_override_environment(self):
+        config = load_config(environ={"SENSE_COAP_PORT": "5800"}, overrides={"coap.port": 5900})
+        self.assertEqual(config.coap.port, 5900)
+
+    def test_list_from_environment(self):
+        config = load_config(environ={"SENSE_DISABLE_PLUGINS": "a, b"})
+        self.assertEqual(config.disable_plugins, ("a", "b"))
+
+    def test_plugin_tables_are_kept_for_plugins(self):
+        config = load_config(self.write('[example_kv]\nmeasurement = "kv"\n'), environ={})
+        self.assertEqual(config.section("example_kv")["measurement"], "kv")
+        self.assertEqual(dict(config.section("absent")), {})
+
+    def assertConfigError(self, message: str, *args, **kwargs):
+        error = self.assertRaises(ConfigError, load_config, *args, **kwargs)
+        self.assertIn(message, str(error))
+
+    def test_unknown_key_is_named(self):
+        path = self.write("[coap]\nprot = 1\n")
+        self.assertConfigError(f"{path}: coap.prot: unknown configuration key", path, environ={})
+
+    def test_wrong_type_is_named(self):
+        path = self.write('[queue]\nmax_receives = "many"\n')
+        self.assertConfigError("queue.max_receives: expected int, got 'many'", path, environ={})
+
+    def test_bad_environment_value_is_named(self):
+        self.assertConfigError("coap.port: expected int", environ={"SENSE_COAP_PORT": "x"})
+
+    def test_unknown_environment_variable_is_named(self):
+        self.assertConfigError("SENSE_COAP_PROT", environ={"SENSE_COAP_PROT": "1"})
+
+    def test_bad_role(self):
+        self.assertConfigError("role: must be one of all, gateway, processor",
+                               environ={}, overrides={"role": "both"})
+
+    def test_bad_bind_address(self):
+        self.assertConfigError("coap.bind: not an IP address", environ={"SENSE_COAP_BIND": "localhost"})
+
+    def test_invalid_toml_is_reported(self):
+        path = self.write("[coap\n")
+        self.assertConfigError("not valid TOML", path, environ={})
+
+    def test_missing_file(self):
+        self.assertConfigError("no such file", self.mktemp(), environ={})

@@ -1,0 +1,146 @@
+"""Random and mutated datagrams against a live gateway on real UDP.
+
+A seeded generator (reproducible: the seed is in the test) makes a few
+thousand datagrams: pure noise, valid requests with bytes flipped, cut
+short or extended, option soup, and well-formed requests with junk
+payloads. Afterwards the gateway must still answer a valid request, and
+what it remembers per peer must stay within its configured bounds.
+"""
+
+from __future__ import annotations
+
+import random
+
+import cbor2
+import orjson
+import psutil
+from twisted.internet import defer
+from twisted.trial.unittest import TestCase
+from txthings import coap
+
+from sense_gateway.coap.message import decode
+from sense_gateway.coap.protocol import MAX_ASSEMBLIES
+from tests.support import GatewayProcess, RawCoapPeer, deferLater, request_datagram, start_gateway
+
+VALID = request_datagram(payload=orjson.dumps({"id": "fuzz-ok", "seq": 1, "data": {"t": 1.5}}),
+                         content_format=50, mid=0xBEEF, token=b"ok")
+
+
+def seed_requests(rng: random.Random) -> list[bytes]:
+    bodies = [
+        orjson.dumps({"id": "n", "seq": 1, "data": {"t": 1}}),
+        cbor2.dumps({"id": "n", "data": {"t": 1.0}}),
+        orjson.dumps([{"bn": "urn:x:", "n": "t", "v": 1}]),
+        b"2150,1,2151,0,",
+    ]
+    seeds = []
+    for body, cf, path in zip(bodies, (50, 60, 110, None), ("data", "data", "data", "temperature")):
+        seeds.append(request_datagram(payload=body, content_format=cf, path=path,
+                                      mid=rng.randrange(65536), token=rng.randbytes(rng.randrange(9))))
+    seeds.append(request_datagram(code=coap.GET, path=".well-known/core", mid=rng.randrange(65536)))
+    seeds.append(request_datagram(code=coap.GET, path="time", mid=rng.randrange(65536),
+                                  options=[coap.UintOption(coap.OBSERVE, 0)]))
+    seeds.append(request_datagram(payload=b"x" * 16, mid=rng.randrange(65536),
+                                  options=[coap.BlockOption(coap.BLOCK1, (0, True, 0))]))
+    return seeds
+
+
+def mutate(rng: random.Random, datagram: bytes) -> bytes:
+    data = bytearray(datagram)
+    kind = rng.randrange(6)
+    if kind == 0:
+        for _ in range(rng.randrange(1, 4)):
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+    elif kind == 1:
+        del data[rng.randrange(len(data)):]
+    elif kind == 2:
+        data += rng.randbytes(rng.randrange(1, 40))
+    elif kind == 3:
+        at = rng.randrange(4, len(data)) if len(data) > 4 else 4
+        data[at:at] = rng.randbytes(rng.randrange(1, 12))
+    elif kind == 4:
+        data[2:4] = rng.randbytes(2)  # fresh message id: not a duplicate
+        data[rng.randrange(4, len(data))] = rng.choice([0xFF, 0xDD, 0xEE, 0x0F, 0xF0])
+    else:
+        data[2:4] = rng.randbytes(2)
+        if len(data) > 5:
+            data[rng.randrange(4, len(data)):] = rng.randbytes(rng.randrange(0, 30))
+    return bytes(data)
+
+
+def datagrams(seed: int, count: int) -> list[bytes]:
+    rng = random.Random(seed)
+    seeds = seed_requests(rng)
+    out = []
+    for _ in range(count):
+        if rng.random() < 0.15:
+            out.append(rng.randbytes(rng.randrange(0, 64)))
+        else:
+            out.append(mutate(rng, rng.choice(seeds)))
+    return out
+
+
+@defer.inlineCallbacks
+def blast(peer: RawCoapPeer, port: int, batch: list[bytes]):
+    """Send in bursts, letting the reactor breathe between them."""
+    for start in range(0, len(batch), 50):
+        for datagram in batch[start:start + 50]:
+            peer.send(datagram, port)
+        yield deferLater(0.005)
+    yield deferLater(0.2)
+
+
+@defer.inlineCallbacks
+def still_answers(testcase, peer: RawCoapPeer, port: int):
+    # Drain whatever the noise provoked, then ask something valid.
+    while True:
+        try:
+            yield peer.receive(timeout=0.2)
+        except TimeoutError:
+            break
+    peer.send(VALID, port)
+    while True:
+        response = decode((yield peer.receive(timeout=5)), "::1", 0, None)
+        if response.token == b"ok":
+            testcase.assertEqual(response.code, coap.CHANGED)
+            return
+
+
+class FuzzInProcessTests(TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_noise_leaves_gateway_answering_within_bounds(self):
+        gateway = start_gateway(self, **{"coap.dedup_entries": 500, "coap.max_observers": 8})
+        peer = RawCoapPeer(self)
+        yield blast(peer, gateway.port, datagrams(seed=20261128, count=4000))
+        yield still_answers(self, peer, gateway.port)
+        protocol = gateway.protocol
+        self.assertGreater(protocol.malformed, 100)
+        self.assertLessEqual(len(protocol.exchanges), 500)
+        self.assertGreater(protocol.exchanges.evicted, 0)
+        self.assertLessEqual(len(protocol.incoming_requests), MAX_ASSEMBLIES)
+        time_resource = protocol.observable_resources[0]
+        self.assertLessEqual(len(time_resource.observers), 8)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class FuzzProcessMemoryTests(TestCase):
+    timeout = 180
+
+    @defer.inlineCallbacks
+    def test_memory_stays_flat_under_repeated_noise(self):
+        gateway = GatewayProcess(self, env={"SENSE_COAP_DEDUP_ENTRIES": "2000"})
+        yield gateway.wait_listening()
+        peer = RawCoapPeer(self)
+        process = psutil.Process(gateway.process.pid)
+        # The first round fills the bounded caches to their limits...
+        yield blast(peer, gateway.port, datagrams(seed=1, count=4000))
+        yield still_answers(self, peer, gateway.port)
+        warmed = process.memory_info().rss
+        # ...further rounds must not grow the process.
+        for seed in (2, 3):
+            yield blast(peer, gateway.port, datagrams(seed=seed, count=4000))
+        yield still_answers(self, peer, gateway.port)
+        grown = process.memory_info().rss - warmed
+        self.assertLess(grown, 8 * 1024 * 1024, f"RSS grew by {grown} bytes")

@@ -1,0 +1,112 @@
+"""The gateway as users run it: ``twistd -n sense-gateway`` in a process of
+its own, spoken to by libcoap's client, killed, and restarted."""
+
+from __future__ import annotations
+
+import subprocess
+import textwrap
+from pathlib import Path
+
+import orjson
+from twisted.internet import defer
+from twisted.trial.unittest import TestCase
+from txthings import coap
+
+from sense_gateway.coap.message import decode
+from tests.support import (BIN, REPO, GatewayProcess, RawCoapPeer, coap_url, libcoap_request,
+                           queued, request_datagram)
+
+README_EXAMPLE = b'{"id":"node-7","seq":1,"data":{"temperature":21.5}}'
+
+
+class InstalledCommandTests(TestCase):
+    def test_twistd_knows_sense_gateway(self):
+        # Fails when the package is installed in a way that hides
+        # twisted/plugins from twistd (a plain `pip install -e .`).
+        result = subprocess.run([str(BIN / "twistd"), "sense-gateway", "--help"],
+                                capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        for option in ("--config", "--coap-port", "--bind", "--data-dir", "--plugins-dir", "--role"):
+            self.assertIn(option, result.stdout)
+
+    def test_sense_plugins_lists_builtins(self):
+        result = subprocess.run([str(BIN / "sense"), "plugins", "--json"], capture_output=True,
+                                text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        names = [p["name"] for p in orjson.loads(result.stdout)]
+        self.assertIn("sense_gateway.formats.senml", names)
+
+
+class GatewayProcessTests(TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_readme_example_is_accepted(self):
+        gateway = GatewayProcess(self)
+        yield gateway.wait_listening()
+        response = yield libcoap_request("post", coap_url("::1", gateway.port, "/data"),
+                                         README_EXAMPLE, 50)
+        self.assertEqual(response.code, "2.04", response)
+        core = yield libcoap_request("get", coap_url("127.0.0.1", gateway.port, "/.well-known/core"))
+        self.assertIn(b"</data>", core.payload)
+        self.assertEqual([e.device for e in queued(gateway.queue_path)], ["node-7"])
+
+    @defer.inlineCallbacks
+    def test_acknowledged_readings_survive_sigkill(self):
+        gateway = GatewayProcess(self)
+        yield gateway.wait_listening()
+        peer = RawCoapPeer(self)
+        acknowledged = []
+        for seq in range(200):
+            body = orjson.dumps({"id": "node-k", "seq": seq, "data": {"t": seq}})
+            peer.send(request_datagram(payload=body, content_format=50, mid=seq), gateway.port)
+        while len(acknowledged) < 200:
+            response = decode((yield peer.receive()), "::1", 0, None)
+            self.assertEqual(response.code, coap.CHANGED)
+            acknowledged.append(response.mid)
+        # Kill the moment the last ACK is in: no chance to flush anything.
+        gateway.kill()
+        stored = sorted(e.seq for e in queued(gateway.queue_path))
+        self.assertEqual(stored, sorted(acknowledged))
+
+    @defer.inlineCallbacks
+    def test_dropped_in_plugin_adds_a_format(self):
+        plugins = Path(self.mktemp())
+        plugins.mkdir()
+        (plugins / "level.py").write_text(textwrap.dedent('''
+            from sense_gateway.envelope import Decoded, Reading
+            from sense_gateway.formats import Format
+            from sense_gateway.hookspecs import hookimpl
+
+            def decode(payload, context):
+                device, level = payload.decode().split("=")
+                return Decoded(readings=[Reading(fields={"level": float(level)})], device=device)
+
+            @hookimpl
+            def sense_register_formats():
+                return [Format("level", content_formats=(0,), paths=("/level",), decode=decode)]
+            '''))
+        gateway = GatewayProcess(self, "--plugins-dir", str(plugins))
+        yield gateway.wait_listening()
+        response = yield libcoap_request("post", coap_url("127.0.0.1", gateway.port, "/level"),
+                                         b"tank-3=0.75", 0)
+        self.assertEqual(response.code, "2.04", response)
+        [envelope] = queued(gateway.queue_path)
+        self.assertEqual((envelope.device, envelope.readings[0].fields), ("tank-3", {"level": 0.75}))
+
+    def test_plugin_with_syntax_error_stops_startup_naming_the_file(self):
+        plugins = Path(self.mktemp()).resolve()
+        plugins.mkdir()
+        (plugins / "broken.py").write_text("def decode(:\n")
+        gateway = GatewayProcess(self, "--plugins-dir", str(plugins))
+        self.assertNotEqual(gateway.process.wait(60), 0)
+        lines = gateway.process.stdout.read().decode().strip().splitlines()
+        self.assertEqual(lines, [f"sense-gateway: {plugins / 'broken.py'}:1: syntax error: "
+                                 "invalid syntax"])
+
+    def test_bad_configuration_stops_startup_naming_the_key(self):
+        gateway = GatewayProcess(self, env={"SENSE_QUEUE_MAX_RECEIVES": "often"})
+        self.assertNotEqual(gateway.process.wait(60), 0)
+        output = gateway.process.stdout.read().decode().strip()
+        self.assertEqual(output, "sense-gateway: environment queue.max_receives: "
+                                 "expected int, got 'often'")

@@ -1,0 +1,141 @@
+"""Plugin discovery: built-ins, entry points, a plugins directory, and the
+one-line errors a broken plugin produces."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from sense_gateway.errors import PluginLoadError
+from sense_gateway.plugins import DEFAULT_PLUGINS, call_collecting, make_plugin_manager
+
+GOOD_PLUGIN = '''
+from sense_gateway.envelope import Decoded, Reading
+from sense_gateway.formats import Format
+from sense_gateway.hookspecs import hookimpl
+
+
+def decode(payload, context):
+    return Decoded(readings=[Reading(fields={"level": float(payload)})], device="tank-1")
+
+
+@hookimpl
+def sense_register_formats():
+    return [Format("level", content_formats=(0,), paths=("/level",), decode=decode)]
+'''
+
+
+class PluginDirectoryTests(SynchronousTestCase):
+    def plugins_dir(self, **files: str) -> Path:
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        for name, text in files.items():
+            (directory / f"{name}.py").write_text(textwrap.dedent(text))
+        return directory
+
+    def load_error(self, **files: str) -> tuple[str, Path]:
+        directory = self.plugins_dir(**files)
+        error = self.assertRaises(PluginLoadError, make_plugin_manager,
+                                  load_entrypoints=False, plugins_dir=directory)
+        return str(error), directory
+
+    def test_builtins_are_plugins(self):
+        pm = make_plugin_manager(load_entrypoints=False)
+        self.assertEqual([name for name, _ in pm.list_name_plugin()], list(DEFAULT_PLUGINS))
+
+    def test_dropped_in_module_adds_a_format(self):
+        pm = make_plugin_manager(load_entrypoints=False, plugins_dir=self.plugins_dir(level=GOOD_PLUGIN))
+        formats = {f.name: f for _, group in call_collecting(pm, "sense_register_formats")
+                   for f in group}
+        self.assertEqual(formats["level"].paths, ("/level",))
+        self.assertEqual(pm.origin("level").rsplit("/", 1)[-1], "level.py")
+
+    def test_missing_directory_loads_nothing_extra(self):
+        pm = make_plugin_manager(load_entrypoints=False, plugins_dir=Path(self.mktemp()))
+        self.assertEqual(len(pm.get_plugins()), len(DEFAULT_PLUGINS))
+
+    def test_syntax_error_is_one_line_naming_file_and_line(self):
+        message, directory = self.load_error(broken="x = 1\ndef oops(:\n")
+        self.assertEqual(message.splitlines(), [message])
+        self.assertTrue(message.startswith(f"{directory / 'broken.py'}:2: syntax error"), message)
+
+    def test_import_error_names_file_and_cause(self):
+        message, directory = self.load_error(needs="import no_such_module_here\n")
+        self.assertEqual(
+            message,
+            f"{directory / 'needs.py'}: import failed: ModuleNotFoundError: "
+            "No module named 'no_such_module_here'")
+
+    def test_unknown_hook_names_file_and_hook(self):
+        message, directory = self.load_error(typo='''
+            from sense_gateway.hookspecs import hookimpl
+
+            @hookimpl
+            def sense_register_format():
+                return []
+            ''')
+        self.assertIn(str(directory / "typo.py"), message)
+        self.assertIn("sense_register_format", message)
+        self.assertEqual(message.splitlines(), [message])
+
+    def test_wrong_hook_arguments_name_file_and_hook(self):
+        message, directory = self.load_error(args='''
+            from sense_gateway.hookspecs import hookimpl
+
+            @hookimpl
+            def sense_validate(envelope, config, strictness):
+                return []
+            ''')
+        self.assertIn(str(directory / "args.py"), message)
+        self.assertIn("sense_validate", message)
+        self.assertIn("strictness", message)
+
+    def test_hook_that_raises_names_plugin(self):
+        pm = make_plugin_manager(load_entrypoints=False, plugins_dir=self.plugins_dir(raising='''
+            from sense_gateway.hookspecs import hookimpl
+
+            @hookimpl
+            def sense_register_formats():
+                raise KeyError("oops")
+            '''))
+        error = self.assertRaises(PluginLoadError, call_collecting, pm, "sense_register_formats")
+        self.assertIn("raising.py: hook sense_register_formats raised KeyError", str(error))
+
+    def test_disabled_builtin_is_not_loaded(self):
+        pm = make_plugin_manager(disable=["sense_gateway.formats.senml"], load_entrypoints=False)
+        self.assertNotIn("sense_gateway.formats.senml", [n for n, _ in pm.list_name_plugin()])
+
+    def test_disabled_dropin_is_not_imported(self):
+        pm = make_plugin_manager(disable=["broken"], load_entrypoints=False,
+                                 plugins_dir=self.plugins_dir(broken="def oops(:\n"))
+        self.assertIsNone(pm.get_plugin("broken"))
+
+
+class EntryPointTests(SynchronousTestCase):
+    """A distribution on sys.path advertising the ``sense_gateway`` group."""
+
+    def install(self, module_text: str) -> Path:
+        site = Path(self.mktemp())
+        info = site / "sense_level_plugin-1.0.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sense-level-plugin\nVersion: 1.0\n")
+        (info / "entry_points.txt").write_text("[sense_gateway]\nlevel = sense_level_plugin\n")
+        (site / "sense_level_plugin.py").write_text(module_text)
+        self.patch(sys, "path", [str(site), *sys.path])
+        self.addCleanup(sys.modules.pop, "sense_level_plugin", None)
+        return site
+
+    def test_entry_point_plugin_is_loaded(self):
+        self.install(GOOD_PLUGIN)
+        pm = make_plugin_manager()
+        self.assertIsNotNone(pm.get_plugin("level"))
+        self.assertEqual(pm.origin("level"), "entry point level (sense-level-plugin)")
+
+    def test_broken_entry_point_names_distribution(self):
+        self.install("raise RuntimeError('half installed')\n")
+        error = self.assertRaises(PluginLoadError, make_plugin_manager)
+        self.assertEqual(str(error), "entry point level (sense-level-plugin): import failed: "
+                                     "RuntimeError: half installed")
