@@ -28,9 +28,11 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 def cmd_plugins(config, args) -> int:
     pm = make_plugin_manager(config.disable_plugins, plugins_dir=config.plugins_dir)
-    formats = {name: group for name, group in call_collecting(pm, "sense_register_formats")}
+    formats = {name: group for name, group in call_collecting(pm, "sense_register_formats", config=config)}
     rows = []
     for name, plugin in pm.list_name_plugin():
+        if plugin is None:  # blocked by disable_plugins
+            continue
         hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
         rows.append({
             "name": name,

@@ -24,10 +24,12 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def sense_register_formats():
+def sense_register_formats(config):
     """Return the payload formats this plugin decodes.
 
-    Called once at start-up. Return an iterable of
+    Called once at start-up with the :class:`sense_gateway.config.Config`
+    (``config.section("myplugin")`` is the plugin's own TOML table; like
+    every hook argument it may be left out of the implementation). Return an iterable of
     :class:`sense_gateway.formats.Format`. Each format names the CoAP
     Content-Format numbers it accepts (``None`` for "no option"), the
     paths it accepts them on (each path becomes a POST resource listed in

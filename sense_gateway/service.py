@@ -72,7 +72,7 @@ def make_service(config: Config, reactor=None) -> GatewayService:
                           f"available: {', '.join(sorted(queues))}")
     queue = queues[config.queue.backend](config, reactor)
 
-    formats = [fmt for _, group in call_collecting(pm, "sense_register_formats") for fmt in group]
+    formats = [fmt for _, group in call_collecting(pm, "sense_register_formats", config=config) for fmt in group]
     pipeline = IngestPipeline(formats, pm.hook.sense_validate, queue, config)
 
     extra = {}

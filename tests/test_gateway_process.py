@@ -71,7 +71,7 @@ class GatewayProcessTests(TestCase):
 
     @defer.inlineCallbacks
     def test_dropped_in_plugin_adds_a_format(self):
-        plugins = Path(self.mktemp())
+        plugins = Path(self.mktemp()).resolve()
         plugins.mkdir()
         (plugins / "level.py").write_text(textwrap.dedent('''
             from sense_gateway.envelope import Decoded, Reading

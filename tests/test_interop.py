@@ -55,7 +55,7 @@ CASES = {
     "missing_device_id": ("post", "/data", 50, orjson.dumps({"seq": 1, "data": {"t": 1}}), "4.00", None),
     "string_for_number_in_cbor": ("post", "/data", 60, cbor2.dumps({"id": "n", "data": {"t": b"x"}}),
                                   "4.00", None),
-    "bad_parity_everywhere": ("post", "/temperature", 0, b"2150,0,2151,0,", "4.00", None),
+    "bad_parity_everywhere": ("post", "/temperature", 0, b"2150,1,2151,0,", "4.00", None),
     "unsupported_content_format": ("post", "/data", 42, b"\x00\x01", "4.15", None),
     "too_large": ("post", "/data", 50, b'{"id":"n","data":{"t":1},"pad":"' + b"x" * 1100 + b'"}',
                   "4.13", None),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from sense_gateway.config import Config
 from sense_gateway.errors import PluginLoadError
 from sense_gateway.plugins import DEFAULT_PLUGINS, call_collecting, make_plugin_manager
 
@@ -48,7 +49,7 @@ class PluginDirectoryTests(SynchronousTestCase):
 
     def test_dropped_in_module_adds_a_format(self):
         pm = make_plugin_manager(load_entrypoints=False, plugins_dir=self.plugins_dir(level=GOOD_PLUGIN))
-        formats = {f.name: f for _, group in call_collecting(pm, "sense_register_formats")
+        formats = {f.name: f for _, group in call_collecting(pm, "sense_register_formats", config=Config())
                    for f in group}
         self.assertEqual(formats["level"].paths, ("/level",))
         self.assertEqual(pm.origin("level").rsplit("/", 1)[-1], "level.py")
@@ -106,7 +107,8 @@ class PluginDirectoryTests(SynchronousTestCase):
 
     def test_disabled_builtin_is_not_loaded(self):
         pm = make_plugin_manager(disable=["sense_gateway.formats.senml"], load_entrypoints=False)
-        self.assertNotIn("sense_gateway.formats.senml", [n for n, _ in pm.list_name_plugin()])
+        self.assertIsNone(pm.get_plugin("sense_gateway.formats.senml"))
+        self.assertIsNotNone(pm.get_plugin("sense_gateway.formats.sense"))
 
     def test_disabled_dropin_is_not_imported(self):
         pm = make_plugin_manager(disable=["broken"], load_entrypoints=False,

@@ -16,6 +16,7 @@ from collections import Counter
 from twisted.application.service import Service
 from twisted.logger import Logger
 from txthings import coap
+from txthings import error as txerror
 
 from sense_gateway.coap.exchanges import ExchangeCache
 from sense_gateway.coap.message import BadOption, MalformedMessage, decode
@@ -42,6 +43,20 @@ class _Assemblies(dict):
         return super().pop(key, None)
 
 
+class GatewayResponder(coap.Responder):
+    """txthings' handler of one incoming request.
+
+    When a block-wise upload ends without a complete request (a block out
+    of order, or the peer stopped sending), txthings swallows the error and
+    then dispatches ``None`` as if it were the request.
+    """
+
+    def dispatchRequest(self, request):
+        if request is None:
+            return None
+        return super().dispatchRequest(request)
+
+
 class GatewayProtocol(coap.Coap):
     """A CoAP server endpoint for a txthings resource tree."""
 
@@ -60,6 +75,7 @@ class GatewayProtocol(coap.Coap):
         self.responses: Counter[int] = Counter()
         self.malformed = 0
         self.duplicates = 0
+        self._stopped = False
 
     # -- receiving ---------------------------------------------------------
 
@@ -85,6 +101,10 @@ class GatewayProtocol(coap.Coap):
             if self.deduplicateMessage(message):
                 return
             if coap.isRequest(message.code):
+                if message.mtype in (coap.ACK, coap.RST):
+                    # A request must be CON or NON; this cannot be answered.
+                    self.malformed += 1
+                    return
                 self.processRequest(message)
             elif coap.isResponse(message.code):
                 self.processResponse(message)
@@ -112,23 +132,44 @@ class GatewayProtocol(coap.Coap):
         return self.acknowledgements.seen(key)
 
     def processRequest(self, request) -> None:
+        key = (coap.uriPathAsString(request.opt.uri_path), request.remote)
+        ongoing = self.incoming_requests.get(key)
         block1 = request.opt.block1
-        if block1 is not None:
-            key = (coap.uriPathAsString(request.opt.uri_path), request.remote)
+        problem = None
+        if ongoing is not None and ongoing.app_response is not None:
+            # A response is being sent block by block: only the next block
+            # may be asked for. (txthings fails a Deferred without an
+            # exception here, which raises on Python 3.)
+            if not _is_next_block2(request, ongoing.app_response):
+                problem = (coap.BAD_REQUEST, "block-wise transfer out of step")
+        elif block1 is not None:
             offset = block1.block_number * 2 ** (block1.size_exponent + 4)
             announced = request.opt.getOption(coap.SIZE1)
-            too_large = offset + len(request.payload) > self.max_payload or (
-                announced is not None and announced[0].value > self.max_payload)
-            if too_large:
-                self.incoming_requests.pop(key)
-                self.respond_directly(request, coap.REQUEST_ENTITY_TOO_LARGE,
-                                      f"over {self.max_payload} bytes", size1=self.max_payload)
-                return
-            if key not in self.incoming_requests and len(self.incoming_requests) >= MAX_ASSEMBLIES:
-                self.respond_directly(request, coap.SERVICE_UNAVAILABLE,
-                                      "too many block-wise transfers", max_age=10)
-                return
-        super().processRequest(request)
+            assembled = ongoing.assembled_request if ongoing is not None else None
+            expected = len(assembled.payload) if assembled is not None else 0
+            if offset + len(request.payload) > self.max_payload or (
+                    announced is not None and announced[0].value > self.max_payload):
+                problem = (coap.REQUEST_ENTITY_TOO_LARGE, f"over {self.max_payload} bytes")
+            elif block1.block_number and offset != expected:
+                # RFC 7959 2.3: a block that does not continue the upload.
+                problem = (coap.REQUEST_ENTITY_INCOMPLETE, f"expected the block at byte {expected}")
+        if problem is not None:
+            self._end_transfer(key)
+            code, reason = problem
+            self.respond_directly(request, code, reason, size1=self.max_payload
+                                  if code == coap.REQUEST_ENTITY_TOO_LARGE else None)
+            return
+        if ongoing is not None:
+            self.incoming_requests.pop(key).handleNextRequest(request)
+            return
+        if (block1 is not None or request.code == coap.GET) and (
+                len(self.incoming_requests) >= MAX_ASSEMBLIES):
+            # Requests that may start a block-wise transfer are limited in
+            # number; single-datagram uploads never are.
+            self.respond_directly(request, coap.SERVICE_UNAVAILABLE,
+                                  "too many block-wise transfers", max_age=10)
+            return
+        GatewayResponder(self, request)
 
     def processEmpty(self, message) -> None:
         if message.mtype == coap.RST and message.mid in self.active_exchanges:
@@ -136,6 +177,17 @@ class GatewayProtocol(coap.Coap):
             # (RFC 7641 3.6); txthings would keep notifying forever.
             self._forget_observer(self.active_exchanges[message.mid][0])
         super().processEmpty(message)
+
+    def stopProtocol(self) -> None:
+        """End every exchange still holding a timer, so a stopped gateway
+        leaves nothing behind in the reactor."""
+        self._stopped = True
+        for key in list(self.incoming_requests):
+            self._end_transfer(key)
+        for _, retransmission in self.active_exchanges.values():
+            if retransmission.active():
+                retransmission.cancel()
+        self.active_exchanges.clear()
 
     # -- sending -----------------------------------------------------------
 
@@ -188,16 +240,36 @@ class GatewayProtocol(coap.Coap):
         self._write(rst.encode(), addr)
 
     def _write(self, datagram: bytes, remote) -> None:
+        if self._stopped:
+            return
         try:
             self.transport.write(datagram, (str(remote[0]), remote[1]))
         except OSError as e:
             # An unreachable peer must not abort the exchange for others.
             log.debug("cannot send to {source}: {error}", source=_source(remote), error=e)
 
+    def _end_transfer(self, key) -> None:
+        """Abandon a block-wise transfer the way its own timeout would, which
+        also cancels that timeout."""
+        responder = self.incoming_requests.pop(key)
+        waiting = responder.deferred if responder is not None else None
+        if waiting is not None and not waiting.called:
+            waiting.errback(txerror.WaitingForClientTimedOut())
+
     def _forget_observer(self, message) -> None:
         key = (message.remote, message.token)
         for resource in self.observable_resources:
             resource.observers.pop(key, None)
+
+
+def _is_next_block2(request, app_response) -> bool:
+    """Whether *request* asks for the block after the last one sent."""
+    wanted, sent = request.opt.block2, app_response.opt.block2
+    if request.code != coap.GET or wanted is None or sent is None:
+        return False
+    next_offset = 2 ** (sent.size_exponent + 4) * (sent.block_number + 1)
+    offset = 2 ** (wanted.size_exponent + 4) * wanted.block_number
+    return offset == next_offset and offset < len(app_response.payload)
 
 
 def _source(remote) -> str:
