@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import textwrap
+import re
 
 from sense_gateway import hookspecs
 from sense_gateway.plugins import DEFAULT_PLUGINS
@@ -40,12 +40,15 @@ line naming its file (or distribution) and the cause.
 
 def _hook_section(name: str, function) -> str:
     signature = str(inspect.signature(function))
-    doc = textwrap.dedent(function.__doc__ or "").strip()
-    return f"### `{name}{signature}`\n\n{_indent_code(doc)}\n"
+    return f"### `{name}{signature}`\n\n{_markdown(function.__doc__)}\n"
 
 
-def _indent_code(doc: str) -> str:
-    """Turn reST ``Example::`` blocks into fenced code blocks."""
+def _markdown(docstring: str | None) -> str:
+    """The reST of our docstrings as Markdown: roles and ``literals``
+    become `code`, ``Example::`` blocks become fenced code blocks."""
+    doc = inspect.cleandoc(docstring or "")
+    doc = re.sub(r":[a-z]+:`~?([^`]+)`", r"`\1`", doc)
+    doc = doc.replace("``", "`")
     lines = doc.splitlines()
     out: list[str] = []
     in_code = False
@@ -78,12 +81,11 @@ def _hooks():
 
 
 def render_plugin_docs() -> str:
-    parts = [INTRO, "## Hooks\n", textwrap.dedent(hookspecs.__doc__).strip() + "\n"]
+    parts = [INTRO, "## Hooks\n", _markdown(hookspecs.__doc__) + "\n"]
     for name, function in _hooks():
         parts.append(_hook_section(name, function))
     parts.append("## Built-in plugins\n")
     for module_name in DEFAULT_PLUGINS:
         module = importlib.import_module(module_name)
-        doc = textwrap.dedent(module.__doc__ or "").strip()
-        parts.append(f"### `{module_name}`\n\n{_indent_code(doc)}\n")
+        parts.append(f"### `{module_name}`\n\n{_markdown(module.__doc__)}\n")
     return "\n".join(parts)

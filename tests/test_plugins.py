@@ -7,11 +7,13 @@ import sys
 import textwrap
 from pathlib import Path
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import defer
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sense_gateway.config import Config
-from sense_gateway.errors import PluginLoadError
+from sense_gateway.errors import ConfigError, PluginLoadError
 from sense_gateway.plugins import DEFAULT_PLUGINS, call_collecting, make_plugin_manager
+from tests.support import coap_url, libcoap_request, start_gateway
 
 GOOD_PLUGIN = '''
 from sense_gateway.envelope import Decoded, Reading
@@ -141,3 +143,97 @@ class EntryPointTests(SynchronousTestCase):
         error = self.assertRaises(PluginLoadError, make_plugin_manager)
         self.assertEqual(str(error), "entry point level (sense-level-plugin): import failed: "
                                      "RuntimeError: half installed")
+
+
+class GatewayPluginTests(TestCase):
+    """Plugins seen from the outside: a running gateway, a CoAP client."""
+
+    def plugins_dir(self, **files: str) -> str:
+        directory = Path(self.mktemp()).resolve()
+        directory.mkdir()
+        for name, text in files.items():
+            (directory / f"{name}.py").write_text(textwrap.dedent(text))
+        return str(directory)
+
+    @defer.inlineCallbacks
+    def test_plugin_resource_is_served_and_listed(self):
+        gateway = start_gateway(self, plugins_dir=self.plugins_dir(version='''
+            from twisted.internet import defer
+            from txthings import coap
+            from sense_gateway.coap.resources import GatewayResource
+            from sense_gateway.hookspecs import hookimpl
+
+            class Version(GatewayResource):
+                link_attributes = {"rt": "example.version", "ct": 0}
+
+                def render_GET(self, request):
+                    return defer.succeed(coap.Message(code=coap.CONTENT, payload=b"1.2.3"))
+
+            @hookimpl
+            def sense_coap_resources():
+                return {"/about/version": Version()}
+            '''))
+        response = yield libcoap_request("get", coap_url("::1", gateway.port, "/about/version"))
+        self.assertEqual((response.code, response.payload), ("2.05", b"1.2.3"))
+        listing = yield libcoap_request("get", coap_url("::1", gateway.port,
+                                                        "/.well-known/core?rt=example.*"))
+        self.assertEqual(listing.payload, b'</about/version>;rt="example.version";ct=0')
+
+    @defer.inlineCallbacks
+    def test_plugin_queue_backend_is_chosen_by_name(self):
+        gateway = start_gateway(self, **{"queue.backend": "memory"}, plugins_dir=self.plugins_dir(
+            memory_queue='''
+            from twisted.internet import defer
+            from sense_gateway.hookspecs import hookimpl
+            from sense_gateway.queues import EnvelopeQueue
+
+            class MemoryQueue(EnvelopeQueue):
+                def __init__(self):
+                    self.envelopes = []
+
+                def put(self, envelopes):
+                    self.envelopes.extend(envelopes)
+                    return defer.succeed(None)
+
+            @hookimpl
+            def sense_register_queues():
+                return {"memory": lambda config, reactor: MemoryQueue()}
+            '''))
+        response = yield libcoap_request("post", coap_url("127.0.0.1", gateway.port, "/data"),
+                                         b'{"id": "m-1", "data": {"t": 1}}', 50)
+        self.assertEqual(response.code, "2.04", response)
+        self.assertEqual([e.device for e in gateway.queue.envelopes], ["m-1"])
+
+    def test_unknown_queue_backend_names_the_key(self):
+        error = self.assertRaises(ConfigError, start_gateway, self, **{"queue.backend": "kafka"})
+        self.assertEqual(str(error), "queue.backend: unknown backend 'kafka'; available: sqlite")
+
+    def test_two_formats_claiming_one_content_format_fail_startup(self):
+        error = self.assertRaises(PluginLoadError, start_gateway, self, plugins_dir=self.plugins_dir(
+            clash='''
+            from sense_gateway.formats import Format
+            from sense_gateway.hookspecs import hookimpl
+
+            @hookimpl
+            def sense_register_formats():
+                return [Format("my-json", (50,), ("/data",), lambda payload, context: None)]
+            '''))
+        self.assertIn("'my-json'", str(error))
+        self.assertIn("Content-Format 50 on /data", str(error))
+
+    @defer.inlineCallbacks
+    def test_plugin_validator_refuses_with_its_reason(self):
+        gateway = start_gateway(self, plugins_dir=self.plugins_dir(no_test_devices='''
+            from sense_gateway.hookspecs import hookimpl
+
+            @hookimpl
+            def sense_validate(envelope, config):
+                if envelope.device.startswith("test-"):
+                    return ["test devices are not accepted here"]
+            '''))
+        url = coap_url("::1", gateway.port, "/data")
+        refused = yield libcoap_request("post", url, b'{"id": "test-1", "data": {"t": 1}}', 50)
+        self.assertEqual((refused.code, refused.payload),
+                         ("4.00", b"test devices are not accepted here"))
+        accepted = yield libcoap_request("post", url, b'{"id": "prod-1", "data": {"t": 1}}', 50)
+        self.assertEqual(accepted.code, "2.04")
