@@ -111,7 +111,8 @@ def libcoap_request(method: str, url: str, payload: bytes | None = None,
     codes = re.findall(rb"process incoming (\d\.\d\d) response", out)
     code = codes[-1].decode() if codes else None
     if body is None:
-        body = err[len(code) + 1:] if code and err.startswith(code.encode()) else b""
+        # libcoap prints "4.00 <payload>\n" for an error response.
+        body = err[len(code) + 1:].removesuffix(b"\n") if code and err.startswith(code.encode()) else b""
     return CoapClientResult(code, body, out, err)
 
 
