@@ -19,7 +19,7 @@ last value at the receive time, each earlier one a second before.
 
 Example (21.50, 21.51 and 21.53 °C)::
 
-    coap-client-notls -m post -e '2150,1,2151,0,2153,1,' coap://[::1]/temperature
+    coap-client-notls -m post -e '2150,0,2151,1,2153,0,' coap://[::1]/temperature
 
 No configuration.
 """
