@@ -60,6 +60,54 @@ class ValidationConfig:
 
 
 @dataclass(frozen=True)
+class ProcessorConfig:
+    batch_size: int = 10
+    poll_interval: float = 1.0
+    retry_base: float = 2.0
+    retry_max: float = 300.0
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    backend: str = "sqlite"
+    path: str = ""
+    table: str = "sense-devices"
+
+
+@dataclass(frozen=True)
+class SinksConfig:
+    enabled: tuple[str, ...] = ("sqlite",)
+
+
+@dataclass(frozen=True)
+class InfluxConfig:
+    url: str = "http://127.0.0.1:8086"
+    api: str = "v2"
+    token: str = ""
+    org: str = ""
+    bucket: str = "sense"
+    database: str = "sense"
+    username: str = ""
+    password: str = ""
+    precision: str = "ns"
+    timeout: float = 10.0
+    retries: int = 3
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: str = ""
+    retention_days: float = 7.0
+
+
+@dataclass(frozen=True)
+class AwsConfig:
+    region: str = "us-east-1"
+    endpoint_url: str = ""
+    queue_url: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     role: str = "all"
     data_dir: str = "./var"
@@ -70,6 +118,12 @@ class Config:
     coap: CoapConfig = field(default_factory=CoapConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    processor: ProcessorConfig = field(default_factory=ProcessorConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    sinks: SinksConfig = field(default_factory=SinksConfig)
+    influxdb: InfluxConfig = field(default_factory=InfluxConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    aws: AwsConfig = field(default_factory=AwsConfig)
     sections: Mapping[str, Mapping[str, Any]] = field(
         default_factory=lambda: MappingProxyType({})
     )
@@ -82,8 +136,18 @@ class Config:
     def queue_path(self) -> Path:
         return Path(self.queue.path or Path(self.data_dir) / "queue.sqlite3")
 
+    @property
+    def registry_path(self) -> Path:
+        return Path(self.registry.path or Path(self.data_dir) / "registry.sqlite3")
 
-_TABLES = {"coap": CoapConfig, "queue": QueueConfig, "validation": ValidationConfig}
+    @property
+    def store_path(self) -> Path:
+        return Path(self.store.path or Path(self.data_dir) / "readings.sqlite3")
+
+
+_TABLES = {"coap": CoapConfig, "queue": QueueConfig, "validation": ValidationConfig,
+           "processor": ProcessorConfig, "registry": RegistryConfig, "sinks": SinksConfig,
+           "influxdb": InfluxConfig, "store": StoreConfig, "aws": AwsConfig}
 
 
 def _convert(key: str, kind: Any, value: Any) -> Any:
@@ -251,6 +315,12 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key}: must be positive, got {value}")
     if config.coap.time_interval <= 0:
         raise ConfigError(f"coap.time_interval: must be positive, got {config.coap.time_interval}")
+    if config.influxdb.api not in ("v1", "v2"):
+        raise ConfigError(f"influxdb.api: must be 'v1' or 'v2', got {config.influxdb.api!r}")
+    if config.influxdb.precision not in ("ns", "ms", "s"):
+        raise ConfigError(f"influxdb.precision: must be 'ns', 'ms' or 's', got {config.influxdb.precision!r}")
+    if config.processor.batch_size <= 0:
+        raise ConfigError(f"processor.batch_size: must be positive, got {config.processor.batch_size}")
     if config.queue.synchronous not in ("full", "normal"):
         raise ConfigError(
             f"queue.synchronous: must be 'full' or 'normal', got {config.queue.synchronous!r}"

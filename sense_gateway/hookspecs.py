@@ -83,6 +83,33 @@ def sense_register_queues():
 
 
 @hookspec
+def sense_register_registries():
+    """Return device registry backends by name: ``{name: factory}``.
+
+    Called once at start-up (and by the Lambda handler); the core picks
+    the factory named by ``registry.backend`` and calls
+    ``factory(config)`` on the processor's thread. The factory returns a
+    :class:`sense_gateway.registry.DeviceRegistry`: synchronous, with a
+    ``commit`` that is conditional on the version each record was loaded
+    with.
+    """
+
+
+@hookspec
+def sense_register_sinks():
+    """Return metric sinks by name: ``{name: factory}``.
+
+    Called once at start-up; every sink named in ``sinks.enabled`` is
+    built with ``factory(config)`` on the processor's thread and gets every
+    batch. A sink is a :class:`sense_gateway.sinks.MetricSink`:
+    ``write(points)`` stores :class:`sense_gateway.sinks.MetricPoint` or
+    raises :class:`sense_gateway.sinks.SinkError` (``retryable`` tells a
+    server that is down from one that refused the points). Writing the
+    same points twice must leave one copy.
+    """
+
+
+@hookspec
 def sense_coap_resources(config, reactor):
     """Return extra CoAP resources: ``{path: resource}``.
 

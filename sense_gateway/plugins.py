@@ -27,6 +27,9 @@ DEFAULT_PLUGINS = (
     "sense_gateway.formats.sense_text",
     "sense_gateway.validation",
     "sense_gateway.queues.sqlite",
+    "sense_gateway.registry.sqlite",
+    "sense_gateway.sinks.sqlite",
+    "sense_gateway.sinks.influxdb",
     "sense_gateway.coap.time",
 )
 

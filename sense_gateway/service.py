@@ -1,12 +1,15 @@
 """The gateway's service tree, built from configuration and plugins.
 
 :func:`make_service` returns a ``MultiService`` whose children start in
-order (queue, then extra resources, then the CoAP listener, then the
-periodic statistics) and stop in reverse, so the listener closes before
-the queue flushes its last commit.
+order (queue, then extra resources and the CoAP listener, then the
+processor, then the periodic statistics) and stop in reverse, so the
+listener closes before the queue flushes its last commit. Role
+``gateway`` leaves out the processor, ``processor`` the CoAP side.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService
@@ -16,9 +19,11 @@ from txthings import resource as txresource
 from sense_gateway.coap.protocol import CoapServer, GatewayProtocol
 from sense_gateway.coap.resources import build_tree, walk
 from sense_gateway.config import Config
-from sense_gateway.errors import ConfigError, PluginLoadError
+from sense_gateway.backends import choose, named_factories, processor_factory
+from sense_gateway.errors import PluginLoadError
 from sense_gateway.pipeline import IngestPipeline
 from sense_gateway.plugins import call_collecting, make_plugin_manager
+from sense_gateway.worker import ProcessorService
 
 log = Logger()
 
@@ -26,18 +31,26 @@ log = Logger()
 class GatewayService(MultiService):
     """The running gateway; tests and ``sense`` commands reach its parts here."""
 
-    def __init__(self, config: Config, pm, queue, pipeline, protocol, coap_server):
+    def __init__(self, config: Config, pm, queue):
         super().__init__()
         self.config = config
         self.plugin_manager = pm
         self.queue = queue
-        self.pipeline = pipeline
-        self.protocol = protocol
-        self.coap_server = coap_server
+        self.pipeline = self.protocol = self.coap_server = self.worker = None
+
+    def add_gateway(self, parts: GatewayParts) -> None:
+        self.pipeline, self.protocol, self.coap_server = parts.pipeline, parts.protocol, parts.coap_server
+        for child in (*parts.services, self.coap_server):
+            child.setServiceParent(self)
 
     def log_stats(self) -> None:
         try:
+            if self.worker is not None:
+                log.info("processor: {counts}",
+                         counts={o.value: n for o, n in self.worker.counts.items()})
             protocol = self.protocol
+            if protocol is None:
+                return
             log.info(
                 "coap: {responses} responses by code, {duplicates} retransmissions, "
                 "{malformed} malformed, {exchanges} exchanges remembered",
@@ -55,23 +68,35 @@ class GatewayService(MultiService):
 def make_service(config: Config, reactor=None) -> GatewayService:
     if reactor is None:
         from twisted.internet import reactor
-    if config.role == "processor":
-        raise ConfigError("role: 'processor' has no processor to run in this release; "
-                          "use 'gateway' or 'all'")
-
     pm = make_plugin_manager(config.disable_plugins, plugins_dir=config.plugins_dir)
+    queue_factory = choose(named_factories(pm, "sense_register_queues", "queue backend"),
+                           config.queue.backend, "queue.backend")
+    processor = processor_factory(config, pm) if config.role in ("all", "processor") else None
+    queue = queue_factory(config, reactor)
+    service = GatewayService(config, pm, queue)
+    queue.setServiceParent(service)
+    if config.role in ("all", "gateway"):
+        service.add_gateway(_make_gateway(config, pm, queue, reactor))
+    if processor is not None:
+        service.worker = ProcessorService(queue, processor, config, reactor)
+        service.worker.setServiceParent(service)
+    stats = TimerService(config.stats_interval, service.log_stats)
+    stats.clock = reactor
+    stats.setServiceParent(service)
+    return service
 
-    queues = {}
-    for plugin, factories in call_collecting(pm, "sense_register_queues"):
-        for name, factory in factories.items():
-            if name in queues:
-                raise PluginLoadError(f"{pm.origin(plugin)}: queue backend {name!r} registered twice")
-            queues[name] = factory
-    if config.queue.backend not in queues:
-        raise ConfigError(f"queue.backend: unknown backend {config.queue.backend!r}; "
-                          f"available: {', '.join(sorted(queues))}")
-    queue = queues[config.queue.backend](config, reactor)
 
+@dataclass
+class GatewayParts:
+    pipeline: IngestPipeline
+    protocol: GatewayProtocol
+    coap_server: CoapServer
+    #: plugin resources that are services too (started before the listener)
+    services: list
+
+
+def _make_gateway(config, pm, queue, reactor) -> GatewayParts:
+    """The CoAP side: formats and validators, resources, the listener."""
     formats = [fmt for _, group in call_collecting(pm, "sense_register_formats", config=config) for fmt in group]
     pipeline = IngestPipeline(formats, pm.hook.sense_validate, queue, config)
 
@@ -97,13 +122,5 @@ def make_service(config: Config, reactor=None) -> GatewayService:
     protocol.observable_resources = [r for _, r in walk(root) if getattr(r, "observable", False)]
     coap_server = CoapServer(protocol, config.coap.bind, config.coap.port, reactor)
 
-    service = GatewayService(config, pm, queue, pipeline, protocol, coap_server)
-    queue.setServiceParent(service)
-    for res in extra.values():
-        if IService.providedBy(res):
-            res.setServiceParent(service)
-    coap_server.setServiceParent(service)
-    stats = TimerService(config.stats_interval, service.log_stats)
-    stats.clock = reactor
-    stats.setServiceParent(service)
-    return service
+    services = [res for res in extra.values() if IService.providedBy(res)]
+    return GatewayParts(pipeline, protocol, coap_server, services)

@@ -1,0 +1,119 @@
+"""The processing core: a batch of envelopes in, one outcome per envelope out.
+
+Plain synchronous Python, shared by the in-process worker and the AWS
+Lambda handler. For each envelope it judges the device's sequence number
+against the registry, writes the readings of accepted ones (and the
+devices' counters) to every sink, and only then commits the registry, so
+a sequence number is marked seen only after every sink has the readings
+(a failed write is retried, never later dropped as a duplicate).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from sense_gateway.envelope import Envelope
+from sense_gateway.registry import RECENT_ENVELOPES, DeviceRecord, DeviceRegistry, RegistryUnavailable
+from sense_gateway.sequence import judge
+from sense_gateway.sinks import MetricSink, SinkError, device_point, reading_points
+
+
+class Outcome(enum.Enum):
+    WRITTEN = "written"
+    DUPLICATE = "duplicate"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    outcome: Outcome
+    reason: str = ""
+    #: for FAILED: whether trying again later may succeed
+    retryable: bool = True
+
+
+class BatchProcessor:
+    def __init__(self, registry: DeviceRegistry, sinks: list[MetricSink],
+                 clock: Callable[[], float] = time.time):
+        self.registry = registry
+        self.sinks = sinks
+        self.clock = clock
+
+    def process_batch(self, envelopes: list[Envelope]) -> list[Result]:
+        """One :class:`Result` per envelope, in order.
+
+        Raises :class:`RegistryUnavailable` when the registry cannot be
+        read: then nothing could be judged and the whole batch is retried.
+        """
+        if not envelopes:
+            return []
+        try:
+            records = self.registry.load({e.device for e in envelopes})
+        except Exception as e:
+            raise RegistryUnavailable(f"registry: {type(e).__name__}: {e}") from e
+
+        results: list[Result | None] = [None] * len(envelopes)
+        redelivered: set[int] = set()
+        points = []
+        touched: dict[str, DeviceRecord] = {}
+        for i, envelope in enumerate(envelopes):
+            record = touched.get(envelope.device) or records.get(envelope.device) or DeviceRecord(
+                envelope.device, envelope.received, envelope.received, envelope.source)
+            if envelope.id in record.recent:
+                # The queue delivered this envelope again (at-least-once):
+                # it was fully processed, so it changes nothing.
+                results[i] = Result(Outcome.DUPLICATE, "already processed")
+                redelivered.add(i)
+                continue
+            verdict = judge(record.state, envelope.seq)
+            newer = envelope.received >= record.last_seen
+            touched[envelope.device] = replace(
+                record,
+                state=verdict.state,
+                last_seen=envelope.received if newer else record.last_seen,
+                last_source=envelope.source if newer else record.last_source,
+                recent=(*record.recent, envelope.id)[-RECENT_ENVELOPES:],
+            )
+            if verdict.verdict.accepted:
+                points.extend(reading_points(envelope))
+            else:
+                results[i] = Result(Outcome.DUPLICATE, f"sequence number {envelope.seq} seen before")
+
+        now = self.clock()
+        points.extend(device_point(record, now) for record in touched.values())
+        for sink in self.sinks:
+            try:
+                sink.write(points)
+            except SinkError as e:
+                if not e.retryable and len(envelopes) > 1:
+                    # The server refused the batch: find the message at
+                    # fault by trying each on its own.
+                    return [self.process_batch([envelope])[0] for envelope in envelopes]
+                return self._failed(results, redelivered, str(e), e.retryable)
+            except Exception as e:
+                return self._failed(results, redelivered, f"{sink.name}: {type(e).__name__}: {e}")
+
+        try:
+            conflicts = self.registry.commit(list(touched.values()))
+        except Exception as e:
+            return self._failed(results, redelivered, f"registry: {type(e).__name__}: {e}")
+        lost_race = Result(Outcome.FAILED, "another processor updated the device first")
+        return [
+            lost_race if envelope.device in conflicts and i not in redelivered
+            else results[i] or Result(Outcome.WRITTEN)
+            for i, envelope in enumerate(envelopes)
+        ]
+
+    @staticmethod
+    def _failed(results, redelivered: set[int], reason: str, retryable: bool = True) -> list[Result]:
+        """Everything but redeliveries failed and is to be retried."""
+        failure = Result(Outcome.FAILED, reason, retryable)
+        return [results[i] if i in redelivered else failure for i in range(len(results))]
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.registry.close()

@@ -1,0 +1,54 @@
+"""The device registry contract: who the devices are and where their
+sequence numbers stand.
+
+Registries are synchronous objects used from the processor's thread (or a
+Lambda invocation). ``commit`` is conditional on the version each record
+was loaded with, so two processors can never both advance one device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from sense_gateway.sequence import SequenceState
+
+#: envelope ids remembered per device, to recognise a queue redelivery
+RECENT_ENVELOPES = 32
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    id: str
+    first_seen: float
+    last_seen: float
+    last_source: str
+    state: SequenceState = field(default_factory=SequenceState)
+    recent: tuple[str, ...] = ()
+    #: 0 for a device not stored yet; otherwise bumped by every commit
+    version: int = 0
+
+
+class RegistryUnavailable(Exception):
+    """The registry cannot be reached: nothing can be judged."""
+
+
+class DeviceRegistry:
+    """What a registry backend provides."""
+
+    def load(self, device_ids: Iterable[str]) -> dict[str, DeviceRecord]:
+        """The stored records of those devices that exist."""
+        raise NotImplementedError
+
+    def commit(self, records: list[DeviceRecord]) -> set[str]:
+        """Store *records*, each only if the stored version is still the one
+        it was loaded with (0: not stored yet). Returns the ids whose write
+        lost to a concurrent one (those records are not stored)."""
+        raise NotImplementedError
+
+    def devices(self) -> list[DeviceRecord]:
+        """Every device, ordered by id."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,114 @@
+"""Built-in plugin: the embedded device registry, an SQLite file.
+
+The default registry (``registry.backend = "sqlite"``) for one machine;
+``registry.path`` defaults to ``<data_dir>/registry.sqlite3``. Each device
+row holds its first and last contact, last source address, sequence
+state and counters (received, duplicates, lost, resets, unsequenced).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+
+import orjson
+
+from sense_gateway.hookspecs import hookimpl
+from sense_gateway.registry import DeviceRecord, DeviceRegistry
+from sense_gateway.sequence import DeviceCounters, SequenceState
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    id TEXT PRIMARY KEY,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    last_source TEXT NOT NULL,
+    last_seq INTEGER,
+    window TEXT NOT NULL,
+    received INTEGER NOT NULL,
+    duplicates INTEGER NOT NULL,
+    lost INTEGER NOT NULL,
+    resets INTEGER NOT NULL,
+    unsequenced INTEGER NOT NULL,
+    recent TEXT NOT NULL,
+    version INTEGER NOT NULL
+)
+"""
+
+_COLUMNS = ("id, first_seen, last_seen, last_source, last_seq, window, received, duplicates, "
+            "lost, resets, unsequenced, recent, version")
+
+
+def _record(row) -> DeviceRecord:
+    (device, first, last, source, last_seq, window, received, duplicates, lost, resets,
+     unsequenced, recent, version) = row
+    counters = DeviceCounters(received, duplicates, lost, resets, unsequenced)
+    return DeviceRecord(device, first, last, source,
+                        SequenceState(last_seq, int(window, 16), counters),
+                        tuple(orjson.loads(recent)), version)
+
+
+def _row(record: DeviceRecord) -> tuple:
+    c = record.state.counters
+    # The window is 64 unsigned bits; SQLite integers are signed, so hex.
+    return (record.first_seen, record.last_seen, record.last_source, record.state.last_seq,
+            format(record.state.window, "x"), c.received, c.duplicates, c.lost, c.resets,
+            c.unsequenced, orjson.dumps(list(record.recent)).decode())
+
+
+class SQLiteRegistry(DeviceRegistry):
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        self.db.execute(_SCHEMA)
+
+    def load(self, device_ids: Iterable[str]) -> dict[str, DeviceRecord]:
+        ids = list(device_ids)
+        records = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            rows = self.db.execute(
+                f"SELECT {_COLUMNS} FROM devices WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+            records.update((row[0], _record(row)) for row in rows)
+        return records
+
+    def commit(self, records: list[DeviceRecord]) -> set[str]:
+        lost = set()
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for record in records:
+                if record.version == 0:
+                    cursor = self.db.execute(
+                        f"INSERT OR IGNORE INTO devices ({_COLUMNS}) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
+                        (record.id, *_row(record)))
+                else:
+                    cursor = self.db.execute(
+                        "UPDATE devices SET first_seen = ?, last_seen = ?, last_source = ?, "
+                        "last_seq = ?, window = ?, received = ?, duplicates = ?, lost = ?, "
+                        "resets = ?, unsequenced = ?, recent = ?, version = version + 1 "
+                        "WHERE id = ? AND version = ?",
+                        (*_row(record), record.id, record.version))
+                if cursor.rowcount != 1:
+                    lost.add(record.id)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return lost
+
+    def devices(self) -> list[DeviceRecord]:
+        return [_record(row) for row in
+                self.db.execute(f"SELECT {_COLUMNS} FROM devices ORDER BY id")]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+@hookimpl
+def sense_register_registries():
+    return {"sqlite": lambda config: SQLiteRegistry(config.registry_path)}

@@ -1,0 +1,88 @@
+"""The metric sink contract, and the points every sink receives.
+
+A reading becomes one point: its measurement (``sense`` by default), the
+tag ``device`` plus the reading's tags, its fields, its timestamp. Numbers
+are always written as floats, so a field sent once as ``21`` and once as
+``21.5`` never conflicts in InfluxDB. Per-device counters become points of
+the measurement ``sense_device``.
+
+Sinks are synchronous objects called from the processor's thread. Every
+enabled sink gets every batch; a batch counts as written only when all of
+them took it. Writing the same points again must be harmless (same
+series and timestamp overwrite).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sense_gateway.envelope import Envelope
+from sense_gateway.registry import DeviceRecord
+
+DEVICE_MEASUREMENT = "sense_device"
+
+
+@dataclass(frozen=True, slots=True)
+class MetricPoint:
+    measurement: str
+    tags: dict[str, str]
+    fields: dict[str, float | int | bool | str]
+    #: nanoseconds since the epoch
+    time_ns: int
+
+
+class SinkError(Exception):
+    """A sink could not take a batch.
+
+    ``retryable`` says whether the same points may succeed later (server
+    down, overloaded) or will fail again (the server refused them).
+    """
+
+    def __init__(self, message: str, retryable: bool = True):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class MetricSink:
+    """What a sink backend provides."""
+
+    name = "sink"
+
+    def write(self, points: list[MetricPoint]) -> None:
+        """Store *points* or raise :class:`SinkError`."""
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Raise :class:`SinkError` if the sink cannot be reached."""
+
+    def close(self) -> None:
+        pass
+
+
+def to_ns(seconds: float) -> int:
+    # Round through microseconds: the same float always gives the same
+    # integer, so a rewritten point lands on the same timestamp.
+    return round(seconds * 1_000_000) * 1000
+
+
+def _field(value):
+    if isinstance(value, bool) or isinstance(value, str):
+        return value
+    return float(value)
+
+
+def reading_points(envelope: Envelope) -> list[MetricPoint]:
+    points = []
+    for reading in envelope.readings:
+        tags = {**reading.tags, "device": envelope.device}
+        fields = {name: _field(value) for name, value in reading.fields.items()}
+        points.append(MetricPoint(reading.measurement, tags, fields, to_ns(reading.ts)))
+    return points
+
+
+def device_point(record: DeviceRecord, at: float) -> MetricPoint:
+    c = record.state.counters
+    return MetricPoint(DEVICE_MEASUREMENT, {"device": record.id}, {
+        "received": c.received, "duplicates": c.duplicates, "lost": c.lost,
+        "resets": c.resets, "unsequenced": c.unsequenced,
+    }, to_ns(at))

@@ -1,0 +1,126 @@
+"""Built-in plugin: the ``influxdb`` metric sink.
+
+Writes points as InfluxDB line protocol, with influxdb-client, to any
+server speaking the InfluxDB 2 write API (``/api/v2/write``: InfluxDB 2.x
+and 3.x, 1.8+ in compatibility mode, VictoriaMetrics), or with
+``api = "v1"`` to the ``/write?db=`` endpoint of InfluxDB 1.x.
+
+Configuration (``[influxdb]``; enable with ``sinks.enabled = ["sqlite", "influxdb"]``)::
+
+    url = "http://127.0.0.1:8086"
+    api = "v2"            # or "v1"
+    token = ""            # v2: API token
+    org = ""              # v2
+    bucket = "sense"      # v2
+    database = "sense"    # v1
+    username = ""         # v1, optional
+    password = ""         # v1, optional
+    precision = "ns"      # or "ms", "s"
+    timeout = 10.0        # seconds per request
+    retries = 3           # quick retries on 5xx, 429 and connection errors
+
+Schema: measurement ``sense`` (or the reading's own), tag ``device`` plus
+the reading's tags, one field per value (numbers as floats), and the
+measurement ``sense_device`` with the per-device counters (received,
+duplicates, lost, resets, unsequenced). A server that refuses a batch
+(4xx other than 429) gets no retry: the processor then finds the message
+at fault. A server that is down or overloaded gets ``retries`` quick
+retries, then the batch goes back to the queue.
+"""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import urlencode
+
+import urllib3
+from influxdb_client import InfluxDBClient, Point, WritePrecision
+from influxdb_client.client.write_api import SYNCHRONOUS
+from influxdb_client.rest import ApiException
+
+from sense_gateway.hookspecs import hookimpl
+from sense_gateway.sinks import MetricPoint, MetricSink, SinkError
+
+_PRECISION = {"ns": (WritePrecision.NS, 1), "ms": (WritePrecision.MS, 1_000_000),
+              "s": (WritePrecision.S, 1_000_000_000)}
+
+
+def _retryable(status: int | None) -> bool:
+    return status is None or status == 429 or status >= 500
+
+
+class InfluxSink(MetricSink):
+    name = "influxdb"
+
+    def __init__(self, settings, sleep=time.sleep):
+        self.settings = settings
+        self.sleep = sleep
+        self.precision, self.divisor = _PRECISION[settings.precision]
+        timeout_ms = int(settings.timeout * 1000)
+        if settings.api == "v2":
+            self.client = InfluxDBClient(url=settings.url, token=settings.token or "unused",
+                                         org=settings.org or "-", timeout=timeout_ms)
+            self.write_api = self.client.write_api(write_options=SYNCHRONOUS)
+        else:
+            self.http = urllib3.PoolManager(
+                timeout=urllib3.Timeout(total=settings.timeout), retries=False)
+            query = {"db": settings.database, "precision": settings.precision}
+            if settings.username:
+                query.update(u=settings.username, p=settings.password)
+            self.write_url = f"{settings.url.rstrip('/')}/write?{urlencode(query)}"
+
+    def lines(self, points: list[MetricPoint]) -> list[str]:
+        out = []
+        for point in points:
+            p = Point(point.measurement)
+            for key, value in point.tags.items():
+                p.tag(key, value)
+            for key, value in point.fields.items():
+                p.field(key, value)
+            p.time(point.time_ns // self.divisor, self.precision)
+            out.append(p.to_line_protocol())
+        return out
+
+    def write(self, points: list[MetricPoint]) -> None:
+        if not points:
+            return
+        body = "\n".join(self.lines(points)).encode("utf-8")
+        for attempt in range(self.settings.retries + 1):
+            status, reason = self._send(body)
+            if status is not None and status < 300:
+                return
+            if not _retryable(status) or attempt == self.settings.retries:
+                raise SinkError(f"influxdb: {reason}", retryable=_retryable(status))
+            self.sleep(min(0.25 * 2 ** attempt, 4.0))
+
+    def _send(self, body: bytes) -> tuple[int | None, str]:
+        try:
+            if self.settings.api == "v2":
+                self.write_api.write(bucket=self.settings.bucket, org=self.settings.org or "-",
+                                     record=body, write_precision=self.precision)
+                return 204, "ok"
+            response = self.http.request("POST", self.write_url, body=body,
+                                         headers={"Content-Type": "text/plain; charset=utf-8"})
+            return response.status, f"HTTP {response.status}: {response.data[:200]!r}"
+        except ApiException as e:
+            return e.status, f"HTTP {e.status}: {(e.body or '')[:200]}"
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            return None, f"cannot reach {self.settings.url}: {type(e).__name__}"
+
+    def check(self) -> None:
+        try:
+            urllib3.PoolManager(retries=False).request(
+                "GET", f"{self.settings.url.rstrip('/')}/ping", timeout=self.settings.timeout)
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise SinkError(f"cannot reach {self.settings.url}: {type(e).__name__}") from None
+
+    def close(self) -> None:
+        if self.settings.api == "v2":
+            self.client.close()
+        else:
+            self.http.clear()
+
+
+@hookimpl
+def sense_register_sinks():
+    return {"influxdb": lambda config: InfluxSink(config.influxdb)}

@@ -1,0 +1,115 @@
+"""The in-process processor: drains the queue in batches, off the reactor.
+
+Runs in roles ``all`` and ``processor``. Each round receives up to
+``processor.batch_size`` messages, processes them on the worker's own
+thread (registry and sinks block), deletes what was written or was a
+duplicate, and gives failed messages back to the queue with an
+exponential delay (``retry_base`` doubled per receive, at most
+``retry_max``); after ``queue.max_receives`` receives they go to the dead
+letters with their last reason. An empty queue is polled every
+``processor.poll_interval`` seconds.
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import Service
+from twisted.internet import defer, task
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from sense_gateway.processor import BatchProcessor, Outcome
+from sense_gateway.registry import RegistryUnavailable
+
+log = Logger()
+
+
+class ProcessorService(Service):
+    def __init__(self, queue, make_processor, config, reactor):
+        """*make_processor* builds the :class:`BatchProcessor` on the worker
+        thread, so its connections belong to that thread."""
+        self.queue = queue
+        self.make_processor = make_processor
+        self.batch_size = config.processor.batch_size
+        self.poll_interval = config.processor.poll_interval
+        self.retry_base = config.processor.retry_base
+        self.retry_max = config.processor.retry_max
+        self.reactor = reactor
+        self.processor: BatchProcessor | None = None
+        self._pool: ThreadPool | None = None
+        self._round: defer.Deferred | None = None
+        self._sleep: defer.Deferred | None = None
+        self.counts = {outcome: 0 for outcome in Outcome}
+
+    def startService(self) -> None:
+        super().startService()
+        self._pool = ThreadPool(1, 1, name="sense-processor")
+        self._pool.start()
+        self._round = self._in_thread(self._open).addCallback(lambda _: self._run())
+
+    def _in_thread(self, function, *args):
+        return deferToThreadPool(self.reactor, self._pool, function, *args)
+
+    def _open(self) -> None:
+        self.processor = self.make_processor()
+
+    @defer.inlineCallbacks
+    def _run(self):
+        while self.running:
+            try:
+                busy = yield self.process_round()
+            except Exception:
+                log.failure("processing round failed")
+                busy = False
+            if not busy and self.running:
+                self._sleep = task.deferLater(self.reactor, self.poll_interval, lambda: None)
+                try:
+                    yield self._sleep
+                except defer.CancelledError:
+                    break
+                finally:
+                    self._sleep = None
+
+    @defer.inlineCallbacks
+    def process_round(self):
+        """Receive, process, settle one batch; fires True if there was work."""
+        messages = yield self.queue.receive(self.batch_size)
+        if not messages:
+            return False
+        envelopes = [m.envelope for m in messages]
+        try:
+            results = yield self._in_thread(self.processor.process_batch, envelopes)
+        except RegistryUnavailable as e:
+            log.warn("registry unavailable, batch of {count} retried: {reason}",
+                     count=len(messages), reason=str(e))
+            for message in messages:
+                yield self.queue.release(message.receipt, str(e), self._delay(message))
+            return False
+        done = []
+        for message, result in zip(messages, results):
+            self.counts[result.outcome] += 1
+            if result.outcome is Outcome.FAILED:
+                log.info("{device} seq {seq} not written, retried: {reason}",
+                         device=message.envelope.device, seq=message.envelope.seq,
+                         reason=result.reason)
+                yield self.queue.release(message.receipt, result.reason, self._delay(message))
+            else:
+                done.append(message.receipt)
+        if done:
+            yield self.queue.delete(done)
+        return True
+
+    def _delay(self, message) -> float:
+        return min(self.retry_max, self.retry_base * 2 ** (message.receive_count - 1))
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        if self._sleep is not None:
+            self._sleep.cancel()
+        if self._round is not None:
+            # A round in progress finishes settling its batch first.
+            yield self._round
+        if self.processor is not None:
+            yield self._in_thread(self.processor.close)
+        self._pool.stop()
