@@ -2,6 +2,8 @@
 
     sense plugins           loaded plugins, where each came from, its hooks
     sense queue             queue depth (visible, in flight, dead letters)
+    sense devices           the device registry (--json for scripts)
+    sense dlq list|replay   dead letters with their reasons; back into the queue
     sense plugin-docs       docs/plugins.md, assembled from the code
 
 Both read the same configuration as the gateway (``--config``, ``SENSE_*``).
@@ -82,6 +84,81 @@ def cmd_queue(config, args) -> int:
     return 0
 
 
+def _open_queue_store(config):
+    from sense_gateway.queues.sqlite import SQLiteQueueStore
+
+    if config.queue.backend != "sqlite":
+        raise ConfigError(f"queue.backend: {config.queue.backend!r} is not handled by this command")
+    if not config.queue_path.exists():
+        raise ConfigError(f"queue.path: no queue at {config.queue_path}")
+    return SQLiteQueueStore(config.queue_path, max_receives=config.queue.max_receives)
+
+
+def _iso(seconds: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+
+
+def cmd_dlq_list(config, args) -> int:
+    store = _open_queue_store(config)
+    try:
+        letters = store.dead_letters(args.limit)
+    finally:
+        store.close()
+    rows = [{"id": d.id, "device": d.envelope.device, "seq": d.envelope.seq,
+             "received": _iso(d.envelope.received), "failed": _iso(d.failed_at),
+             "receives": d.receive_count, "reason": d.reason} for d in letters]
+    if args.json:
+        sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
+    elif not rows:
+        print("no dead letters")
+    else:
+        print(_table([[str(r[k]) for k in ("id", "device", "seq", "failed", "receives", "reason")]
+                      for r in rows], ["id", "device", "seq", "failed", "receives", "reason"]))
+    return 0
+
+
+def cmd_dlq_replay(config, args) -> int:
+    store = _open_queue_store(config)
+    try:
+        moved = store.replay(args.id or None)
+    finally:
+        store.close()
+    print(f"{moved} message{'s' if moved != 1 else ''} back in the queue")
+    return 0
+
+
+def cmd_devices(config, args) -> int:
+    from sense_gateway.backends import choose, named_factories
+
+    pm = make_plugin_manager(config.disable_plugins, plugins_dir=config.plugins_dir)
+    registry = choose(named_factories(pm, "sense_register_registries", "registry"),
+                      config.registry.backend, "registry.backend")(config)
+    try:
+        records = registry.devices()
+    finally:
+        registry.close()
+    rows = []
+    for r in records:
+        c = r.state.counters
+        rows.append({"id": r.id, "first_seen": _iso(r.first_seen), "last_seen": _iso(r.last_seen),
+                     "last_source": r.last_source, "last_seq": r.state.last_seq,
+                     "received": c.received, "lost": c.lost, "duplicates": c.duplicates,
+                     "resets": c.resets, "unsequenced": c.unsequenced})
+    if args.json:
+        sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    if not rows:
+        print("no devices yet")
+        return 0
+    columns = ["id", "first_seen", "last_seen", "received", "lost", "duplicates", "resets"]
+    print(_table([[str(r[c]) for c in columns] for r in rows],
+                 ["device", "first seen", "last seen", "received", "lost", "duplicates", "resets"]))
+    return 0
+
+
 def cmd_plugin_docs(config, args) -> int:
     from sense_gateway.plugin_docs import render_plugin_docs
 
@@ -101,6 +178,19 @@ def main(argv: list[str] | None = None) -> int:
     queue = commands.add_parser("queue", help="show the embedded queue's depth")
     queue.add_argument("--json", action="store_true", help="machine-readable output")
     queue.set_defaults(run=cmd_queue)
+    devices = commands.add_parser("devices", help="list the device registry")
+    devices.add_argument("--json", action="store_true", help="machine-readable output")
+    devices.set_defaults(run=cmd_devices)
+    dlq = commands.add_parser("dlq", help="dead letters: list them, replay them")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
+    dlq_list = dlq_commands.add_parser("list", help="list dead letters with their reasons")
+    dlq_list.add_argument("--limit", type=int, default=100)
+    dlq_list.add_argument("--json", action="store_true", help="machine-readable output")
+    dlq_list.set_defaults(run=cmd_dlq_list)
+    dlq_replay = dlq_commands.add_parser("replay", help="move dead letters back into the queue")
+    dlq_replay.add_argument("--id", type=int, action="append",
+                            help="replay only this dead letter (repeatable); default: all")
+    dlq_replay.set_defaults(run=cmd_dlq_replay)
     docs = commands.add_parser("plugin-docs", help="print docs/plugins.md from the code")
     docs.set_defaults(run=cmd_plugin_docs)
     args = parser.parse_args(argv)

@@ -3,8 +3,10 @@ one-line errors a broken plugin produces."""
 
 from __future__ import annotations
 
+import json
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 from twisted.internet import defer
@@ -13,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from sense_gateway.config import Config
 from sense_gateway.errors import ConfigError, PluginLoadError
 from sense_gateway.plugins import DEFAULT_PLUGINS, call_collecting, make_plugin_manager
-from tests.support import coap_url, libcoap_request, start_gateway
+from tests.support import coap_url, deferLater, libcoap_request, start_gateway
 
 GOOD_PLUGIN = '''
 from sense_gateway.envelope import Decoded, Reading
@@ -237,3 +239,47 @@ class GatewayPluginTests(TestCase):
                          ("4.00", b"test devices are not accepted here"))
         accepted = yield libcoap_request("post", url, b'{"id": "prod-1", "data": {"t": 1}}', 50)
         self.assertEqual(accepted.code, "2.04")
+
+    @defer.inlineCallbacks
+    def test_plugin_sink_and_registry_are_chosen_by_name(self):
+        written = Path(self.mktemp()).resolve()
+        gateway = start_gateway(
+            self, role="all", **{"sinks.enabled": ("jsonl",), "registry.backend": "counting",
+                                 "processor.poll_interval": 0.05},
+            plugins_dir=self.plugins_dir(jsonl_sink=f'''
+            import json
+            from sense_gateway.hookspecs import hookimpl
+            from sense_gateway.registry.sqlite import SQLiteRegistry
+            from sense_gateway.sinks import MetricSink
+
+            class JsonLines(MetricSink):
+                name = "jsonl"
+
+                def write(self, points):
+                    with open({str(written)!r}, "a") as f:
+                        for p in points:
+                            f.write(json.dumps([p.measurement, p.tags, p.fields]) + "\\n")
+
+            class CountingRegistry(SQLiteRegistry):
+                def commit(self, records):
+                    with open({str(written)!r} + ".commits", "a") as f:
+                        f.write("commit\\n")
+                    return super().commit(records)
+
+            @hookimpl
+            def sense_register_sinks():
+                return {{"jsonl": lambda config: JsonLines()}}
+
+            @hookimpl
+            def sense_register_registries():
+                return {{"counting": lambda config: CountingRegistry(config.registry_path)}}
+            '''))
+        response = yield libcoap_request("post", coap_url("::1", gateway.port, "/data"),
+                                         b'{"id": "p-1", "seq": 1, "data": {"t": 1}}', 50)
+        self.assertEqual(response.code, "2.04")
+        deadline = time.monotonic() + 10
+        while not Path(f"{written}.commits").exists():
+            self.assertLess(time.monotonic(), deadline, "processor never committed")
+            yield deferLater(0.05)
+        lines = [json.loads(line) for line in written.read_text().splitlines()]
+        self.assertIn(["sense", {"device": "p-1"}, {"t": 1.0}], lines)

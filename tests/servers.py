@@ -1,0 +1,191 @@
+"""Real servers for tests, each on a free loopback port with a temporary
+data directory: VictoriaMetrics (the InfluxDB v2 write API), InfluxDB 1.x
+(``influxd``), and moto in server mode (SQS, DynamoDB).
+
+Plain classes, started from ``setUp`` and stopped with ``addCleanup``, so
+trial and pytest both use them. A server that does not come up fails the
+test with its output; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: bytes | None = None, timeout: float = 10.0):
+    """(status, body) of one HTTP request, errors included."""
+    request = urllib.request.Request(url, data=body, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+class ServerProcess:
+    """A child process that must answer *ready_url* within *timeout* seconds."""
+
+    name = "server"
+
+    def __init__(self, testcase, command: list[str], ready_url: str, timeout: float = 30.0):
+        executable = shutil.which(command[0]) or (BIN / command[0])
+        if not Path(executable).exists():
+            raise RuntimeError(f"{self.name}: {command[0]} is not installed")
+        self.log = Path(testcase.mktemp() + ".log").resolve()
+        self._log_file = open(self.log, "wb")
+        self.command = [str(executable), *command[1:]]
+        self.process = subprocess.Popen(self.command, stdout=self._log_file,
+                                        stderr=subprocess.STDOUT)
+        testcase.addCleanup(self.stop)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}: "
+                                   f"{self.output()}")
+            try:
+                status, _ = http("GET", ready_url, timeout=1)
+                if status < 500:
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not answer {ready_url}: {self.output()}")
+            time.sleep(0.05)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-2000:]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log_file.close()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+class VictoriaMetrics(ServerProcess):
+    """Accepts InfluxDB line protocol on ``/api/v2/write``; read back with
+    :meth:`export`."""
+
+    name = "victoria-metrics"
+
+    def __init__(self, testcase, port: int | None = None, data: Path | None = None):
+        self.port = port or free_tcp_port()
+        self.data = data or Path(testcase.mktemp()).resolve()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(testcase, [
+            "victoria-metrics", f"-httpListenAddr=127.0.0.1:{self.port}",
+            f"-storageDataPath={self.data}", "-retentionPeriod=100y",
+            "-search.latencyOffset=0s", "-loggerLevel=ERROR",
+        ], f"{self.url}/health")
+
+    def export(self, match: str = '{__name__=~"sense.*"}') -> list[dict]:
+        """Every series matching *match*: ``{"metric", "values", "timestamps"}``."""
+        http("GET", f"{self.url}/internal/force_flush")
+        # The default end is "now", which misses points stamped a moment ago.
+        query = urllib.parse.urlencode({"match[]": match, "start": 0,
+                                        "end": int(time.time()) + 86400})
+        status, body = http("GET", f"{self.url}/api/v1/export?{query}")
+        if status != 200:
+            raise RuntimeError(f"export failed: {status} {body[:200]!r}")
+        return [json.loads(line) for line in body.splitlines() if line.strip()]
+
+    def points(self, match: str = '{__name__=~"sense.*"}') -> dict:
+        """{(metric name, device): {timestamp ms: value}}"""
+        out = {}
+        for series in self.export(match):
+            key = (series["metric"]["__name__"], series["metric"].get("device"))
+            out.setdefault(key, {}).update(zip(series["timestamps"], series["values"]))
+        return out
+
+
+class InfluxDB1(ServerProcess):
+    """``influxd`` 1.x with one database; query it with :meth:`query`."""
+
+    name = "influxd"
+
+    def __init__(self, testcase, database: str = "sense"):
+        self.port = free_tcp_port()
+        rpc_port = free_tcp_port()
+        root = Path(testcase.mktemp()).resolve()
+        root.mkdir()
+        config = root / "influxdb.conf"
+        config.write_text(f"""
+reporting-disabled = true
+bind-address = "127.0.0.1:{rpc_port}"
+[meta]
+  dir = "{root}/meta"
+[data]
+  dir = "{root}/data"
+  wal-dir = "{root}/wal"
+  query-log-enabled = false
+[http]
+  bind-address = "127.0.0.1:{self.port}"
+  log-enabled = false
+[monitor]
+  store-enabled = false
+[logging]
+  level = "error"
+""")
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.database = database
+        super().__init__(testcase, ["influxd", "-config", str(config)], f"{self.url}/ping")
+        self.query(f'CREATE DATABASE "{database}"')
+
+    def query(self, q: str) -> dict:
+        body = urllib.parse.urlencode({"q": q, "db": self.database, "epoch": "ms"}).encode()
+        status, data = http("POST", f"{self.url}/query", body)
+        if status != 200:
+            raise RuntimeError(f"query failed: {status} {data[:200]!r}")
+        return json.loads(data)
+
+    def rows(self, q: str) -> list[dict]:
+        """The first result's rows as dicts (with the series' tags merged in)."""
+        result = self.query(q)["results"][0]
+        rows = []
+        for series in result.get("series", []):
+            for values in series["values"]:
+                rows.append({**series.get("tags", {}), **dict(zip(series["columns"], values))})
+        return rows
+
+
+class MotoServer(ServerProcess):
+    """moto in server mode: SQS and DynamoDB at :attr:`url` for boto3."""
+
+    name = "moto_server"
+
+    def __init__(self, testcase):
+        self.port = free_tcp_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(testcase, ["moto_server", "-H", "127.0.0.1", "-p", str(self.port)],
+                         f"{self.url}/moto-api/")
+
+    def client(self, service: str):
+        import boto3
+
+        return boto3.client(service, endpoint_url=self.url, region_name="us-east-1",
+                            aws_access_key_id="testing", aws_secret_access_key="testing")

@@ -1,0 +1,147 @@
+"""End to end on the embedded backends: CoAP requests from libcoap's client
+into ``--role all``, out of the queue through the processor, into the
+SQLite store and VictoriaMetrics; faults on the way and dead letters."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import cbor2
+import orjson
+from twisted.internet import defer
+from twisted.trial.unittest import TestCase
+
+from sense_gateway.queues.sqlite import SQLiteQueueStore
+from sense_gateway.registry.sqlite import SQLiteRegistry
+from sense_gateway.sinks.sqlite import SQLiteStore
+from tests.servers import VictoriaMetrics
+from tests.support import BIN, coap_url, deferLater, libcoap_request, start_gateway
+from tests.test_interop import sense_text
+
+NOW = 1764300000
+
+
+@defer.inlineCallbacks
+def eventually(predicate, timeout: float = 20.0, interval: float = 0.05):
+    """Wait, without blocking the reactor, until *predicate()* is true."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {predicate.__doc__}")
+        yield deferLater(interval)
+
+
+class EmbeddedEndToEndTests(TestCase):
+    timeout = 120
+
+    def setUp(self):
+        self.vm = VictoriaMetrics(self)
+
+    def gateway(self, **overrides):
+        settings = {"role": "all", "sinks.enabled": ("sqlite", "influxdb"),
+                    "influxdb.url": self.vm.url, "influxdb.retries": 0,
+                    "processor.poll_interval": 0.05, "processor.retry_base": 0.2,
+                    "store.retention_days": 36500.0}
+        settings.update(overrides)
+        return start_gateway(self, **settings)
+
+    def queue_depth(self, gateway) -> dict:
+        store = SQLiteQueueStore(gateway.config.queue_path)
+        try:
+            return store.depth()
+        finally:
+            store.close()
+
+    def devices(self, gateway) -> dict:
+        registry = SQLiteRegistry(gateway.config.registry_path)
+        try:
+            return {r.id: r for r in registry.devices()}
+        finally:
+            registry.close()
+
+    def sense(self, gateway, *args) -> bytes:
+        return subprocess.run([str(BIN / "sense"), "--data-dir", gateway.config.data_dir, *args],
+                              check=True, capture_output=True, timeout=60).stdout
+
+    @defer.inlineCallbacks
+    def post(self, gateway, host, path, payload, cf):
+        response = yield libcoap_request("post", coap_url(host, gateway.port, path), payload, cf)
+        self.assertEqual(response.code, "2.04", response)
+
+    @defer.inlineCallbacks
+    def test_three_devices_reach_store_and_victoriametrics(self):
+        gateway = self.gateway()
+        for seq in (1, 2, 3):
+            yield self.post(gateway, "::1", "/data", orjson.dumps(
+                {"id": "node-a", "seq": seq, "ts": NOW + seq, "data": {"temperature": 20 + seq / 10}}), 50)
+        yield self.post(gateway, "::1", "/data", cbor2.dumps(
+            [{-2: "urn:dev:mac:0024befffe804ff1:", -3: NOW, 0: "humidity", 2: 41.5}]), 112)
+        yield self.post(gateway, "127.0.0.1", "/temperature", sense_text([2150, 2160, 2170]), 0)
+
+        yield eventually(lambda: len(self.devices(gateway)) == 3)
+        yield eventually(lambda: self.queue_depth(gateway) == {"visible": 0, "in_flight": 0, "dead": 0})
+        devices = self.devices(gateway)
+        self.assertEqual(sorted(devices), ["127.0.0.1", "node-a", "urn:dev:mac:0024befffe804ff1"])
+        self.assertEqual(devices["node-a"].state.counters.received, 3)
+
+        points = self.vm.points()
+        self.assertEqual(points[("sense_temperature", "node-a")],
+                         {(NOW + 1) * 1000: 20.1, (NOW + 2) * 1000: 20.2, (NOW + 3) * 1000: 20.3})
+        self.assertEqual(points[("sense_humidity", "urn:dev:mac:0024befffe804ff1")],
+                         {NOW * 1000: 41.5})
+        text_values = points[("sense_temperature", "127.0.0.1")]
+        self.assertEqual(sorted(text_values.values()), [21.5, 21.6, 21.7])
+        stamps = sorted(text_values)
+        self.assertEqual([b - a for a, b in zip(stamps, stamps[1:])], [1000, 1000])
+
+        store = SQLiteStore(gateway.config.store_path)
+        self.addCleanup(store.close)
+        self.assertEqual([v for _, v in store.query("node-a", "temperature")], [20.1, 20.2, 20.3])
+
+        listed = orjson.loads(self.sense(gateway, "devices", "--json"))
+        self.assertEqual([(d["id"], d["received"]) for d in listed],
+                         [("127.0.0.1", 1), ("node-a", 3), ("urn:dev:mac:0024befffe804ff1", 1)])
+
+    @defer.inlineCallbacks
+    def test_metrics_server_down_loses_nothing(self):
+        gateway = self.gateway()
+        port, data = self.vm.port, self.vm.data
+        self.vm.stop()
+        for seq in range(1, 6):
+            yield self.post(gateway, "::1", "/data", orjson.dumps(
+                {"id": "node-f", "seq": seq, "ts": NOW + seq, "data": {"t": seq}}), 50)
+        # The processor tries, fails, and gives the batch back to the queue.
+        yield eventually(lambda: gateway.worker.counts[_failed()] >= 5)
+        self.assertEqual(self.devices(gateway), {})
+        self.assertEqual(sum(self.queue_depth(gateway).values()), 5)
+        self.vm = VictoriaMetrics(self, port=port, data=data)
+        yield eventually(lambda: self.queue_depth(gateway)["visible"] + self.queue_depth(
+            gateway)["in_flight"] == 0, timeout=30)
+        self.assertEqual(sorted(self.vm.points()[("sense_t", "node-f")].values()),
+                         [1.0, 2.0, 3.0, 4.0, 5.0])
+        counters = self.devices(gateway)["node-f"].state.counters
+        self.assertEqual((counters.received, counters.duplicates, counters.lost), (5, 0, 0))
+
+    @defer.inlineCallbacks
+    def test_dead_letter_keeps_reason_and_replays(self):
+        gateway = self.gateway(**{"queue.max_receives": 2, "processor.retry_base": 0.05})
+        port, data = self.vm.port, self.vm.data
+        self.vm.stop()
+        yield self.post(gateway, "::1", "/data", orjson.dumps(
+            {"id": "node-d", "seq": 1, "ts": NOW, "data": {"t": 1}}), 50)
+        yield eventually(lambda: self.queue_depth(gateway)["dead"] == 1)
+        [letter] = orjson.loads(self.sense(gateway, "dlq", "list", "--json"))
+        self.assertEqual((letter["device"], letter["seq"], letter["receives"]), ("node-d", 1, 2))
+        self.assertIn("influxdb: cannot reach", letter["reason"])
+
+        self.vm = VictoriaMetrics(self, port=port, data=data)
+        self.assertEqual(self.sense(gateway, "dlq", "replay"), b"1 message back in the queue\n")
+        yield eventually(lambda: "node-d" in self.devices(gateway))
+        self.assertEqual(self.vm.points()[("sense_t", "node-d")], {NOW * 1000: 1.0})
+
+
+def _failed():
+    from sense_gateway.processor import Outcome
+
+    return Outcome.FAILED

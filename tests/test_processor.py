@@ -1,0 +1,135 @@
+"""The processing core against real stores: SQLite registry and readings
+store, VictoriaMetrics through influxdb-client, InfluxDB 1.x."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.trial.unittest import TestCase
+
+from sense_gateway.config import InfluxConfig
+from sense_gateway.envelope import Envelope, Reading, new_envelope_id
+from sense_gateway.processor import BatchProcessor, Outcome
+from sense_gateway.registry.sqlite import SQLiteRegistry
+from sense_gateway.sinks.influxdb import InfluxSink
+from sense_gateway.sinks.sqlite import SQLiteStore
+from tests.servers import InfluxDB1, VictoriaMetrics
+
+T0 = 1764300000.0
+
+
+def envelope(device="node-1", seq=1, ts=T0, **fields) -> Envelope:
+    return Envelope(id=new_envelope_id(), device=device, seq=seq, received=ts,
+                    source="[::1]:5683", transport="coap", identity=None, path="/data",
+                    content_format=50, readings=[Reading(fields=fields or {"t": 20.0}, ts=ts)])
+
+
+class ProcessorTestCase(TestCase):
+    def setUp(self):
+        directory = Path(self.mktemp()).resolve()
+        self.registry = SQLiteRegistry(directory / "registry.sqlite3")
+        self.store = SQLiteStore(directory / "readings.sqlite3", retention_days=36500)
+        self.vm = VictoriaMetrics(self)
+        self.influx = InfluxSink(InfluxConfig(url=self.vm.url, retries=0), sleep=lambda s: None)
+        self.processor = BatchProcessor(self.registry, [self.store, self.influx], clock=lambda: T0 + 60)
+        self.addCleanup(self.processor.close)
+
+    def device(self, device_id="node-1"):
+        return self.registry.load([device_id])[device_id]
+
+
+class ProcessBatchTests(ProcessorTestCase):
+    def test_readings_reach_every_sink_and_register_the_device(self):
+        batch = [envelope(seq=1, ts=T0, t=20.5), envelope(seq=2, ts=T0 + 1, t=21),
+                 envelope("node-2", seq=7, ts=T0, humidity=40)]
+        self.assertEqual([r.outcome for r in self.processor.process_batch(batch)],
+                         [Outcome.WRITTEN] * 3)
+        self.assertEqual(self.store.query("node-1", "t"),
+                         [(int(T0 * 1e9), 20.5), (int((T0 + 1) * 1e9), 21.0)])
+        points = self.vm.points()
+        self.assertEqual(points[("sense_t", "node-1")], {T0 * 1000: 20.5, (T0 + 1) * 1000: 21.0})
+        self.assertEqual(points[("sense_humidity", "node-2")], {T0 * 1000: 40.0})
+        self.assertEqual(points[("sense_device_received", "node-1")], {(T0 + 60) * 1000: 2.0})
+        record = self.device()
+        self.assertEqual((record.first_seen, record.last_seen, record.state.last_seq), (T0, T0 + 1, 2))
+
+    def test_same_envelope_twice_writes_once_and_keeps_counters(self):
+        e = envelope(seq=1)
+        self.processor.process_batch([e])
+        before = self.device()
+        [result] = self.processor.process_batch([e])
+        self.assertEqual((result.outcome, result.reason), (Outcome.DUPLICATE, "already processed"))
+        self.assertEqual(self.device().state.counters, before.state.counters)
+        self.assertEqual(len(self.store.query("node-1", "t")), 1)
+        self.assertEqual(len(self.vm.points()[("sense_t", "node-1")]), 1)
+
+    def test_device_repeating_a_number_is_counted_duplicate(self):
+        self.processor.process_batch([envelope(seq=5), envelope(seq=5, ts=T0 + 1)])
+        counters = self.device().state.counters
+        self.assertEqual((counters.received, counters.duplicates), (1, 1))
+        self.assertEqual(len(self.store.query("node-1", "t")), 1)
+
+    def test_counters_written_as_sense_device(self):
+        self.processor.process_batch([envelope(seq=1), envelope(seq=7, ts=T0 + 1),
+                                      envelope(seq=7, ts=T0 + 2)])
+        points = self.vm.points('{__name__=~"sense_device_.*"}')
+        at = (T0 + 60) * 1000
+        self.assertEqual({name: values[at] for (name, _), values in points.items()}, {
+            "sense_device_received": 2, "sense_device_lost": 5, "sense_device_duplicates": 1,
+            "sense_device_resets": 0, "sense_device_unsequenced": 0})
+
+
+class SinkFailureTests(ProcessorTestCase):
+    def test_sink_down_fails_batch_and_leaves_sequence_unseen(self):
+        self.vm.stop()
+        results = self.processor.process_batch([envelope(seq=1), envelope(seq=2)])
+        self.assertEqual({(r.outcome, r.retryable) for r in results}, {(Outcome.FAILED, True)})
+        self.assertIn("cannot reach", results[0].reason)
+        self.assertEqual(self.registry.load(["node-1"]), {})
+
+    def test_retry_after_recovery_writes_everything_once(self):
+        batch = [envelope(seq=1), envelope(seq=2, ts=T0 + 1)]
+        port, data = self.vm.port, self.vm.data
+        self.vm.stop()
+        self.processor.process_batch(batch)
+        self.vm = VictoriaMetrics(self, port=port, data=data)
+        self.assertEqual([r.outcome for r in self.processor.process_batch(batch)],
+                         [Outcome.WRITTEN] * 2)
+        self.assertEqual(len(self.vm.points()[("sense_t", "node-1")]), 2)
+        self.assertEqual(self.device().state.counters.received, 2)
+
+
+class InfluxV1Tests(TestCase):
+    """``api = "v1"`` against a real InfluxDB 1.x, read back with InfluxQL."""
+
+    def setUp(self):
+        self.db = InfluxDB1(self)
+        directory = Path(self.mktemp()).resolve()
+        self.registry = SQLiteRegistry(directory / "registry.sqlite3")
+        sink = InfluxSink(InfluxConfig(url=self.db.url, api="v1", database="sense", retries=0))
+        self.processor = BatchProcessor(self.registry, [sink], clock=lambda: T0 + 60)
+        self.addCleanup(self.processor.close)
+
+    def test_points_queryable_with_influxql(self):
+        self.processor.process_batch([envelope(seq=1, t=20.5), envelope("node-2", seq=1, t=19)])
+        rows = self.db.rows('SELECT "t" FROM "sense" GROUP BY "device"')
+        self.assertEqual(sorted((r["device"], r["t"], r["time"]) for r in rows),
+                         [("node-1", 20.5, T0 * 1000), ("node-2", 19.0, T0 * 1000)])
+        counters = self.db.rows('SELECT "received", "lost" FROM "sense_device" GROUP BY "device"')
+        self.assertEqual(sorted((r["device"], r["received"]) for r in counters),
+                         [("node-1", 1), ("node-2", 1)])
+
+    def test_refused_message_fails_alone(self):
+        # The field "t" is a float in InfluxDB from the first write; a
+        # string for it is refused by the server (400, field type conflict).
+        self.processor.process_batch([envelope(seq=1, t=20.5)])
+        results = self.processor.process_batch([
+            envelope(seq=2, ts=T0 + 1, t=21.0),
+            envelope(seq=3, ts=T0 + 2, t="warm"),
+            envelope(seq=4, ts=T0 + 3, t=22.0),
+        ])
+        self.assertEqual([r.outcome for r in results],
+                         [Outcome.WRITTEN, Outcome.FAILED, Outcome.WRITTEN])
+        self.assertFalse(results[1].retryable)
+        self.assertIn("400", results[1].reason)
+        self.assertEqual([r["t"] for r in self.db.rows('SELECT "t" FROM "sense"')], [20.5, 21.0, 22.0])
