@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # twistd finds twisted/plugins only in a compat-mode editable install.
 PIP_INSTALL := $(BIN)/pip install --quiet --config-settings editable_mode=compat
 # Debian packages the tests use: command -> package.
-SYSTEM_PACKAGES := coap-client-notls:libcoap3-bin
+SYSTEM_PACKAGES := coap-client-notls:libcoap3-bin victoria-metrics:victoria-metrics influxd:influxdb
 
 .PHONY: run test test-pytest test-trial system-packages clean
 

@@ -20,6 +20,14 @@ import pluggy
 from sense_gateway import hookspecs
 from sense_gateway.errors import PluginLoadError
 
+#: What the processor needs, and nothing that needs Twisted (AWS Lambda).
+PROCESSOR_PLUGINS = (
+    "sense_gateway.registry.sqlite",
+    "sense_gateway.registry.dynamodb",
+    "sense_gateway.sinks.sqlite",
+    "sense_gateway.sinks.influxdb",
+)
+
 #: The package's own plugins: the product uses the hooks it offers.
 DEFAULT_PLUGINS = (
     "sense_gateway.formats.sense",
@@ -27,9 +35,8 @@ DEFAULT_PLUGINS = (
     "sense_gateway.formats.sense_text",
     "sense_gateway.validation",
     "sense_gateway.queues.sqlite",
-    "sense_gateway.registry.sqlite",
-    "sense_gateway.sinks.sqlite",
-    "sense_gateway.sinks.influxdb",
+    "sense_gateway.queues.sqs",
+    *PROCESSOR_PLUGINS,
     "sense_gateway.coap.time",
 )
 
@@ -57,6 +64,7 @@ def make_plugin_manager(
     disable: Iterable[str] = (),
     load_entrypoints: bool = True,
     plugins_dir: str | Path | None = None,
+    builtins: Iterable[str] = DEFAULT_PLUGINS,
 ) -> SensePluginManager:
     """A plugin manager with every enabled plugin registered and checked.
 
@@ -68,7 +76,7 @@ def make_plugin_manager(
     for name in disable:
         pm.set_blocked(name)
 
-    for module_name in DEFAULT_PLUGINS:
+    for module_name in builtins:
         if pm.is_blocked(module_name):
             continue
         _register(pm, importlib.import_module(module_name), module_name, module_name)

@@ -208,7 +208,7 @@ class GatewayPluginTests(TestCase):
 
     def test_unknown_queue_backend_names_the_key(self):
         error = self.assertRaises(ConfigError, start_gateway, self, **{"queue.backend": "kafka"})
-        self.assertEqual(str(error), "queue.backend: unknown backend 'kafka'; available: sqlite")
+        self.assertEqual(str(error), "queue.backend: unknown backend 'kafka'; available: sqlite, sqs")
 
     def test_two_formats_claiming_one_content_format_fail_startup(self):
         error = self.assertRaises(PluginLoadError, start_gateway, self, plugins_dir=self.plugins_dir(

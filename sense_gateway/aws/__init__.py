@@ -1,0 +1,1 @@
+"""Running the processor in AWS: the Lambda handler for SQS batches."""
