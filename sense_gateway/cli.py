@@ -63,15 +63,7 @@ def cmd_plugins(config, args) -> int:
 
 
 def cmd_queue(config, args) -> int:
-    from sense_gateway.queues.sqlite import SQLiteQueueStore
-
-    if config.queue.backend != "sqlite":
-        print(f"sense queue: backend {config.queue.backend!r} is not inspected here", file=sys.stderr)
-        return 2
-    if not config.queue_path.exists():
-        print(f"sense queue: no queue at {config.queue_path}", file=sys.stderr)
-        return 1
-    store = SQLiteQueueStore(config.queue_path)
+    store = _open_queue_store(config)
     try:
         depth = store.depth()
     finally:
@@ -85,8 +77,15 @@ def cmd_queue(config, args) -> int:
 
 
 def _open_queue_store(config):
+    """A synchronous handle on the configured queue (sqlite or sqs)."""
     from sense_gateway.queues.sqlite import SQLiteQueueStore
 
+    if config.queue.backend == "sqs":
+        from sense_gateway.queues.sqs import SQSQueueClient
+
+        if not config.aws.queue_url:
+            raise ConfigError("aws.queue_url: required for queue.backend = \"sqs\"")
+        return SQSQueueClient(config.aws, config.queue.max_receives)
     if config.queue.backend != "sqlite":
         raise ConfigError(f"queue.backend: {config.queue.backend!r} is not handled by this command")
     if not config.queue_path.exists():
@@ -122,8 +121,9 @@ def cmd_dlq_list(config, args) -> int:
 
 def cmd_dlq_replay(config, args) -> int:
     store = _open_queue_store(config)
+    ids = [int(i) if i.isdigit() else i for i in args.id] if args.id else None
     try:
-        moved = store.replay(args.id or None)
+        moved = store.replay(ids)
     finally:
         store.close()
     print(f"{moved} message{'s' if moved != 1 else ''} back in the queue")
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     dlq_list.add_argument("--json", action="store_true", help="machine-readable output")
     dlq_list.set_defaults(run=cmd_dlq_list)
     dlq_replay = dlq_commands.add_parser("replay", help="move dead letters back into the queue")
-    dlq_replay.add_argument("--id", type=int, action="append",
+    dlq_replay.add_argument("--id", action="append",
                             help="replay only this dead letter (repeatable); default: all")
     dlq_replay.set_defaults(run=cmd_dlq_replay)
     docs = commands.add_parser("plugin-docs", help="print docs/plugins.md from the code")

@@ -46,6 +46,7 @@ class ProcessorService(Service):
         self._pool = ThreadPool(1, 1, name="sense-processor")
         self._pool.start()
         self._round = self._in_thread(self._open).addCallback(lambda _: self._run())
+        self._round.addErrback(lambda f: log.failure("processor could not start", f))
 
     def _in_thread(self, function, *args):
         return deferToThreadPool(self.reactor, self._pool, function, *args)
@@ -75,7 +76,7 @@ class ProcessorService(Service):
         """Receive, process, settle one batch; fires True if there was work."""
         messages = yield self.queue.receive(self.batch_size)
         if not messages:
-            return False
+            return False  # (a long-polling queue has already waited)
         envelopes = [m.envelope for m in messages]
         try:
             results = yield self._in_thread(self.processor.process_batch, envelopes)
@@ -107,9 +108,13 @@ class ProcessorService(Service):
         super().stopService()
         if self._sleep is not None:
             self._sleep.cancel()
-        if self._round is not None:
-            # A round in progress finishes settling its batch first.
-            yield self._round
-        if self.processor is not None:
-            yield self._in_thread(self.processor.close)
-        self._pool.stop()
+        try:
+            if self._round is not None:
+                # A round in progress finishes settling its batch first.
+                yield self._round
+            if self.processor is not None:
+                yield self._in_thread(self.processor.close)
+        except Exception:
+            log.failure("processor did not stop cleanly")
+        finally:
+            self._pool.stop()

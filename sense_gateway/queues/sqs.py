@@ -7,7 +7,8 @@ flight, an entry that comes back in ``Failed`` retried on its own; each
 device gets its 2.04 only once its own entry was accepted by SQS, and 5.03
 with Max-Age ``queue.retry_after`` when it could not be.
 
-The in-process processor receives with long polling, deletes what it
+The in-process processor receives with long polling (waiting up to
+``processor.poll_interval`` seconds, at most 20), deletes what it
 processed, and gives failed messages back with a delay (ChangeMessageVisibility).
 A message that failed ``queue.max_receives`` times is moved by the
 processor to the dead-letter queue with its reason (a message attribute
@@ -44,8 +45,8 @@ MAX_BATCH_BYTES = 256 * 1024
 REASON_ATTRIBUTE = "sense-reason"
 #: SendMessageBatch calls in flight at once
 SENDERS = 8
-#: seconds a receive waits for messages (long polling)
-LONG_POLL = 10
+#: seconds a receive waits for messages at most (SQS allows 20)
+LONG_POLL = 20
 
 
 def sqs_client(aws):
@@ -58,12 +59,18 @@ def sqs_client(aws):
 class SQSQueueClient:
     """The synchronous SQS calls, usable from any thread (and from the CLI)."""
 
-    def __init__(self, aws, max_receives: int = 5, visibility_timeout: float = 30.0):
+    def __init__(self, aws, max_receives: int = 5, visibility_timeout: float = 30.0,
+                 wait: float = 1.0):
         self.client = sqs_client(aws)
+        #: long-polling wait of a receive, whole seconds
+        self.wait = min(LONG_POLL, max(0, round(wait)))
         self.url = aws.queue_url
         self.max_receives = max_receives
         self.visibility_timeout = visibility_timeout
         self._dead_letter_url: str | None = None
+
+    def close(self) -> None:
+        self.client.close()
 
     def send_batch(self, bodies: list[str]) -> list[str | None]:
         """Send up to 10 bodies; returns, per body, None or why it failed."""
@@ -85,10 +92,9 @@ class SQSQueueClient:
                     errors[i] = f"{error}, then {type(e).__name__}"
         return errors
 
-    def receive(self, max_messages: int, visibility_timeout: float | None = None,
-                wait: int = LONG_POLL) -> list[Received]:
+    def receive(self, max_messages: int, visibility_timeout: float | None = None) -> list[Received]:
         response = self.client.receive_message(
-            QueueUrl=self.url, MaxNumberOfMessages=min(max_messages, 10), WaitTimeSeconds=wait,
+            QueueUrl=self.url, MaxNumberOfMessages=min(max_messages, 10), WaitTimeSeconds=self.wait,
             VisibilityTimeout=int(self.visibility_timeout if visibility_timeout is None
                                   else visibility_timeout),
             AttributeNames=["ApproximateReceiveCount"])
@@ -157,9 +163,14 @@ class SQSQueueClient:
         return messages
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        # A short visibility timeout: listing must not hide them for long.
+        # Reading a message hides it; listing gives each back at once.
+        messages = self._dead_messages(limit, visibility=30)
+        for start in range(0, len(messages), 10):
+            self.client.change_message_visibility_batch(QueueUrl=self.dead_letter_url, Entries=[
+                {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": 0}
+                for i, m in enumerate(messages[start:start + 10])])
         out = []
-        for m in self._dead_messages(limit, visibility=1):
+        for m in messages:
             reason = m.get("MessageAttributes", {}).get(REASON_ATTRIBUTE, {}).get(
                 "StringValue", "moved by the queue's redrive policy")
             sent = int(m["Attributes"].get("SentTimestamp", 0)) / 1000
@@ -204,7 +215,8 @@ class SQSQueue(EnvelopeQueue):
         self._pool = ThreadPool(1, SENDERS + 1, name="sense-queue-sqs")
         self._pool.start()
         self.client = SQSQueueClient(self.config.aws, self.config.queue.max_receives,
-                                     self.config.queue.visibility_timeout)
+                                     self.config.queue.visibility_timeout,
+                                     wait=self.config.processor.poll_interval)
 
     def stopService(self):
         super().stopService()

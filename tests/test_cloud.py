@@ -1,0 +1,190 @@
+"""The cloud backends for real: the gateway queueing to SQS, the Lambda
+handler processing what SQS hands out, the registry in DynamoDB (moto in
+server mode for both), metrics in VictoriaMetrics."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import orjson
+from twisted.internet import defer
+from twisted.trial.unittest import TestCase
+
+import sense_gateway.aws.lambda_handler as lambda_handler
+from sense_gateway.registry.dynamodb import DynamoDBRegistry
+from tests.servers import MotoServer, VictoriaMetrics
+from tests.support import coap_url, libcoap_request, start_gateway
+
+NOW = 1764300000
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def set_environ(testcase, variables: dict) -> None:
+    """Set environment variables for one test, restoring them after."""
+    for name, value in variables.items():
+        old = os.environ.get(name)
+        os.environ[name] = value
+        testcase.addCleanup(lambda n=name, o=old: os.environ.pop(n) if o is None
+                            else os.environ.__setitem__(n, o))
+
+
+class CloudTestCase(TestCase):
+    timeout = 120
+
+    def setUp(self):
+        set_environ(self, AWS_ENV)
+        self.moto = MotoServer(self)
+        self.vm = VictoriaMetrics(self)
+        self.sqs = self.moto.client("sqs")
+        dead = self.sqs.create_queue(QueueName="sense-dlq")["QueueUrl"]
+        dead_arn = self.sqs.get_queue_attributes(
+            QueueUrl=dead, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        self.queue_url = self.sqs.create_queue(QueueName="sense", Attributes={
+            "VisibilityTimeout": "30",
+            "RedrivePolicy": json.dumps({"deadLetterTargetArn": dead_arn, "maxReceiveCount": "5"}),
+        })["QueueUrl"]
+        self.moto.client("dynamodb").create_table(
+            TableName="sense-devices", BillingMode="PAY_PER_REQUEST",
+            KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}])
+        # The Lambda is configured from SENSE_* variables only.
+        set_environ(self, {
+            "SENSE_REGISTRY_BACKEND": "dynamodb", "SENSE_REGISTRY_TABLE": "sense-devices",
+            "SENSE_AWS_ENDPOINT_URL": self.moto.url, "SENSE_SINKS_ENABLED": "influxdb",
+            "SENSE_INFLUXDB_URL": self.vm.url, "SENSE_INFLUXDB_RETRIES": "0",
+        })
+        self.patch(lambda_handler, "_processor", None)
+        self.addCleanup(lambda: lambda_handler._processor and lambda_handler._processor.close())
+
+    def sqs_event(self, max_messages=10) -> dict:
+        """What the SQS event-source mapping hands a Lambda."""
+        response = self.sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=max_messages,
+                                            AttributeNames=["All"], WaitTimeSeconds=1)
+        records = [{
+            "messageId": m["MessageId"], "receiptHandle": m["ReceiptHandle"], "body": m["Body"],
+            "attributes": m["Attributes"], "messageAttributes": {}, "md5OfBody": m["MD5OfBody"],
+            "eventSource": "aws:sqs", "awsRegion": "us-east-1",
+            "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:sense",
+        } for m in response.get("Messages", [])]
+        return {"Records": records}
+
+
+class GatewayToLambdaTests(CloudTestCase):
+    @defer.inlineCallbacks
+    def test_gateway_sqs_lambda_dynamodb_victoriametrics(self):
+        gateway = start_gateway(self, **{"queue.backend": "sqs", "aws.queue_url": self.queue_url,
+                                         "aws.endpoint_url": self.moto.url})
+        url = coap_url("::1", gateway.port, "/data")
+        for device, seq in (("node-1", 1), ("node-1", 2), ("node-2", 9)):
+            body = orjson.dumps({"id": device, "seq": seq, "ts": NOW + seq, "data": {"t": seq / 2}})
+            response = yield libcoap_request("post", url, body, 50)
+            self.assertEqual(response.code, "2.04", response)
+
+        event = self.sqs_event()
+        self.assertEqual(len(event["Records"]), 3)
+        self.assertEqual(lambda_handler.handler(event, None), {"batchItemFailures": []})
+
+        points = self.vm.points()
+        self.assertEqual(points[("sense_t", "node-1")], {(NOW + 1) * 1000: 0.5, (NOW + 2) * 1000: 1.0})
+        self.assertEqual(points[("sense_t", "node-2")], {(NOW + 9) * 1000: 4.5})
+        registry = DynamoDBRegistry("sense-devices", "us-east-1", self.moto.url)
+        devices = {r.id: r for r in registry.devices()}
+        self.assertEqual({d: (r.state.last_seq, r.state.counters.received) for d, r in devices.items()},
+                         {"node-1": (2, 2), "node-2": (9, 1)})
+
+    def test_poison_record_alone_is_reported(self):
+        good = {"v": 1, "id": "e1", "device": "node-3", "seq": 1, "received": NOW, "source": "x",
+                "transport": "coap", "identity": None, "path": "/data", "cf": 50,
+                "readings": [{"m": "sense", "ts": NOW, "f": {"t": 1.0}, "t": {}}]}
+        self.sqs.send_message(QueueUrl=self.queue_url, MessageBody=orjson.dumps(good).decode())
+        self.sqs.send_message(QueueUrl=self.queue_url, MessageBody="not an envelope")
+        self.sqs.send_message(QueueUrl=self.queue_url, MessageBody=orjson.dumps(
+            {**good, "id": "e2", "seq": 2, "readings": [
+                {"m": "sense", "ts": NOW + 1, "f": {"t": 2.0}, "t": {}}]}).decode())
+        event = self.sqs_event()
+        poison = [r["messageId"] for r in event["Records"] if r["body"] == "not an envelope"]
+        self.assertEqual(lambda_handler.handler(event, None),
+                         {"batchItemFailures": [{"itemIdentifier": poison[0]}]})
+        self.assertEqual(len(self.vm.points()[("sense_t", "node-3")]), 2)
+
+    def test_unreachable_registry_fails_the_whole_batch(self):
+        os.environ["SENSE_AWS_ENDPOINT_URL"] = "http://127.0.0.1:9"  # restored by cleanup
+        self.sqs.send_message(QueueUrl=self.queue_url, MessageBody=orjson.dumps({
+            "v": 1, "id": "e1", "device": "node-4", "seq": 1, "received": NOW, "source": "x",
+            "transport": "coap", "identity": None, "path": "/data", "cf": 50,
+            "readings": [{"m": "sense", "ts": NOW, "f": {"t": 1.0}, "t": {}}]}).decode())
+        from sense_gateway.registry import RegistryUnavailable
+
+        self.assertRaises(RegistryUnavailable, lambda_handler.handler, self.sqs_event(), None)
+
+    def test_redelivered_batch_counts_once(self):
+        envelope = {"v": 1, "id": "e1", "device": "node-5", "seq": 1, "received": NOW,
+                    "source": "x", "transport": "coap", "identity": None, "path": "/data",
+                    "cf": 50, "readings": [{"m": "sense", "ts": NOW, "f": {"t": 1.0}, "t": {}}]}
+        record = {"messageId": "m-1", "receiptHandle": "r", "body": orjson.dumps(envelope).decode(),
+                  "attributes": {}, "eventSource": "aws:sqs"}
+        for _ in range(2):
+            self.assertEqual(lambda_handler.handler({"Records": [record]}, None),
+                             {"batchItemFailures": []})
+        registry = DynamoDBRegistry("sense-devices", "us-east-1", self.moto.url)
+        [device] = registry.devices()
+        self.assertEqual((device.state.counters.received, device.state.counters.duplicates), (1, 0))
+        self.assertEqual(self.vm.points()[("sense_t", "node-5")], {NOW * 1000: 1.0})
+
+
+class InProcessSQSTests(CloudTestCase):
+    """``--role all`` on the cloud backends: the worker drains SQS itself."""
+
+    def gateway(self, **overrides):
+        settings = {"role": "all", "queue.backend": "sqs", "aws.queue_url": self.queue_url,
+                    "aws.endpoint_url": self.moto.url, "registry.backend": "dynamodb",
+                    "sinks.enabled": ("influxdb",), "influxdb.url": self.vm.url,
+                    "influxdb.retries": 0, "processor.poll_interval": 0.0,
+                    "processor.retry_base": 0.05}
+        settings.update(overrides)
+        # The gateway's own SENSE_* settings come from here, not the Lambda's.
+        for name in [n for n in os.environ if n.startswith("SENSE_")]:
+            set_environ(self, {name: os.environ[name]})
+            del os.environ[name]
+        return start_gateway(self, **settings)
+
+    def sense(self, *args) -> bytes:
+        import subprocess
+
+        from tests.support import BIN
+
+        env = {**os.environ, "SENSE_QUEUE_BACKEND": "sqs", "SENSE_AWS_QUEUE_URL": self.queue_url,
+               "SENSE_AWS_ENDPOINT_URL": self.moto.url}
+        return subprocess.run([str(BIN / "sense"), *args], env=env, check=True,
+                              capture_output=True, timeout=60).stdout
+
+    @defer.inlineCallbacks
+    def test_worker_drains_sqs(self):
+        from tests.test_end_to_end import eventually
+
+        gateway = self.gateway()
+        response = yield libcoap_request("post", coap_url("127.0.0.1", gateway.port, "/data"),
+                                         b'{"id": "node-s", "seq": 1, "ts": 1764300000, "data": {"t": 3}}', 50)
+        self.assertEqual(response.code, "2.04")
+        yield eventually(lambda: ("sense_t", "node-s") in self.vm.points())
+        self.assertEqual(self.vm.points()[("sense_t", "node-s")], {NOW * 1000: 3.0})
+
+    @defer.inlineCallbacks
+    def test_failing_message_dead_lettered_with_reason_and_replayed(self):
+        from tests.test_end_to_end import eventually
+
+        port, data = self.vm.port, self.vm.data
+        self.vm.stop()
+        gateway = self.gateway(**{"queue.max_receives": 2})
+        response = yield libcoap_request("post", coap_url("::1", gateway.port, "/data"),
+                                         b'{"id": "node-x", "seq": 1, "ts": 1764300000, "data": {"t": 1}}', 50)
+        self.assertEqual(response.code, "2.04")
+        yield eventually(lambda: orjson.loads(self.sense("queue", "--json"))["dead"] == 1, timeout=30)
+        [letter] = orjson.loads(self.sense("dlq", "list", "--json"))
+        self.assertEqual(letter["device"], "node-x")
+        self.assertIn("influxdb: cannot reach", letter["reason"])
+        self.vm = VictoriaMetrics(self, port=port, data=data)
+        self.assertEqual(self.sense("dlq", "replay"), b"1 message back in the queue\n")
+        yield eventually(lambda: ("sense_t", "node-x") in self.vm.points(), timeout=30)
