@@ -57,8 +57,10 @@ def start_gateway(testcase, *, environ=None, **overrides):
     settings.update(overrides)
     config = load_config(environ=environ or {}, overrides=settings)
     service = make_service(config, reactor)
-    service.startService()
+    # Registered first: a start that fails half-way still stops what started
+    # (a thread pool left running would keep the test process alive).
     testcase.addCleanup(service.stopService)
+    service.startService()
     service.port = service.coap_server.address[1]
     return service
 

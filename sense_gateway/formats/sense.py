@@ -109,7 +109,9 @@ def decode_json(payload: bytes, context: RequestContext) -> Decoded:
     return from_document(doc)
 
 
-def _refuse_tag(decoder, tag):
+def _refuse_tag(*args):
+    # cbor2 5 calls tag_hook(decoder, tag), cbor2 6 tag_hook(tag, immutable).
+    tag = next(a for a in args if isinstance(a, cbor2.CBORTag))
     raise DecodeError(f"CBOR tag {tag.tag} not accepted")
 
 
@@ -128,6 +130,8 @@ def decode_cbor_document(payload: bytes):
     except cbor2.CBORDecodeEOF:
         raise DecodeError("invalid CBOR: truncated") from None
     except (cbor2.CBORDecodeError, ValueError, TypeError, EOFError, RecursionError) as e:
+        if isinstance(e.__cause__, DecodeError):  # cbor2 wraps what the tag hook raised
+            raise e.__cause__ from None
         raise DecodeError(f"invalid CBOR: {type(e).__name__}") from None
     if stream.tell() != len(payload):
         raise DecodeError(f"invalid CBOR: {len(payload) - stream.tell()} bytes after the item")

@@ -103,7 +103,7 @@ class SQLiteQueueStore:
             while len(out) < max_messages:
                 rows = self.db.execute(
                     "SELECT id, body, receive_count, last_error FROM messages "
-                    "WHERE visible_at <= ? ORDER BY visible_at, id LIMIT ?",
+                    "WHERE visible_at <= ? ORDER BY id LIMIT ?",
                     (now, max_messages - len(out))).fetchall()
                 if not rows:
                     break
