@@ -53,6 +53,7 @@ def sqs_client(aws):
     return boto3.client(
         "sqs", region_name=aws.region, endpoint_url=aws.endpoint_url or None,
         config=BotoConfig(retries={"mode": "standard", "max_attempts": 3},
+                          connect_timeout=5, read_timeout=LONG_POLL + 10,
                           max_pool_connections=SENDERS + 2))
 
 

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from decimal import Decimal
 
 import boto3
+from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
 
 from sense_gateway.hookspecs import hookimpl
@@ -55,8 +56,10 @@ def _record(item: dict) -> DeviceRecord:
 
 class DynamoDBRegistry(DeviceRegistry):
     def __init__(self, table: str, region: str, endpoint_url: str = ""):
-        self.resource = boto3.resource("dynamodb", region_name=region,
-                                       endpoint_url=endpoint_url or None)
+        self.resource = boto3.resource(
+            "dynamodb", region_name=region, endpoint_url=endpoint_url or None,
+            config=BotoConfig(connect_timeout=5, read_timeout=10,
+                              retries={"mode": "standard", "max_attempts": 3}))
         self.table = self.resource.Table(table)
         self.table_name = table
 
