@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from twisted.application.internet import TimerService
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet import defer
 from twisted.logger import Logger
 from txthings import resource as txresource
 
@@ -37,6 +38,23 @@ class GatewayService(MultiService):
         self.plugin_manager = pm
         self.queue = queue
         self.pipeline = self.protocol = self.coap_server = self.worker = None
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        """Stop the children one after the other, newest first.
+
+        ``MultiService`` stops them all at once; the processor's last
+        round and the listener's last requests still need the queue, so
+        the queue must stop after them.
+        """
+        if not self.running:
+            return
+        Service.stopService(self)
+        for child in reversed(list(self)):
+            try:
+                yield defer.maybeDeferred(child.stopService)
+            except Exception:
+                log.failure("{service} did not stop cleanly", service=type(child).__name__)
 
     def add_gateway(self, parts: GatewayParts) -> None:
         self.pipeline, self.protocol, self.coap_server = parts.pipeline, parts.protocol, parts.coap_server

@@ -145,3 +145,44 @@ def _failed():
     from sense_gateway.processor import Outcome
 
     return Outcome.FAILED
+
+
+class StopDuringProcessingTests(TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_stop_waits_for_the_round_in_flight_then_the_queue(self):
+        import threading
+        from pathlib import Path
+
+        writing, release = threading.Event(), threading.Event()
+        plugins = Path(self.mktemp()).resolve()
+        plugins.mkdir()
+        (plugins / "slow_sink.py").write_text(
+            "from sense_gateway.hookspecs import hookimpl\n"
+            "from sense_gateway.sinks import MetricSink\n"
+            "class Slow(MetricSink):\n"
+            "    def write(self, points):\n"
+            "        import tests.test_end_to_end as t\n"
+            "        t.SLOW_SINK[0].set()\n"
+            "        t.SLOW_SINK[1].wait(10)\n"
+            "@hookimpl\n"
+            "def sense_register_sinks():\n"
+            "    return {'slow': lambda config: Slow()}\n")
+        SLOW_SINK[:] = [writing, release]
+        gateway = start_gateway(self, role="all", plugins_dir=str(plugins),
+                                **{"sinks.enabled": ("slow",), "processor.poll_interval": 0.05})
+        yield libcoap_request("post", coap_url("::1", gateway.port, "/data"),
+                              b'{"id": "n", "seq": 1, "data": {"t": 1}}', 50)
+        yield eventually(writing.is_set)
+        stopped = gateway.stopService()
+        yield deferLater(0.2)
+        release.set()
+        yield stopped
+        # The round finished against a queue still running: the message is gone.
+        store = SQLiteQueueStore(gateway.config.queue_path)
+        self.addCleanup(store.close)
+        self.assertEqual(store.depth(), {"visible": 0, "in_flight": 0, "dead": 0})
+
+
+SLOW_SINK: list = []
