@@ -1,8 +1,9 @@
 """The queue contract: where accepted envelopes wait for the processor.
 
-Every backend (the embedded SQLite queue here, SQS later) is an
-:class:`EnvelopeQueue`: a Twisted service with at-least-once, SQS-like
-semantics. All methods return Deferreds and never block the reactor.
+Every backend (the embedded SQLite queue, SQS) is an :class:`EnvelopeQueue`:
+a Twisted service with at-least-once, SQS-like semantics. All methods
+return Deferreds and never block the reactor; a backend does its blocking
+I/O on a thread pool of its own.
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ from sense_gateway.envelope import Envelope
 
 @dataclass(frozen=True, slots=True)
 class Received:
-    """A message handed out by :meth:`EnvelopeQueue.receive`."""
+    """A message handed out by :meth:`EnvelopeQueue.receive`.
+
+    ``receipt`` is valid for this receive only: once the message has been
+    received again, deleting or releasing with the old receipt does nothing.
+    """
 
     message_id: int | str
     receipt: str
@@ -27,58 +32,75 @@ class Received:
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """A message that was received too often without being deleted."""
+    """A message that was received too often without being deleted.
+
+    ``body`` is the message as stored, when the backend has it.
+    ``envelope`` is ``None`` when that body is not an envelope this
+    version can read (written by a newer gateway, or damaged), so such a
+    letter can still be listed, and replayed to a gateway that reads it.
+    """
 
     id: int | str
-    envelope: Envelope
+    envelope: Envelope | None
     reason: str
     receive_count: int
     enqueued_at: float
     failed_at: float
+    body: bytes | None = None
 
 
 class EnvelopeQueue(Service):
-    """What a queue backend provides (all methods return Deferreds)."""
+    """What a queue backend provides (all methods return Deferreds).
 
-    def put(self, envelopes: list[Envelope]) -> Deferred:
-        """Store *envelopes*; fire (with ``None``) only once they are durable.
+    Started and stopped with the gateway. While stopped, :meth:`put` fails
+    with :class:`~sense_gateway.errors.Unavailable`; the other methods
+    should fail the same way rather than leave a Deferred that never fires.
+    """
+
+    def put(self, envelopes: list[Envelope]) -> Deferred[None]:
+        """Store *envelopes*; fire (with ``None``) only once they are durable
+        (a committed transaction, an acknowledged send).
 
         Fail with :class:`~sense_gateway.errors.Unavailable` (its
-        ``max_age`` tells the device when to retry) when the queue cannot
-        take them.
+        ``max_age`` is ``queue.retry_after``, telling the device when to
+        retry) when the queue cannot take them: too much is waiting already,
+        or the write failed.
         """
         raise NotImplementedError
 
-    def receive(self, max_messages: int, visibility_timeout: float | None = None) -> Deferred:
+    def receive(self, max_messages: int,
+                visibility_timeout: float | None = None) -> Deferred[list[Received]]:
         """Hand out up to *max_messages* :class:`Received` messages.
 
         Each becomes invisible for *visibility_timeout* seconds (the
-        backend's default when ``None``) and gets a fresh receipt. A message
-        already received ``max_receives`` times is moved to the dead letters
-        instead, with the last reason given to :meth:`release`.
+        backend's default when ``None``), has its receive count incremented
+        and gets a fresh random receipt. A message already received
+        ``max_receives`` times without being deleted is moved to the dead
+        letters instead, with the last reason given to :meth:`release`.
         """
         raise NotImplementedError
 
-    def delete(self, receipts: list[str]) -> Deferred:
-        """Delete processed messages; fires with how many were deleted
+    def delete(self, receipts: list[str]) -> Deferred[int]:
+        """Delete processed messages; fire with how many were deleted
         (a receipt from an earlier receive of the same message deletes
         nothing)."""
         raise NotImplementedError
 
-    def release(self, receipt: str, reason: str, delay: float = 0.0) -> Deferred:
+    def release(self, receipt: str, reason: str, delay: float = 0.0) -> Deferred[None]:
         """Give a message back, visible again after *delay* seconds, and
-        remember *reason* as its last failure."""
+        remember *reason* as its last failure (the dead-letter reason if it
+        never succeeds)."""
         raise NotImplementedError
 
-    def depth(self) -> Deferred:
+    def depth(self) -> Deferred[dict[str, int]]:
         """Fire with ``{"visible": n, "in_flight": n, "dead": n}``."""
         raise NotImplementedError
 
-    def dead_letters(self, limit: int = 100) -> Deferred:
+    def dead_letters(self, limit: int = 100) -> Deferred[list[DeadLetter]]:
         """Fire with up to *limit* :class:`DeadLetter`, oldest first."""
         raise NotImplementedError
 
-    def replay(self, ids: list | None = None) -> Deferred:
+    def replay(self, ids: list | None = None) -> Deferred[int]:
         """Move dead letters (all, or those with *ids*) back into the queue
-        with their receive count reset; fires with how many moved."""
+        with their receive count reset; fire with how many moved."""
         raise NotImplementedError

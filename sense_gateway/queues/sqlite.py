@@ -4,21 +4,42 @@ The default queue backend (``queue.backend = "sqlite"``), for a gateway on
 one machine. Envelopes are committed before the device gets its 2.04; a
 gateway killed the instant after still has them when it restarts.
 
-Configuration (``[queue]``): ``path`` (default ``<data_dir>/queue.sqlite3``),
-``synchronous`` (``full``: an acknowledged message survives power loss;
-``normal``: it survives a crashed process, faster on slow disks),
-``max_pending`` (envelopes waiting for a commit before new ones get 5.03
-with Max-Age ``retry_after``), ``max_batch`` (envelopes per transaction),
-``max_receives`` and ``visibility_timeout`` (the processor's side: a
-message received ``max_receives`` times without being deleted moves to the
-dead letters with the last failure reason).
+Configuration (``[queue]``):
 
-Group commit: requests that arrive while a transaction is being written
-wait and go together in the next one, so under load one fsync
-acknowledges hundreds of messages and an idle gateway adds no delay. All
-SQLite work happens on one thread of the queue's own, which owns the
-connection; the reactor thread only serialises envelopes and hands them
-over.
+- ``path``: the queue file (default ``<data_dir>/queue.sqlite3``); its
+  directory is created if missing. A path that cannot be opened fails
+  start-up with a message naming ``queue.path``.
+- ``synchronous``: ``full`` (default), an acknowledged message survives
+  power loss (each commit waits for the write-ahead log's fsync);
+  ``normal``, it survives a crashed or killed process, but the last
+  commits before a power cut may be lost; faster on slow disks.
+- ``max_pending``: envelopes waiting for a commit (default 20000); beyond
+  that a put fails at once with 5.03 Service Unavailable and Max-Age
+  ``retry_after`` (default 5 s), so a stalled disk cannot eat the
+  gateway's memory.
+- ``max_batch``: envelopes per transaction at most (default 2000).
+- ``max_receives``, ``visibility_timeout``: the processor's side. A
+  received message is invisible for ``visibility_timeout`` seconds
+  (default 30); one received ``max_receives`` times (default 5) without
+  being deleted moves to the dead letters with its last failure reason
+  (``sense dlq list``), from where ``sense dlq replay`` puts it back.
+
+Group commit: puts that arrive while a transaction is being written wait
+and go together in the next one, started the moment the current one
+commits. Under load one fsync acknowledges hundreds of messages; an idle
+gateway writes each put at once, with no timer and no added delay.
+
+Threads: all SQLite work happens on one thread of the queue's own (never
+the reactor's pool, which DNS uses), which opens the connection and is the
+only one to use it. The reactor thread only serialises envelopes and hands
+them over, one hop per transaction, not per message.
+
+The file can be read while the gateway runs or after it was killed: open
+it with :class:`SQLiteQueueStore` (WAL lets a reader see every committed
+message without blocking the writer)::
+
+    store = SQLiteQueueStore("var/queue.sqlite3")
+    print(store.depth(), [m.envelope.device for m in store.peek(10)])
 """
 
 from __future__ import annotations
@@ -26,7 +47,8 @@ from __future__ import annotations
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -63,32 +85,51 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 );
 """
 
+_SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
+
 
 class SQLiteQueueStore:
     """The queue file, synchronously: one connection, used from one thread.
 
     The Twisted service runs it on its own thread; the CLI and tests use it
-    directly (a second connection sees exactly what was committed).
+    directly (a second store on the same file sees exactly what was
+    committed). *clock* gives the time in seconds, so tests can move it.
     """
 
     def __init__(self, path: str | Path, *, synchronous: str = "full", max_receives: int = 5,
-                 visibility_timeout: float = 30.0, clock: Callable[[], float] = time.time):
+                 visibility_timeout: float = 30.0, busy_timeout: float = 5.0,
+                 clock: Callable[[], float] = time.time):
+        if synchronous not in _SYNCHRONOUS:
+            raise ValueError(f"synchronous must be 'full' or 'normal', not {synchronous!r}")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_receives = max_receives
         self.visibility_timeout = visibility_timeout
         self.clock = clock
-        # Autocommit mode: every transaction below is explicit.
+        # Autocommit mode: every transaction below is explicit, so a commit
+        # is exactly where this code says it is.
         self.db = sqlite3.connect(str(self.path), isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
-        self.db.execute("PRAGMA busy_timeout=5000")
-        self.db.executescript(_SCHEMA)
+        try:
+            # Set before anything else: busy_timeout covers the WAL switch too,
+            # which another open connection (the CLI) can make wait.
+            self.db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+            mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                # Still correct, only slower and readers block the writer
+                # (some network file systems cannot share WAL memory).
+                log.warn("queue {path}: journal mode is {mode}, not WAL",
+                         path=str(self.path), mode=mode)
+            self.db.execute(f"PRAGMA synchronous={_SYNCHRONOUS[synchronous]}")
+            self.db.executescript(_SCHEMA)
+        except BaseException:
+            self.db.close()
+            raise
 
     def close(self) -> None:
         self.db.close()
 
-    def put_many(self, bodies: list[bytes]) -> None:
+    def put_many(self, bodies: Iterable[bytes]) -> None:
+        """Append envelope documents, all in one transaction."""
         now = self.clock()
         with self._transaction():
             self.db.executemany(
@@ -100,6 +141,7 @@ class SQLiteQueueStore:
         timeout = self.visibility_timeout if visibility_timeout is None else visibility_timeout
         out: list[Received] = []
         with self._transaction():
+            # Messages buried on the way leave room: select again until full.
             while len(out) < max_messages:
                 rows = self.db.execute(
                     "SELECT id, body, receive_count, last_error FROM messages "
@@ -115,8 +157,11 @@ class SQLiteQueueStore:
                     try:
                         envelope = Envelope.from_json(body)
                     except (ValueError, KeyError, TypeError) as e:
+                        # Would fail the same way on every receive: no retries.
                         self._bury(message_id, f"undecodable envelope: {e}", now)
                         continue
+                    # The id prefix finds the row; the random part makes a
+                    # receipt from an earlier receive of it stale.
                     receipt = f"{message_id}:{secrets.token_hex(8)}"
                     self.db.execute(
                         "UPDATE messages SET visible_at = ?, receive_count = receive_count + 1, "
@@ -131,7 +176,7 @@ class SQLiteQueueStore:
             (now, reason, message_id))
         self.db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
 
-    def delete(self, receipts: list[str]) -> int:
+    def delete(self, receipts: Iterable[str]) -> int:
         with self._transaction():
             deleted = 0
             for receipt in receipts:
@@ -164,32 +209,38 @@ class SQLiteQueueStore:
         rows = self.db.execute(
             "SELECT id, body, reason, receive_count, enqueued_at, failed_at FROM dead_letters "
             "ORDER BY id LIMIT ?", (limit,))
-        return [DeadLetter(i, Envelope.from_json(body), reason, count, enqueued, failed)
+        return [DeadLetter(i, _envelope_or_none(body), reason, count, enqueued, failed, body)
                 for i, body, reason, count, enqueued, failed in rows]
 
     def replay(self, ids: list | None = None) -> int:
         where, args = ("", ()) if ids is None else (
             f"WHERE id IN ({','.join('?' * len(ids))})", tuple(ids))
         with self._transaction():
+            # A fresh row: receive count 0, at the back of the queue.
             self.db.execute(
                 "INSERT INTO messages (body, enqueued_at, visible_at) "
                 f"SELECT body, enqueued_at, 0 FROM dead_letters {where} ORDER BY id", args)
             return self.db.execute(f"DELETE FROM dead_letters {where}", args).rowcount
 
-    def _transaction(self):
+    def _transaction(self) -> "_Transaction":
         return _Transaction(self.db)
 
 
 class _Transaction:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` on error."""
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` on error.
+
+    IMMEDIATE takes the write lock up front, so a concurrent writer (the
+    CLI replaying dead letters) waits for busy_timeout instead of failing
+    half-way through with SQLITE_BUSY on lock upgrade.
+    """
 
     def __init__(self, db: sqlite3.Connection):
         self.db = db
 
-    def __enter__(self):
+    def __enter__(self) -> None:
         self.db.execute("BEGIN IMMEDIATE")
 
-    def __exit__(self, kind, value, traceback):
+    def __exit__(self, kind, value, traceback) -> bool:
         if kind is None:
             self.db.execute("COMMIT")
         elif self.db.in_transaction:
@@ -204,93 +255,138 @@ def _receipt_id(receipt: str) -> int:
         return -1
 
 
+def _envelope_or_none(body: bytes) -> Envelope | None:
+    try:
+        return Envelope.from_json(body)
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class SQLiteQueue(EnvelopeQueue):
     """The store on a thread of its own, with group commit for puts."""
 
-    def __init__(self, path: Path, reactor, *, synchronous: str = "full", max_receives: int = 5,
-                 visibility_timeout: float = 30.0, max_pending: int = 20000,
-                 max_batch: int = 2000, retry_after: int = 5):
+    def __init__(self, path: str | Path, reactor, *, synchronous: str = "full",
+                 max_receives: int = 5, visibility_timeout: float = 30.0,
+                 max_pending: int = 20000, max_batch: int = 2000, retry_after: int = 5,
+                 clock: Callable[[], float] = time.time):
         self.path = Path(path)
         self.reactor = reactor
         self._store_options = dict(synchronous=synchronous, max_receives=max_receives,
-                                   visibility_timeout=visibility_timeout)
+                                   visibility_timeout=visibility_timeout, clock=clock)
         self.max_pending = max_pending
         self.max_batch = max_batch
         self.retry_after = retry_after
         self._store: SQLiteQueueStore | None = None
         self._pool: ThreadPool | None = None
-        self._pending: list[tuple[list[bytes], Deferred]] = []
+        self._closing = False
+        # (serialised envelopes of one put, its Deferred), oldest first.
+        self._pending: deque[tuple[list[bytes], Deferred[None]]] = deque()
         self._pending_count = 0
         self._committing = False
-        self._idle: list[Deferred] = []
-        #: transactions committed for puts (group commit makes this small)
+        self._idle: list[Deferred[None]] = []
+        #: transactions written for puts (group commit keeps this small)
         self.transactions = 0
 
-    def _in_thread(self, method: str, *args) -> Deferred:
-        return deferToThreadPool(self.reactor, self._pool,
-                                 lambda: getattr(self._store, method)(*args))
+    def open_store(self) -> SQLiteQueueStore:
+        """Open the store; runs on the queue's thread (tests override it)."""
+        return SQLiteQueueStore(self.path, **self._store_options)
 
-    def _open(self) -> None:
-        self._store = SQLiteQueueStore(self.path, **self._store_options)
+    # -- life cycle ------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
-        self._pool = ThreadPool(1, 1, name="sense-queue-sqlite")
+        self._closing = False
+        self._pool = ThreadPool(1, 1, name=f"sense-queue-sqlite {self.path.name}")
         self._pool.start()
-        # The single worker runs tasks in order: the store opens first.
+        # One worker thread runs tasks in order: the store opens before any
+        # put or receive reaches it. Were it to fail, each of those fails
+        # (puts with Unavailable) instead of hanging.
         deferToThreadPool(self.reactor, self._pool, self._open).addErrback(
             lambda f: log.failure("cannot open the queue {path}", f, path=str(self.path)))
 
-    def stopService(self) -> Deferred:
-        super().stopService()
-        d = self._until_idle()
+    def _open(self) -> None:
+        self._store = self.open_store()
 
-        def close(_):
-            return deferToThreadPool(self.reactor, self._pool, self._close)
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # from here on puts are refused
+        pool = self._pool
+        if pool is None:
+            return succeed(None)
 
-        def stop(_):
-            self._pool.stop()
+        def close(_: object) -> Deferred[None]:
+            self._closing = True
+            return deferToThreadPool(self.reactor, pool, self._close)
 
-        return d.addCallback(close).addBoth(stop)
+        def stop(result: object) -> None:
+            if isinstance(result, Failure):
+                log.failure("closing the queue {path} failed", result, path=str(self.path))
+            self._pool = None
+            pool.stop()
+
+        # Pending puts were promised a commit: write them, then close (work
+        # already handed to the thread runs before the close, in order).
+        return self._until_idle().addCallback(close).addBoth(stop)
 
     def _close(self) -> None:
         if self._store is not None:
             self._store.close()
             self._store = None
 
-    def _until_idle(self) -> Deferred:
+    def _until_idle(self) -> Deferred[None]:
         if not self._committing and not self._pending:
             return succeed(None)
-        d = Deferred()
+        d: Deferred[None] = Deferred()
         self._idle.append(d)
         return d
 
-    # -- puts, grouped -------------------------------------------------------
+    def _in_thread(self, method: str, *args) -> Deferred:
+        if self._pool is None or self._closing:
+            # A stopped pool silently drops work: that would be a Deferred
+            # that never fires.
+            return fail(Unavailable("queue stopped", max_age=self.retry_after))
+        return deferToThreadPool(self.reactor, self._pool, self._call_store, method, *args)
 
-    def put(self, envelopes: list[Envelope]) -> Deferred:
+    def _call_store(self, method: str, *args):
+        if self._store is None:
+            raise RuntimeError(f"queue {self.path} is not open")
+        return getattr(self._store, method)(*args)
+
+    # -- puts, grouped ---------------------------------------------------------
+
+    def put(self, envelopes: list[Envelope]) -> Deferred[None]:
         if not self.running:
             return fail(Unavailable("queue stopped", max_age=self.retry_after))
+        if not envelopes:
+            return succeed(None)
         if self._pending_count + len(envelopes) > self.max_pending:
             return fail(Unavailable("queue full", max_age=self.retry_after))
-        d = Deferred()
-        self._pending.append(([e.to_json() for e in envelopes], d))
-        self._pending_count += len(envelopes)
+        try:
+            # Serialised here, on the reactor thread (orjson: microseconds),
+            # so the writer thread gets one ready list per transaction.
+            bodies = [e.to_json() for e in envelopes]
+        except Exception:
+            return fail()
+        d: Deferred[None] = Deferred()
+        self._pending.append((bodies, d))
+        self._pending_count += len(bodies)
         if not self._committing:
             self._commit_next()
         return d
 
     def _commit_next(self) -> None:
-        batch: list[tuple[list[bytes], Deferred]] = []
+        batch: list[tuple[list[bytes], Deferred[None]]] = []
         bodies: list[bytes] = []
-        while self._pending and (not bodies or len(bodies) + len(self._pending[0][0]) <= self.max_batch):
-            item = self._pending.pop(0)
+        # Whole puts only; one put larger than max_batch still goes alone.
+        while self._pending and (
+                not bodies or len(bodies) + len(self._pending[0][0]) <= self.max_batch):
+            item = self._pending.popleft()
             batch.append(item)
             bodies.extend(item[0])
         self._pending_count -= len(bodies)
         self._committing = True
         self._in_thread("put_many", bodies).addBoth(self._committed, batch)
 
-    def _committed(self, result, batch) -> None:
+    def _committed(self, result: object, batch: list[tuple[list[bytes], Deferred[None]]]) -> None:
         self._committing = False
         self.transactions += 1
         # Start writing the next group before answering this one, so the
@@ -302,43 +398,48 @@ class SQLiteQueue(EnvelopeQueue):
             for d in idle:
                 d.callback(None)
         if isinstance(result, Failure):
-            log.failure("queue commit of {count} envelopes failed", result,
-                        count=sum(len(bodies) for bodies, _ in batch))
+            # Logged once per transaction, not once per waiting device.
+            log.failure("queue {path}: commit of {count} envelopes ({puts} puts) failed",
+                        result, path=str(self.path), count=sum(len(b) for b, _ in batch),
+                        puts=len(batch))
             for _, d in batch:
                 d.errback(Unavailable("queue write failed", max_age=self.retry_after))
         else:
             for _, d in batch:
                 d.callback(None)
 
-    # -- the processor's side ------------------------------------------------
+    # -- the processor's side --------------------------------------------------
 
-    def receive(self, max_messages: int, visibility_timeout: float | None = None) -> Deferred:
+    def receive(self, max_messages: int,
+                visibility_timeout: float | None = None) -> Deferred[list[Received]]:
         return self._in_thread("receive", max_messages, visibility_timeout)
 
-    def delete(self, receipts: list[str]) -> Deferred:
+    def delete(self, receipts: list[str]) -> Deferred[int]:
         return self._in_thread("delete", list(receipts))
 
-    def release(self, receipt: str, reason: str, delay: float = 0.0) -> Deferred:
+    def release(self, receipt: str, reason: str, delay: float = 0.0) -> Deferred[None]:
         return self._in_thread("release", receipt, reason, delay)
 
-    def depth(self) -> Deferred:
+    def depth(self) -> Deferred[dict[str, int]]:
         return self._in_thread("depth")
 
-    def dead_letters(self, limit: int = 100) -> Deferred:
+    def dead_letters(self, limit: int = 100) -> Deferred[list[DeadLetter]]:
         return self._in_thread("dead_letters", limit)
 
-    def replay(self, ids: list | None = None) -> Deferred:
-        return self._in_thread("replay", ids)
+    def replay(self, ids: list | None = None) -> Deferred[int]:
+        return self._in_thread("replay", None if ids is None else list(ids))
 
 
 def make_sqlite_queue(config, reactor) -> SQLiteQueue:
+    """The ``sqlite`` backend's factory: ``factory(config, reactor)``."""
     path = config.queue_path
+    q = config.queue
     try:
         # Fail start-up here, naming the key, rather than on the first put.
-        SQLiteQueueStore(path, synchronous=config.queue.synchronous).close()
+        # (Before the reactor runs, so opening on this thread blocks no one.)
+        SQLiteQueueStore(path, synchronous=q.synchronous).close()
     except (sqlite3.Error, OSError) as e:
         raise ConfigError(f"queue.path: cannot open {path}: {e}") from None
-    q = config.queue
     return SQLiteQueue(path, reactor, synchronous=q.synchronous, max_receives=q.max_receives,
                        visibility_timeout=q.visibility_timeout, max_pending=q.max_pending,
                        max_batch=q.max_batch, retry_after=q.retry_after)
