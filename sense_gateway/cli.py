@@ -106,8 +106,12 @@ def cmd_dlq_list(config, args) -> int:
         letters = store.dead_letters(args.limit)
     finally:
         store.close()
-    rows = [{"id": d.id, "device": d.envelope.device, "seq": d.envelope.seq,
-             "received": _iso(d.envelope.received), "failed": _iso(d.failed_at),
+    rows = [{"id": d.id,
+             # An unreadable body (damaged, or from a newer gateway) is still listed.
+             "device": d.envelope.device if d.envelope else "?",
+             "seq": d.envelope.seq if d.envelope else None,
+             "received": _iso(d.envelope.received) if d.envelope else None,
+             "failed": _iso(d.failed_at),
              "receives": d.receive_count, "reason": d.reason} for d in letters]
     if args.json:
         sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")

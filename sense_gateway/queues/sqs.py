@@ -232,6 +232,9 @@ class SQSQueue(EnvelopeQueue):
             yield task.deferLater(self.reactor, 0.01, lambda: None)
 
     def _call(self, function, *args) -> defer.Deferred:
+        if self._pool is None or self._pool.joined:
+            # A stopped pool drops work silently: fail rather than never fire.
+            return defer.fail(Unavailable("queue stopped", max_age=self.retry_after))
         return deferToThreadPool(self.reactor, self._pool, function, *args)
 
     # -- puts: batched, several calls in flight -------------------------------
