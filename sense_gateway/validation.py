@@ -1,104 +1,176 @@
 """Built-in plugin: the checks every envelope passes before it is queued.
 
-A request that fails one gets 4.00 Bad Request with the problem as its
-diagnostic, e.g. ``reading 2: field 'temp!': bad name``. Limits come from
-the ``[validation]`` table:
+A request that fails one gets 4.00 Bad Request with the first problem as
+its diagnostic, phrased for the device's developer, e.g.
+``reading 2: field 'temp!': bad name``. Readings are numbered from 1.
+Limits come from the ``[validation]`` table (``SENSE_VALIDATION_*``):
 
-- the device id is required, at most ``max_device_length`` characters, no
-  spaces or control characters;
-- a sequence number, if any, is an unsigned 32-bit integer;
-- 1 to ``max_readings`` readings, each with 1 to ``max_fields`` fields;
-- field, tag and measurement names are 1 to ``max_name_length``
-  characters of letters, digits and ``_ - . : /``, not starting with
-  ``_`` (reserved by InfluxDB);
-- values are finite numbers (integers within 64 bits), booleans, or
-  strings of at most ``max_string_length`` characters; tags are strings;
-- timestamps are after ``min_timestamp`` and at most ``max_future``
-  seconds ahead of the gateway's clock.
+- the device id is required: 1 to ``max_device_length`` (64) printable
+  ASCII characters, no spaces;
+- a sequence number, if any, is an integer from 0 to 2**32 - 1;
+- 1 to ``max_readings`` (100) readings, each with 1 to ``max_fields``
+  (32) fields;
+- field, tag and measurement names are 1 to ``max_name_length`` (64)
+  characters of ASCII letters, digits and ``_ - . : /``, not starting
+  with ``_`` (InfluxDB reserves those) and not ``time`` (InfluxDB's
+  timestamp column);
+- field values are booleans, integers within signed 64 bits, finite
+  floats, or strings of at most ``max_string_length`` (256) characters;
+  tag values are non-empty strings of that length; neither may hold
+  control characters (line protocol cannot carry a newline);
+- timestamps are finite epoch seconds, not before ``min_timestamp``
+  (946684800, 2000-01-01) and at most ``max_future`` (300) seconds
+  ahead of the gateway's receive time.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
+from sense_gateway.config import Config, ValidationConfig
+from sense_gateway.envelope import Envelope, Reading
 from sense_gateway.hookspecs import hookimpl
 
-_NAME = re.compile(r"[A-Za-z0-9.:/-][A-Za-z0-9_.:/-]*\Z")
-_DEVICE = re.compile(r"[\x21-\x7e]+\Z")
-_INT64 = range(-(2 ** 63), 2 ** 63)
-_UINT32 = range(0, 2 ** 32)
+# Compiled once: validation runs for every request on the reactor thread.
+_NAME = re.compile(r"[A-Za-z0-9.:/-][A-Za-z0-9_.:/-]*")
+_DEVICE = re.compile(r"[!-~]+")  # printable ASCII without the space
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
+
+_RESERVED_NAMES = frozenset({"time"})
+_INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+_SEQ_LIMIT = 2 ** 32
 
 
-def _name_problem(name, limits) -> str | None:
-    if not isinstance(name, str) or not name:
+def _shown(name: Any) -> str:
+    """A name as a diagnostic shows it: quoted, escaped, clipped."""
+    text = name if isinstance(name, str) else str(name)
+    return repr(text if len(text) <= 20 else text[:20] + "...")
+
+
+def _name_problem(name: Any, limits: ValidationConfig) -> str | None:
+    if not isinstance(name, str):
+        return "name is not a string"
+    if not name:
         return "empty name"
     if len(name) > limits.max_name_length:
-        return "name too long"
-    if not _NAME.match(name):
+        return f"name longer than {limits.max_name_length}"
+    if name in _RESERVED_NAMES:
+        return "reserved name"
+    if not _NAME.fullmatch(name):
         return "bad name"
     return None
 
 
-def _value_problem(value, limits) -> str | None:
+def _text_problem(text: str, limits: ValidationConfig) -> str | None:
+    if len(text) > limits.max_string_length:
+        return f"string longer than {limits.max_string_length}"
+    if _CONTROL_CHARACTER.search(text):
+        return "control characters in string"
+    return None
+
+
+def _value_problem(value: Any, limits: ValidationConfig) -> str | None:
+    # bool before int: True is an int to Python but a boolean to the store.
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return None if value in _INT64 else "integer out of 64-bit range"
+        return None if _INT64_MIN <= value <= _INT64_MAX else "integer out of 64-bit range"
     if isinstance(value, float):
         return None if math.isfinite(value) else "not a finite number"
     if isinstance(value, str):
-        return None if len(value) <= limits.max_string_length else "string too long"
+        return _text_problem(value, limits)
     return "not a number, boolean or string"
 
 
-def problems(envelope, limits) -> list[str]:
-    """Everything wrong with *envelope*, most basic first."""
-    found = []
-    device = envelope.device
-    if not device:
-        return ["device id missing"]
+def _device_problem(device: Any, limits: ValidationConfig) -> str | None:
+    if device is None or device == "":
+        return "device id missing"
+    if not isinstance(device, str):
+        return "device id is not a string"
     if len(device) > limits.max_device_length:
-        found.append(f"device id longer than {limits.max_device_length}")
-    elif not _DEVICE.match(device):
-        found.append("device id has spaces or control characters")
-    if envelope.seq is not None and envelope.seq not in _UINT32:
-        found.append("seq must be 0 to 4294967295")
-    readings = envelope.readings
-    if not readings:
-        found.append("no readings")
-    elif len(readings) > limits.max_readings:
-        found.append(f"more than {limits.max_readings} readings")
-        return found
-    latest = envelope.received + limits.max_future
-    for i, reading in enumerate(readings, 1):
-        where = f"reading {i}" if len(readings) > 1 else "reading"
-        fields = reading.fields
-        if not fields:
-            found.append(f"{where}: no fields")
-        elif len(fields) > limits.max_fields:
-            found.append(f"{where}: more than {limits.max_fields} fields")
+        return f"device id longer than {limits.max_device_length}"
+    if not _DEVICE.fullmatch(device):
+        return "device id: printable ASCII only, no spaces"
+    return None
+
+
+def _seq_problem(seq: Any) -> str | None:
+    if seq is None:
+        return None
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < _SEQ_LIMIT:
+        return f"seq must be an integer from 0 to {_SEQ_LIMIT - 1}"
+    return None
+
+
+def _timestamp_problem(ts: Any, limits: ValidationConfig, latest: float) -> str | None:
+    if ts is None:
+        return None  # the core stamps it with the receive time
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
+        return "timestamp is not a finite number"
+    if ts < limits.min_timestamp:
+        return f"timestamp {math.floor(ts)} before {limits.min_timestamp:.0f}"
+    if ts > latest:
+        return f"timestamp more than {limits.max_future:.0f} s in the future"
+    return None
+
+
+def _reading_problems(reading: Reading, where: str, limits: ValidationConfig,
+                      latest: float) -> list[str]:
+    problems = []
+    fields = reading.fields
+    if not isinstance(fields, dict) or not fields:
+        problems.append(f"{where}: no fields")
+    elif len(fields) > limits.max_fields:
+        problems.append(f"{where}: more than {limits.max_fields} fields")
+    else:
         for name, value in fields.items():
             problem = _name_problem(name, limits) or _value_problem(value, limits)
             if problem:
-                found.append(f"{where}: field {str(name)[:20]!r}: {problem}")
-        for name, value in reading.tags.items():
-            problem = _name_problem(name, limits) or (
-                None if isinstance(value, str) and len(value) <= limits.max_string_length
-                else "bad tag value")
+                problems.append(f"{where}: field {_shown(name)}: {problem}")
+    tags = reading.tags
+    if not isinstance(tags, dict):
+        problems.append(f"{where}: tags are not a mapping")
+    else:
+        for name, value in tags.items():
+            problem = _name_problem(name, limits)
+            if problem is None:
+                if not isinstance(value, str) or not value:
+                    problem = "value must be a non-empty string"
+                else:
+                    problem = _text_problem(value, limits)
             if problem:
-                found.append(f"{where}: tag {str(name)[:20]!r}: {problem}")
-        problem = _name_problem(reading.measurement, limits)
+                problems.append(f"{where}: tag {_shown(name)}: {problem}")
+    problem = _name_problem(reading.measurement, limits)
+    if problem:
+        problems.append(f"{where}: measurement {_shown(reading.measurement)}: {problem}")
+    problem = _timestamp_problem(reading.ts, limits, latest)
+    if problem:
+        problems.append(f"{where}: {problem}")
+    return problems
+
+
+def envelope_problems(envelope: Envelope, limits: ValidationConfig) -> list[str]:
+    """Everything wrong with *envelope*, most basic first; empty if it is fine."""
+    problems = []
+    for problem in (_device_problem(envelope.device, limits), _seq_problem(envelope.seq)):
         if problem:
-            found.append(f"{where}: measurement: {problem}")
-        if reading.ts is not None:
-            if reading.ts < limits.min_timestamp:
-                found.append(f"{where}: timestamp before {limits.min_timestamp:.0f}")
-            elif reading.ts > latest:
-                found.append(f"{where}: timestamp in the future")
-    return found
+            problems.append(problem)
+    readings = envelope.readings
+    if not readings:
+        problems.append("no readings")
+        return problems
+    if len(readings) > limits.max_readings:
+        # Do not spend time on the contents of a request refused anyway.
+        problems.append(f"more than {limits.max_readings} readings")
+        return problems
+    latest = envelope.received + limits.max_future
+    for number, reading in enumerate(readings, 1):
+        problems.extend(_reading_problems(reading, f"reading {number}", limits, latest))
+    return problems
 
 
 @hookimpl
-def sense_validate(envelope, config):
-    return problems(envelope, config.validation)
+def sense_validate(envelope: Envelope, config: Config) -> list[str]:
+    return envelope_problems(envelope, config.validation)

@@ -1,99 +1,232 @@
-"""RFC 8428 SenML on /data: senml+json (110) and senml+cbor (112)."""
+"""RFC 8428 SenML as JSON (Content-Format 110) and CBOR (112) on /data.
+
+Every pack case runs twice: as SenML JSON, and as SenML CBOR built with
+cbor2 from the RFC 8428 section 6 label table written out here (not
+imported), so the module's table is checked too.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import cbor2
 import orjson
 from twisted.trial.unittest import SynchronousTestCase
 
-from sense_gateway.envelope import Reading, RequestContext
-from sense_gateway.errors import DecodeError
+from sense_gateway.envelope import Decoded, Reading, RequestContext
+from sense_gateway.errors import BAD_REQUEST, DecodeError
 from sense_gateway.formats import senml
 
 RECEIVED = 1764300000.0
-CONTEXT = RequestContext(path="/data", content_format=110, source_host="::1", source_port=5683,
-                         received=RECEIVED)
-FORMATS = {f.content_formats[0]: f for f in senml.sense_register_formats()}
+FORMATS = {fmt.content_formats[0]: fmt for fmt in senml.sense_register_formats()}
+
+#: RFC 8428 Table 4.
+RFC_CBOR_LABELS = {"bver": -1, "bn": -2, "bt": -3, "bu": -4, "bv": -5, "bs": -6,
+                   "n": 0, "u": 1, "v": 2, "vs": 3, "vb": 4, "s": 5, "t": 6, "ut": 7, "vd": 8}
 
 
-def decode(records, cf=110):
-    return FORMATS[cf].decode(orjson.dumps(records) if cf == 110 else cbor2.dumps(records), CONTEXT)
+def senml_cbor(records: Any) -> bytes:
+    """*records* as SenML CBOR: integer labels where RFC 8428 has one."""
+    if not isinstance(records, list):
+        return cbor2.dumps(records)
+    return cbor2.dumps([
+        {RFC_CBOR_LABELS.get(label, label): value for label, value in record.items()}
+        if isinstance(record, dict) else record
+        for record in records])
 
 
-class SenMLTests(SynchronousTestCase):
-    def test_single_datapoint(self):
-        # RFC 8428 5.1.1
-        decoded = decode([{"n": "urn:dev:ow:10e2073a01080063", "u": "Cel", "v": 23.1}])
-        # No base name: the device is unknown (the validators refuse it).
-        self.assertIsNone(decoded.device)
-        self.assertEqual(decoded.readings, [Reading(fields={"urn:dev:ow:10e2073a01080063": 23.1},
-                                                    ts=RECEIVED)])
-
-    def test_base_name_names_the_device(self):
-        # RFC 8428 5.1.2, with an absolute base time
-        decoded = decode([
-            {"bn": "urn:dev:ow:10e2073a01080063:", "bt": 1.320067464e9, "n": "voltage", "u": "V", "v": 120.1},
-            {"n": "current", "u": "A", "v": 1.2}])
-        self.assertEqual(decoded.device, "urn:dev:ow:10e2073a01080063")
-        self.assertEqual(decoded.readings, [Reading(fields={"voltage": 120.1, "current": 1.2},
-                                                    ts=1.320067464e9)])
-
-    def test_relative_times_and_base_value(self):
-        decoded = decode([{"bn": "dev/", "bt": RECEIVED - 10, "bv": 20, "n": "t", "v": 1.5, "t": 0},
-                          {"n": "t", "v": 2.5, "t": 5}])
-        self.assertEqual(decoded.device, "dev")
-        self.assertEqual([(r.ts, r.fields) for r in decoded.readings],
-                         [(RECEIVED - 10, {"t": 21.5}), (RECEIVED - 5, {"t": 22.5})])
-
-    def test_small_times_are_relative_to_receive_time(self):
-        decoded = decode([{"bn": "d:", "n": "t", "v": 1, "t": -60}])
-        self.assertEqual(decoded.readings[0].ts, RECEIVED - 60)
-
-    def test_string_boolean_and_sum_values(self):
-        decoded = decode([{"bn": "d:", "n": "state", "vs": "open"}, {"n": "alarm", "vb": False},
-                          {"n": "energy", "s": 12.5, "v": 3}])
-        self.assertEqual(decoded.readings[0].fields,
-                         {"state": "open", "alarm": False, "energy_sum": 12.5, "energy": 3})
-
-    def test_base_only_record_is_allowed(self):
-        decoded = decode([{"bn": "d:", "bt": RECEIVED}, {"n": "t", "v": 1}])
-        self.assertEqual((decoded.device, decoded.readings[0].ts), ("d", RECEIVED))
-
-    def test_cbor_integer_labels(self):
-        decoded = decode([{-2: "urn:dev:mac:0024befffe804ff1:", -3: RECEIVED, 0: "temperature", 2: 22.0},
-                          {0: "humidity", 2: 40}], cf=112)
-        self.assertEqual(decoded.device, "urn:dev:mac:0024befffe804ff1")
-        self.assertEqual(decoded.readings[0].fields, {"temperature": 22.0, "humidity": 40})
-
-    def test_no_sequence_number(self):
-        self.assertIsNone(decode([{"bn": "d:", "n": "t", "v": 1}]).seq)
+ENCODERS = {"json": (110, orjson.dumps), "cbor": (112, senml_cbor)}
 
 
-def _error_case(records, message, cf=110):
+def decode(payload: bytes, content_format: int) -> Decoded:
+    context = RequestContext(path="/data", content_format=content_format, source_host="::1",
+                             source_port=5683, received=RECEIVED)
+    return FORMATS[content_format].decode(payload, context)
+
+
+class SenmlRegistrationTests(SynchronousTestCase):
+    def test_json_and_cbor_are_registered_on_data(self):
+        registered = {(f.name, f.paths, f.content_formats) for f in senml.sense_register_formats()}
+        self.assertEqual(registered, {("senml-json", ("/data",), (110,)),
+                                      ("senml-cbor", ("/data",), (112,))})
+
+
+class SenmlPackTests(SynchronousTestCase):
+    """Good packs, each decoded from JSON and from CBOR."""
+
+
+DEVICE = "urn:dev:ow:10e2073a01080063"
+BT = 1.276020076001e09
+
+#: name -> (records, expected Decoded)
+GOOD_PACKS = {
+    # RFC 8428 5.1.2: no time anywhere, so both are "now", in one reading.
+    "rfc_multiple_datapoints": (
+        [{"bn": DEVICE + ":", "n": "voltage", "u": "V", "v": 120.1},
+         {"n": "current", "u": "A", "v": 1.2}],
+        Decoded([Reading({"voltage": 120.1, "current": 1.2}, ts=RECEIVED)], DEVICE)),
+    # RFC 8428 5.1.3: bt plus negative t; the last current shares bt with voltage.
+    "rfc_multiple_measurements": (
+        [{"bn": DEVICE + ":", "bt": BT, "bu": "A", "bver": 5, "n": "voltage", "u": "V", "v": 120.1},
+         {"n": "current", "t": -5, "v": 1.2}, {"n": "current", "t": -4, "v": 1.3},
+         {"n": "current", "t": -3, "v": 1.4}, {"n": "current", "t": -2, "v": 1.5},
+         {"n": "current", "t": -1, "v": 1.6}, {"n": "current", "v": 1.7}],
+        Decoded([Reading({"current": 1.2}, ts=BT - 5), Reading({"current": 1.3}, ts=BT - 4),
+                 Reading({"current": 1.4}, ts=BT - 3), Reading({"current": 1.5}, ts=BT - 2),
+                 Reading({"current": 1.6}, ts=BT - 1),
+                 Reading({"voltage": 120.1, "current": 1.7}, ts=BT)], DEVICE)),
+    # RFC 8428 5.1.5 without its vd record: string and boolean values.
+    "rfc_multiple_data_types": (
+        [{"bn": DEVICE + ":", "n": "temperature", "u": "Cel", "v": 23.1},
+         {"n": "label", "vs": "Machine Room"}, {"n": "open", "vb": False}],
+        Decoded([Reading({"temperature": 23.1, "label": "Machine Room", "open": False},
+                         ts=RECEIVED)], DEVICE)),
+    "base_value_is_added": (
+        [{"bn": "d:", "bv": 20, "n": "t", "v": 1.5, "t": -1}, {"n": "t", "v": -0.5}],
+        Decoded([Reading({"t": 21.5}, ts=RECEIVED - 1), Reading({"t": 19.5}, ts=RECEIVED)], "d")),
+    "integers_become_floats": (
+        [{"bn": "d:", "n": "count", "v": 3}],
+        Decoded([Reading({"count": 3.0}, ts=RECEIVED)], "d")),
+    "sum_with_base_sum_goes_to_its_own_field": (
+        [{"bn": "d:", "bs": 100, "n": "energy", "s": 5, "v": 2}],
+        Decoded([Reading({"energy": 2.0, "energy_sum": 105.0}, ts=RECEIVED)], "d")),
+    "sum_alone": (
+        [{"bn": "d:", "n": "rain", "s": 12}],
+        Decoded([Reading({"rain_sum": 12.0}, ts=RECEIVED)], "d")),
+    "relative_times_count_from_receipt": (
+        [{"bn": "d:", "bt": -60, "n": "t", "v": 1, "t": 5}, {"n": "t", "v": 2, "t": 60}],
+        Decoded([Reading({"t": 1.0}, ts=RECEIVED - 55), Reading({"t": 2.0}, ts=RECEIVED)], "d")),
+    "time_just_below_2_28_is_relative": (
+        [{"bn": "d:", "n": "t", "v": 1, "t": 2 ** 28 - 1}],
+        Decoded([Reading({"t": 1.0}, ts=RECEIVED + 2 ** 28 - 1)], "d")),
+    "time_at_2_28_is_absolute": (
+        [{"bn": "d:", "n": "t", "v": 1, "t": 2 ** 28}],
+        Decoded([Reading({"t": 1.0}, ts=float(2 ** 28))], "d")),
+    "base_time_changes_midway": (
+        [{"bn": "d:", "bt": 1764299000, "n": "t", "v": 1},
+         {"bt": 1764299500, "n": "t", "v": 2}, {"n": "t", "t": 10, "v": 3}],
+        Decoded([Reading({"t": 1.0}, ts=1764299000.0), Reading({"t": 2.0}, ts=1764299500.0),
+                 Reading({"t": 3.0}, ts=1764299510.0)], "d")),
+    "readings_come_out_in_time_order": (
+        [{"bn": "d:", "n": "t", "v": 2, "t": -1}, {"n": "t", "v": 1, "t": -2}],
+        Decoded([Reading({"t": 1.0}, ts=RECEIVED - 2), Reading({"t": 2.0}, ts=RECEIVED - 1)], "d")),
+    "base_name_repeated_for_the_same_device": (
+        [{"bn": "node-1:", "n": "a", "v": 1}, {"bn": "node-1/", "n": "b", "v": 2}],
+        Decoded([Reading({"a": 1.0, "b": 2.0}, ts=RECEIVED)], "node-1")),
+    "slash_separator_is_stripped": (
+        [{"bn": "2001:db8::7/", "n": "t", "v": 1}],
+        Decoded([Reading({"t": 1.0}, ts=RECEIVED)], "2001:db8::7")),
+    "dot_separator_is_stripped": (
+        [{"bn": "plant.pump-3.", "n": "t", "v": 1}],
+        Decoded([Reading({"t": 1.0}, ts=RECEIVED)], "plant.pump-3")),
+    "base_name_without_separator_is_the_device": (
+        [{"bn": "pump-3", "n": "pressure", "v": 2.5}],
+        Decoded([Reading({"pressure": 2.5}, ts=RECEIVED)], "pump-3")),
+    "record_without_n_is_the_value_field": (
+        [{"bn": "thermo-1:", "v": 21.5}],
+        Decoded([Reading({"value": 21.5}, ts=RECEIVED)], "thermo-1")),
+    "no_base_name_leaves_the_device_to_the_validators": (
+        [{"n": DEVICE, "u": "Cel", "v": 23.1}],
+        Decoded([Reading({DEVICE: 23.1}, ts=RECEIVED)], None)),
+    "units_update_time_and_unknown_labels_are_ignored": (
+        [{"bn": "d:", "bu": "Cel", "n": "t", "u": "Cel", "ut": 60, "v": 1, "colour": "blue"}],
+        Decoded([Reading({"t": 1.0}, ts=RECEIVED)], "d")),
+    "current_senml_version": (
+        [{"bver": 10, "bn": "d:", "n": "t", "v": 1}],
+        Decoded([Reading({"t": 1.0}, ts=RECEIVED)], "d")),
+}
+
+
+def _pack_case(records, expected, content_format, encode):
     def test(self):
-        payload = records if isinstance(records, bytes) else (
-            orjson.dumps(records) if cf == 110 else cbor2.dumps(records))
-        error = self.assertRaises(DecodeError, FORMATS[cf].decode, payload, CONTEXT)
-        self.assertEqual(str(error), message)
+        self.assertEqual(decode(encode(records), content_format), expected)
     return test
 
 
-ERRORS = {
-    "invalid_json": (b"[{", "invalid JSON at byte 2"),
-    "not_an_array": ({"n": "t", "v": 1}, "expected an array of records"),
+for _name, (_records, _expected) in GOOD_PACKS.items():
+    for _encoding, (_cf, _encode) in ENCODERS.items():
+        setattr(SenmlPackTests, f"test_{_encoding}_{_name}",
+                _pack_case(_records, _expected, _cf, _encode))
+
+
+class SenmlRefusalTests(SynchronousTestCase):
+    """Each refusal with its diagnostic, which becomes the 4.00 payload."""
+
+    def assertRefused(self, payload: bytes, content_format: int, diagnostic: str):
+        error = self.assertRaises(DecodeError, decode, payload, content_format)
+        self.assertEqual((error.code, error.diagnostic), (BAD_REQUEST, diagnostic))
+        self.assertLess(len(error.diagnostic), 100)
+
+
+#: name -> (records, diagnostic); refused the same way in JSON and CBOR
+BAD_PACKS = {
+    "not_an_array": ({"bn": "d:", "v": 1}, "expected an array of records"),
     "empty_pack": ([], "empty pack"),
-    "record_not_object": ([1], "record 0: expected an object"),
-    "no_value": ([{"bn": "d:"}, {"n": "u", "u": "V"}], "record 1: no value"),
-    "two_values": ([{"n": "t", "v": 1, "vs": "x"}], "record 0: more than one value"),
-    "data_value": ([{"n": "t", "vd": "AAE"}], "record 0: data values (vd) not accepted"),
-    "value_not_number": ([{"n": "t", "v": "1"}], "record 0: v must be a number"),
-    "vb_not_boolean": ([{"n": "t", "vb": 1}], "record 0: vb must be a boolean"),
-    "must_understand_label": ([{"n": "t", "v": 1, "xyz_": 1}], "record 0: unsupported label xyz_"),
-    "two_devices": ([{"bn": "a:", "n": "t", "v": 1}, {"bn": "b:", "n": "t", "v": 1}],
+    "record_not_an_object": ([{"bn": "d:", "v": 1}, 5], "record 2: expected an object"),
+    "record_without_value": ([{"bn": "d:", "n": "a", "v": 1}, {"n": "b"}],
+                             "record 2: no value (v, vs, vb or s)"),
+    "base_fields_only": ([{"bn": "d:", "bt": 1764300000}], "record 1: no value (v, vs, vb or s)"),
+    "two_values": ([{"bn": "d:", "n": "a", "v": 1, "vs": "x"}],
+                   "record 1: more than one value (v, vs)"),
+    "data_value": ([{"bn": "d:", "n": "a", "v": 1}, {"n": "nfc-reader", "vd": "aGkgCg"}],
+                   "record 2: data values (vd) not accepted"),
+    "two_devices": ([{"bn": "node-1:", "n": "t", "v": 1}, {"bn": "node-2:", "n": "t", "v": 1}],
                     "records name more than one device"),
-    "cbor_unknown_label": ([{0: "t", 2: 1, 99: 1}], "record 0: unknown label 99", 112),
-    "cbor_not_array": ({0: "t"}, "expected an array of records", 112),
+    "base_name_after_records_without": ([{"n": "t", "v": 1}, {"bn": "node-2:", "n": "t", "v": 1}],
+                                        "records name more than one device"),
+    "same_field_twice_at_the_same_time": ([{"bn": "d:", "n": "t", "v": 1}, {"n": "t", "v": 2}],
+                                          "record 2: 't' twice at the same time"),
+    "sum_colliding_with_a_field": ([{"bn": "d:", "n": "a_sum", "v": 1}, {"n": "a", "s": 2}],
+                                   "record 2: 'a_sum' twice at the same time"),
+    "v_a_string": ([{"bn": "d:", "n": "t", "v": "21.5"}], "record 1: v must be a number"),
+    "v_a_boolean": ([{"bn": "d:", "n": "t", "v": True}], "record 1: v must be a number"),
+    "t_a_string": ([{"bn": "d:", "n": "t", "v": 1, "t": "now"}], "record 1: t must be a number"),
+    "bt_a_string": ([{"bn": "d:", "bt": "now", "n": "t", "v": 1}], "record 1: bt must be a number"),
+    "vs_a_number": ([{"bn": "d:", "n": "t", "vs": 1}], "record 1: vs must be a string"),
+    "vb_a_number": ([{"bn": "d:", "n": "t", "vb": 1}], "record 1: vb must be a boolean"),
+    "n_a_number": ([{"bn": "d:", "n": 7, "v": 1}], "record 1: n must be a string"),
+    "bn_a_number": ([{"bn": 7, "n": "t", "v": 1}], "record 1: bn must be a string"),
+    "u_a_number": ([{"bn": "d:", "n": "t", "u": 1, "v": 1}], "record 1: u must be a string"),
+    "newer_senml_version": ([{"bver": 11, "bn": "d:", "n": "t", "v": 1}],
+                            "record 1: bver 11 not supported (max 10)"),
+    "must_understand_label": ([{"bn": "d:", "n": "t", "v": 1, "scale_": 2}],
+                              "record 1: unsupported label 'scale_'"),
 }
 
-for _name, _case in ERRORS.items():
-    setattr(SenMLTests, f"test_error_{_name}", _error_case(*_case))
+#: name -> (payload, diagnostic)
+BAD_JSON = {
+    "invalid_json": (b'[{"bn": "d:", "v": 1}', "invalid JSON at byte 21"),
+    "empty": (b"", "empty payload"),
+}
+
+#: name -> (payload, diagnostic)
+BAD_CBOR = {
+    "unknown_integer_label": (cbor2.dumps([{-2: "d:", 0: "t", 2: 1, 9: 3}]),
+                              "record 1: unknown label 9"),
+    "label_as_integer_and_text": (cbor2.dumps([{-2: "d:", 0: "t", 2: 1, "v": 2}]),
+                                  "record 1: label 'v' given twice"),
+    "label_neither_integer_nor_text": (cbor2.dumps([{-2: "d:", 2: 1, 1.5: 2}]),
+                                       "record 1: labels must be integers or strings"),
+    "data_value_as_bytes": (cbor2.dumps([{-2: "d:", 0: "nfc-reader", 8: b"hi\n"}]),
+                            "record 1: data values (vd) not accepted"),
+    "tagged_time": (cbor2.dumps([{-2: "d:", 2: 1, 6: cbor2.CBORTag(1, 1764300000)}]),
+                    "CBOR tag 1 not accepted"),
+    "trailing_bytes": (cbor2.dumps([{-2: "d:", 2: 1}]) + b"\xff", "invalid CBOR: 1 bytes after the item"),
+    "truncated": (cbor2.dumps([{-2: "d:", 2: 1}])[:-1], "invalid CBOR: truncated"),
+}
+
+
+def _refusal_case(payload: bytes, content_format: int, diagnostic: str):
+    def test(self):
+        self.assertRefused(payload, content_format, diagnostic)
+    return test
+
+
+for _name, (_records, _diagnostic) in BAD_PACKS.items():
+    for _encoding, (_cf, _encode) in ENCODERS.items():
+        setattr(SenmlRefusalTests, f"test_{_encoding}_{_name}",
+                _refusal_case(_encode(_records), _cf, _diagnostic))
+for _name, (_payload, _diagnostic) in BAD_JSON.items():
+    setattr(SenmlRefusalTests, f"test_json_{_name}", _refusal_case(_payload, 110, _diagnostic))
+for _name, (_payload, _diagnostic) in BAD_CBOR.items():
+    setattr(SenmlRefusalTests, f"test_cbor_{_name}", _refusal_case(_payload, 112, _diagnostic))

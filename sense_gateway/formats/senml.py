@@ -1,21 +1,38 @@
 """Built-in plugin: RFC 8428 SenML on ``POST /data``.
 
 Content-Format 110 (application/senml+json) or 112 (application/senml+cbor,
-integer labels). Records are resolved as RFC 8428 section 4.6 says: base
-name, base time and base value carry over to the records that follow,
-the name is ``bn + n``, the time ``bt + t``, and times below 2**28 are
-relative to when the gateway received the pack.
+with the integer labels of RFC 8428 section 6). Records are resolved as
+RFC 8428 section 4.6 says: base name, base time, base value and base sum
+carry over to the records that follow until a record sets them again;
+the name is ``bn + n``, the time ``bt + t`` (times below 2**28, zero and
+negative ones included, count from when the gateway received the pack),
+the value ``bv + v`` and the sum ``bs + s``.
 
-- The device is the base name with one trailing ``:``, ``/`` or ``.``
-  removed (``urn:dev:ow:10e2073a01080063:`` -> ``urn:dev:ow:10e2073a01080063``);
-  all records must resolve to the same device.
-- The field is the record's ``n`` (``value`` when a record has none).
-- ``v`` (plus ``bv``), ``vs`` and ``vb`` become number, string and boolean
-  fields; a sum ``s`` (plus ``bs``) becomes the field ``<n>_sum``. ``vd``
-  (opaque data) is refused: metrics have no place for it.
-- Units (``u``, ``bu``) are not stored; name fields so the unit is clear.
-- Records with the same resolved time become one reading.
+How records become readings:
+
+- The device is the base name without one trailing ``:``, ``/`` or ``.``
+  (``urn:dev:ow:10e2073a01080063:`` -> ``urn:dev:ow:10e2073a01080063``).
+  Records may repeat or change ``bn`` only if it still names the same
+  device. A pack without a base name names no device and is refused
+  (``device id missing``).
+- The field is the record's ``n``; a record without ``n`` is the base
+  name's own value and goes into the field ``value``.
+- ``v`` becomes a number field (always a float: SenML values are
+  floating point), ``vs`` a string field, ``vb`` a boolean field. A sum
+  ``s`` becomes the field ``<n>_sum`` (``value_sum`` without ``n``); it
+  may come with a value or alone.
+- ``vd`` (opaque data) is refused: it has no place among metrics, and
+  dropping it quietly would lose data.
+- Units (``u``, ``bu``) and ``ut`` are checked to be the right type and
+  otherwise ignored: name fields so the unit is clear
+  (``temperature`` in degrees Celsius).
+- Records with the same resolved time become one reading with several
+  fields; the same field twice at the same time is refused.
+- ``bver`` above 10 and unknown labels ending in ``_`` (must-understand)
+  are refused; other unknown text labels are ignored, as RFC 8428 asks.
 - There is no sequence number.
+
+Diagnostics number the records from 1: ``record 3: more than one value``.
 
 Example::
 
@@ -26,113 +43,169 @@ No configuration.
 
 from __future__ import annotations
 
-import orjson
+from typing import Any
 
-from sense_gateway.envelope import Decoded, Reading, RequestContext
+from sense_gateway.envelope import Decoded, FieldValue, Reading, RequestContext
 from sense_gateway.errors import DecodeError
 from sense_gateway.formats import SENML_CBOR, SENML_JSON, Format
-from sense_gateway.formats.sense import decode_cbor_document
+from sense_gateway.formats.sense import load_cbor, load_json, quoted
 from sense_gateway.hookspecs import hookimpl
 
-#: RFC 8428 section 6: CBOR integer labels -> JSON labels.
+#: RFC 8428 section 6: the integer labels of the CBOR representation.
+#: The table is closed; extensions use text labels.
 CBOR_LABELS = {-1: "bver", -2: "bn", -3: "bt", -4: "bu", -5: "bv", -6: "bs",
                0: "n", 1: "u", 2: "v", 3: "vs", 4: "vb", 5: "s", 6: "t", 7: "ut", 8: "vd"}
 
-#: RFC 8428 4.5.3: times below this are relative to "now".
-RELATIVE_LIMIT = 2 ** 28
+#: The highest SenML version (``bver``) this decoder understands.
+SENML_VERSION = 10
 
-_NUMBER_LABELS = ("bt", "bv", "bs", "v", "s", "t", "bver", "ut")
-_STRING_LABELS = ("bn", "bu", "n", "u", "vs", "vd")
+#: RFC 8428 section 4.5.3: a resolved time below this is relative to now.
+RELATIVE_TIME_LIMIT = 2 ** 28
+
+#: What separates a device's base name from the names of its sensors.
+DEVICE_SEPARATORS = (":", "/", ".")
+
+#: Field for a record that has no name of its own.
+UNNAMED_FIELD = "value"
+
+_NUMBER_LABELS = frozenset({"bver", "bt", "bv", "bs", "v", "s", "t", "ut"})
+_TEXT_LABELS = frozenset({"bn", "bu", "n", "u", "vs"})
+_VALUE_LABELS = ("v", "vs", "vb", "vd")
 
 
-def _check(record: dict, i: int) -> None:
+def _check_types(record: dict[str, Any], where: str) -> None:
     for label, value in record.items():
-        if not isinstance(label, str):
-            raise DecodeError(f"record {i}: unknown label {label!r}"[:100])
-        if label in _NUMBER_LABELS and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise DecodeError(f"record {i}: {label} must be a number")
-        if label in _STRING_LABELS and not isinstance(value, str):
-            raise DecodeError(f"record {i}: {label} must be a string")
-        if label == "vb" and not isinstance(value, bool):
-            raise DecodeError(f"record {i}: vb must be a boolean")
-        if label.endswith("_"):
-            # RFC 8428 4.4: labels ending in _ must be understood.
-            raise DecodeError(f"record {i}: unsupported label {label}")
+        if label in _NUMBER_LABELS:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise DecodeError(f"{where}: {label} must be a number")
+        elif label in _TEXT_LABELS:
+            if not isinstance(value, str):
+                raise DecodeError(f"{where}: {label} must be a string")
+        elif label == "vb":
+            if not isinstance(value, bool):
+                raise DecodeError(f"{where}: vb must be a boolean")
+        elif label.endswith("_"):
+            # RFC 8428 section 4.4: such labels must be understood or the pack refused.
+            raise DecodeError(f"{where}: unsupported label {quoted(label)}")
+    if "bver" in record and record["bver"] > SENML_VERSION:
+        raise DecodeError(f"{where}: bver {record['bver']} not supported (max {SENML_VERSION})")
 
 
-def _device(base_name: str) -> str:
-    return base_name[:-1] if base_name[-1:] in (":", "/", ".") else base_name
+def _device(base_name: str) -> str | None:
+    if base_name[-1:] in DEVICE_SEPARATORS:
+        base_name = base_name[:-1]
+    return base_name or None
 
 
-def from_records(records, received: float) -> Decoded:
+class _PackResolver:
+    """Walks the records of one pack, carrying the base values along."""
+
+    def __init__(self, received: float):
+        self.received = received
+        self.base_name = ""
+        self.base_time = 0.0
+        self.base_value = 0.0
+        self.base_sum = 0.0
+        self.device: str | None = None
+        self.fields_by_time: dict[float, dict[str, FieldValue]] = {}
+
+    def add(self, record: dict[str, Any], number: int) -> None:
+        where = f"record {number}"
+        _check_types(record, where)
+        self.base_name = record.get("bn", self.base_name)
+        self.base_time = record.get("bt", self.base_time)
+        self.base_value = record.get("bv", self.base_value)
+        self.base_sum = record.get("bs", self.base_sum)
+
+        values = [label for label in _VALUE_LABELS if label in record]
+        if len(values) > 1:
+            raise DecodeError(f"{where}: more than one value ({', '.join(values)})")
+        if values == ["vd"]:
+            raise DecodeError(f"{where}: data values (vd) not accepted")
+        if not values and "s" not in record:
+            raise DecodeError(f"{where}: no value (v, vs, vb or s)")
+
+        device = _device(self.base_name)
+        if number == 1:
+            self.device = device
+        elif device != self.device:
+            raise DecodeError("records name more than one device")
+
+        fields = self.fields_by_time.setdefault(self._time(record), {})
+        name = record.get("n") or UNNAMED_FIELD
+        if values:
+            self._put(fields, name, self._value(record, values[0]), where)
+        if "s" in record:
+            self._put(fields, f"{name}_sum", float(self.base_sum + record["s"]), where)
+
+    def _time(self, record: dict[str, Any]) -> float:
+        time = self.base_time + record.get("t", 0)
+        return float(self.received + time if time < RELATIVE_TIME_LIMIT else time)
+
+    def _value(self, record: dict[str, Any], label: str) -> FieldValue:
+        if label == "v":
+            # Always a float, so a sensor that reports 21 and then 21.5
+            # does not change its field's type in the time-series store.
+            return float(self.base_value + record["v"])
+        return record[label]
+
+    @staticmethod
+    def _put(fields: dict[str, FieldValue], name: str, value: FieldValue, where: str) -> None:
+        if name in fields:
+            raise DecodeError(f"{where}: {quoted(name)} twice at the same time")
+        fields[name] = value
+
+    def decoded(self) -> Decoded:
+        readings = [Reading(fields=fields, ts=ts)
+                    for ts, fields in sorted(self.fields_by_time.items())]
+        return Decoded(readings=readings, device=self.device, seq=None)
+
+
+def decode_records(records: Any, received: float) -> Decoded:
+    """Resolve a parsed pack (records with text labels) into readings."""
     if not isinstance(records, list):
         raise DecodeError("expected an array of records")
     if not records:
         raise DecodeError("empty pack")
-    base_name, base_time, base_value, base_sum = "", 0.0, 0.0, 0.0
-    device = None
-    by_time: dict[float, dict] = {}
-    for i, record in enumerate(records):
+    resolver = _PackResolver(received)
+    for number, record in enumerate(records, 1):
         if not isinstance(record, dict):
-            raise DecodeError(f"record {i}: expected an object")
-        _check(record, i)
-        if "vd" in record:
-            raise DecodeError(f"record {i}: data values (vd) not accepted")
-        base_name = record.get("bn", base_name)
-        base_time = record.get("bt", base_time)
-        base_value = record.get("bv", base_value)
-        base_sum = record.get("bs", base_sum)
-        values = [label for label in ("v", "vs", "vb", "s") if label in record]
-        if not values:
-            if record.keys() <= {"bn", "bt", "bu", "bv", "bs", "bver"}:
-                continue  # a record that only sets base values
-            raise DecodeError(f"record {i}: no value")
-        if len(values) > 1 and values != ["v", "s"]:
-            raise DecodeError(f"record {i}: more than one value")
-        if base_name:
-            record_device = _device(base_name)
-            if device is not None and record_device != device:
-                raise DecodeError("records name more than one device")
-            device = record_device
-        name = record.get("n") or "value"
-        t = base_time + record.get("t", 0)
-        ts = received + t if t < RELATIVE_LIMIT else t
-        fields = by_time.setdefault(float(ts), {})
-        if "v" in record:
-            fields[name] = base_value + record["v"]
-        if "s" in record:
-            fields[f"{name}_sum"] = base_sum + record["s"]
-        if "vs" in record:
-            fields[name] = record["vs"]
-        if "vb" in record:
-            fields[name] = record["vb"]
-    if not by_time:
-        raise DecodeError("no records with values")
-    readings = [Reading(fields=fields, ts=ts) for ts, fields in sorted(by_time.items())]
-    return Decoded(readings=readings, device=device, seq=None)
+            raise DecodeError(f"record {number}: expected an object")
+        resolver.add(record, number)
+    return resolver.decoded()
+
+
+def _text_labels(record: Any, number: int) -> Any:
+    """A CBOR record with its integer labels replaced by their text names."""
+    if not isinstance(record, dict):
+        return record  # decode_records names the problem
+    labelled: dict[str, Any] = {}
+    for label, value in record.items():
+        if isinstance(label, int) and not isinstance(label, bool):
+            if label not in CBOR_LABELS:
+                raise DecodeError(f"record {number}: unknown label {label}")
+            label = CBOR_LABELS[label]
+        elif not isinstance(label, str):
+            raise DecodeError(f"record {number}: labels must be integers or strings")
+        if label in labelled:
+            raise DecodeError(f"record {number}: label {quoted(label)} given twice")
+        labelled[label] = value
+    return labelled
 
 
 def decode_json(payload: bytes, context: RequestContext) -> Decoded:
-    try:
-        records = orjson.loads(payload)
-    except orjson.JSONDecodeError as e:
-        raise DecodeError(f"invalid JSON at byte {e.pos}") from None
-    return from_records(records, context.received)
+    return decode_records(load_json(payload), context.received)
 
 
 def decode_cbor(payload: bytes, context: RequestContext) -> Decoded:
-    records = decode_cbor_document(payload)
+    records = load_cbor(payload)
     if isinstance(records, list):
-        records = [
-            {CBOR_LABELS.get(k, k) if isinstance(k, int) else k: v for k, v in r.items()}
-            if isinstance(r, dict) else r
-            for r in records
-        ]
-    return from_records(records, context.received)
+        records = [_text_labels(record, number) for number, record in enumerate(records, 1)]
+    return decode_records(records, context.received)
 
 
 @hookimpl
-def sense_register_formats():
+def sense_register_formats() -> list[Format]:
     return [
         Format("senml-json", (SENML_JSON,), ("/data",), decode_json, "RFC 8428 SenML, JSON"),
         Format("senml-cbor", (SENML_CBOR,), ("/data",), decode_cbor, "RFC 8428 SenML, CBOR"),
