@@ -188,3 +188,23 @@ class InProcessSQSTests(CloudTestCase):
         self.vm = VictoriaMetrics(self, port=port, data=data)
         self.assertEqual(self.sense("dlq", "replay"), b"1 message back in the queue\n")
         yield eventually(lambda: ("sense_t", "node-x") in self.vm.points(), timeout=30)
+
+
+class RegistryRaceTests(CloudTestCase):
+    """Two processors judging the same device at once: one commit wins."""
+
+    def test_second_commit_from_a_stale_read_loses(self):
+        from dataclasses import replace
+
+        from sense_gateway.registry import DeviceRecord
+
+        first = DynamoDBRegistry("sense-devices", "us-east-1", self.moto.url)
+        second = DynamoDBRegistry("sense-devices", "us-east-1", self.moto.url)
+        new = DeviceRecord("node-r", NOW, NOW, "x")
+        self.assertEqual(first.commit([new]), set())
+        self.assertEqual(second.commit([new]), {"node-r"})  # both saw it as unknown
+        seen_by_first = first.load(["node-r"])["node-r"]
+        seen_by_second = second.load(["node-r"])["node-r"]
+        self.assertEqual(first.commit([replace(seen_by_first, last_seen=NOW + 1)]), set())
+        self.assertEqual(second.commit([replace(seen_by_second, last_seen=NOW + 2)]), {"node-r"})
+        self.assertEqual(first.load(["node-r"])["node-r"].last_seen, NOW + 1)
