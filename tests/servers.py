@@ -39,6 +39,17 @@ def http(method: str, url: str, body: bytes | None = None, timeout: float = 10.0
         return e.code, e.read()
 
 
+def stop_process(process: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within *grace* seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class ServerProcess:
     """A child process that must answer *ready_url* within *timeout* seconds."""
 
@@ -73,13 +84,7 @@ class ServerProcess:
         return self.log.read_text(errors="replace")[-2000:]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self._log_file.close()
 
     def kill(self) -> None:

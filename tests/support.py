@@ -166,6 +166,16 @@ class RawCoapPeer:
         return coap.Message.decode(data)
 
 
+@defer.inlineCallbacks
+def eventually(predicate, timeout: float = 20.0, interval: float = 0.05):
+    """Wait, without blocking the reactor, until *predicate()* is true."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {predicate.__doc__}")
+        yield deferLater(interval)
+
+
 def deferLater(seconds: float):
     from twisted.internet import task
     return task.deferLater(reactor, seconds, lambda: None)
@@ -232,11 +242,8 @@ class GatewayProcess:
         self.process.wait(10)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        from tests.servers import stop_process
+
+        stop_process(self.process, grace=10)
         if self.process.stdout:
             self.process.stdout.close()

@@ -14,7 +14,7 @@ from twisted.trial.unittest import TestCase
 import sense_gateway.aws.lambda_handler as lambda_handler
 from sense_gateway.registry.dynamodb import DynamoDBRegistry
 from tests.servers import MotoServer, VictoriaMetrics
-from tests.support import coap_url, libcoap_request, start_gateway
+from tests.support import coap_url, eventually, libcoap_request, start_gateway
 
 NOW = 1764300000
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -162,8 +162,6 @@ class InProcessSQSTests(CloudTestCase):
 
     @defer.inlineCallbacks
     def test_worker_drains_sqs(self):
-        from tests.test_end_to_end import eventually
-
         gateway = self.gateway()
         response = yield libcoap_request("post", coap_url("127.0.0.1", gateway.port, "/data"),
                                          b'{"id": "node-s", "seq": 1, "ts": 1764300000, "data": {"t": 3}}', 50)
@@ -173,8 +171,6 @@ class InProcessSQSTests(CloudTestCase):
 
     @defer.inlineCallbacks
     def test_failing_message_dead_lettered_with_reason_and_replayed(self):
-        from tests.test_end_to_end import eventually
-
         port, data = self.vm.port, self.vm.data
         self.vm.stop()
         gateway = self.gateway(**{"queue.max_receives": 2})

@@ -5,7 +5,6 @@ SQLite store and VictoriaMetrics; faults on the way and dead letters."""
 from __future__ import annotations
 
 import subprocess
-import time
 
 import cbor2
 import orjson
@@ -16,20 +15,10 @@ from sense_gateway.queues.sqlite import SQLiteQueueStore
 from sense_gateway.registry.sqlite import SQLiteRegistry
 from sense_gateway.sinks.sqlite import SQLiteStore
 from tests.servers import VictoriaMetrics
-from tests.support import BIN, coap_url, deferLater, libcoap_request, start_gateway
+from tests.support import BIN, coap_url, deferLater, eventually, libcoap_request, start_gateway
 from tests.test_interop import sense_text
 
 NOW = 1764300000
-
-
-@defer.inlineCallbacks
-def eventually(predicate, timeout: float = 20.0, interval: float = 0.05):
-    """Wait, without blocking the reactor, until *predicate()* is true."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s: {predicate.__doc__}")
-        yield deferLater(interval)
 
 
 class EmbeddedEndToEndTests(TestCase):

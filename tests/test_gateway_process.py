@@ -13,8 +13,9 @@ from twisted.trial.unittest import TestCase
 from txthings import coap
 
 from sense_gateway.coap.message import decode
+from sense_gateway.registry.sqlite import SQLiteRegistry
 from tests.support import (BIN, REPO, GatewayProcess, RawCoapPeer, coap_url, libcoap_request,
-                           queued, request_datagram)
+                           eventually, queued, request_datagram)
 
 README_EXAMPLE = b'{"id":"node-7","seq":1,"data":{"temperature":21.5}}'
 
@@ -49,11 +50,15 @@ class GatewayProcessTests(TestCase):
         self.assertEqual(response.code, "2.04", response)
         core = yield libcoap_request("get", coap_url("127.0.0.1", gateway.port, "/.well-known/core"))
         self.assertIn(b"</data>", core.payload)
-        self.assertEqual([e.device for e in queued(gateway.queue_path)], ["node-7"])
+        # The default role also runs the processor: the reading ends in the registry.
+        registry = gateway.data_dir / "registry.sqlite3"
+        yield eventually(lambda: registry.exists() and "node-7" in {
+            r.id for r in SQLiteRegistry(registry).devices()})
 
     @defer.inlineCallbacks
     def test_acknowledged_readings_survive_sigkill(self):
-        gateway = GatewayProcess(self)
+        # Role gateway: no processor takes messages out of the queue.
+        gateway = GatewayProcess(self, "--role", "gateway")
         yield gateway.wait_listening()
         peer = RawCoapPeer(self)
         acknowledged = []
@@ -86,7 +91,7 @@ class GatewayProcessTests(TestCase):
             def sense_register_formats():
                 return [Format("level", content_formats=(0,), paths=("/level",), decode=decode)]
             '''))
-        gateway = GatewayProcess(self, "--plugins-dir", str(plugins))
+        gateway = GatewayProcess(self, "--plugins-dir", str(plugins), "--role", "gateway")
         yield gateway.wait_listening()
         response = yield libcoap_request("post", coap_url("127.0.0.1", gateway.port, "/level"),
                                          b"tank-3=0.75", 0)
