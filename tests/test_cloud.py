@@ -204,3 +204,24 @@ class RegistryRaceTests(CloudTestCase):
         self.assertEqual(first.commit([replace(seen_by_first, last_seen=NOW + 1)]), set())
         self.assertEqual(second.commit([replace(seen_by_second, last_seen=NOW + 2)]), {"node-r"})
         self.assertEqual(first.load(["node-r"])["node-r"].last_seen, NOW + 1)
+
+
+class SQSBatchingTests(CloudTestCase):
+    @defer.inlineCallbacks
+    def test_many_puts_at_once_are_all_stored_before_their_acks(self):
+        from sense_gateway.config import load_config
+        from sense_gateway.envelope import Envelope, Reading, new_envelope_id
+        from sense_gateway.queues.sqs import SQSQueue
+        from twisted.internet import reactor
+
+        config = load_config(environ={}, overrides={"aws.queue_url": self.queue_url,
+                                                    "aws.endpoint_url": self.moto.url})
+        queue = SQSQueue(config, reactor)
+        queue.startService()
+        self.addCleanup(queue.stopService)
+        envelopes = [Envelope(new_envelope_id(), "node-b", i, NOW, "x", "coap", None, "/data", 50,
+                              [Reading({"t": float(i)}, NOW)]) for i in range(25)]
+        yield defer.gatherResults([queue.put([e]) for e in envelopes])
+        attributes = self.sqs.get_queue_attributes(
+            QueueUrl=self.queue_url, AttributeNames=["ApproximateNumberOfMessages"])["Attributes"]
+        self.assertEqual(attributes["ApproximateNumberOfMessages"], "25")

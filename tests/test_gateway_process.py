@@ -14,7 +14,7 @@ from txthings import coap
 
 from sense_gateway.coap.message import decode
 from sense_gateway.registry.sqlite import SQLiteRegistry
-from tests.support import (BIN, REPO, GatewayProcess, RawCoapPeer, coap_url, libcoap_request,
+from tests.support import (BIN, GatewayProcess, RawCoapPeer, coap_url, libcoap_request,
                            eventually, queued, request_datagram)
 
 README_EXAMPLE = b'{"id":"node-7","seq":1,"data":{"temperature":21.5}}'

@@ -133,3 +133,31 @@ class InfluxV1Tests(TestCase):
         self.assertFalse(results[1].retryable)
         self.assertIn("400", results[1].reason)
         self.assertEqual([r["t"] for r in self.db.rows('SELECT "t" FROM "sense"')], [20.5, 21.0, 22.0])
+
+
+class InfluxRetryTests(TestCase):
+    def test_unreachable_server_is_retried_with_backoff_then_reported_retryable(self):
+        from sense_gateway.sinks import MetricPoint, SinkError
+        from tests.servers import free_tcp_port
+
+        slept = []
+        sink = InfluxSink(InfluxConfig(url=f"http://127.0.0.1:{free_tcp_port()}", retries=3),
+                          sleep=slept.append)
+        self.addCleanup(sink.close)
+        error = self.assertRaises(SinkError, sink.write,
+                                  [MetricPoint("sense", {"device": "d"}, {"t": 1.0}, 1)])
+        self.assertTrue(error.retryable)
+        self.assertEqual(slept, [0.25, 0.5, 1.0])
+
+    def test_refused_points_are_not_retried(self):
+        from sense_gateway.sinks import MetricPoint, SinkError
+
+        db = InfluxDB1(self)
+        slept = []
+        sink = InfluxSink(InfluxConfig(url=db.url, api="v1", database="no_such_db", retries=3),
+                          sleep=slept.append)
+        self.addCleanup(sink.close)
+        error = self.assertRaises(SinkError, sink.write,
+                                  [MetricPoint("sense", {"device": "d"}, {"t": 1.0}, 1)])
+        self.assertEqual((error.retryable, slept), (False, []))
+        self.assertIn("404", str(error))
