@@ -101,6 +101,13 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    enabled: bool = True
+    bind: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True)
 class AwsConfig:
     region: str = "us-east-1"
     endpoint_url: str = ""
@@ -124,6 +131,7 @@ class Config:
     influxdb: InfluxConfig = field(default_factory=InfluxConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     aws: AwsConfig = field(default_factory=AwsConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     sections: Mapping[str, Mapping[str, Any]] = field(
         default_factory=lambda: MappingProxyType({})
     )
@@ -147,7 +155,8 @@ class Config:
 
 _TABLES = {"coap": CoapConfig, "queue": QueueConfig, "validation": ValidationConfig,
            "processor": ProcessorConfig, "registry": RegistryConfig, "sinks": SinksConfig,
-           "influxdb": InfluxConfig, "store": StoreConfig, "aws": AwsConfig}
+           "influxdb": InfluxConfig, "store": StoreConfig, "aws": AwsConfig,
+           "web": WebConfig}
 
 
 def _convert(key: str, kind: Any, value: Any) -> Any:

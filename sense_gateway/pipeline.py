@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
+from prometheus_client import Histogram
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
@@ -37,7 +38,7 @@ def _describe_format(cf: int | None) -> str:
 class IngestPipeline:
     """Decodes and validates readings, then hands them to the queue."""
 
-    def __init__(self, formats: Iterable[Format], validate, queue, config: Config):
+    def __init__(self, formats: Iterable[Format], validate, queue, config: Config, clock=None):
         """
         *validate* is the ``sense_validate`` hook caller: called with
         ``envelope`` and ``config``, it returns one result per plugin.
@@ -57,6 +58,12 @@ class IngestPipeline:
         self.config = config
         self._max_payload = config.coap.max_payload
         self._keep_raw = config.keep_raw
+        self._clock = clock
+        #: seconds from a request's arrival to its envelope being durable
+        self.enqueue_latency = Histogram(
+            "sense_enqueue_latency_seconds", "Time from a request's arrival to its envelope "
+            "being stored", registry=None,
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0))
 
     def paths(self) -> list[str]:
         return sorted(self._routes)
@@ -105,4 +112,11 @@ class IngestPipeline:
         for problems in self._validate(envelope=envelope, config=self.config):
             if problems:
                 raise ValidationError(problems[0])
-        return self.queue.put([envelope])
+        stored = self.queue.put([envelope])
+        if self._clock is not None:
+            stored.addCallback(self._observe, context.received)
+        return stored
+
+    def _observe(self, result, received: float):
+        self.enqueue_latency.observe(self._clock.seconds() - received)
+        return result

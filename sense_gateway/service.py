@@ -24,6 +24,7 @@ from sense_gateway.backends import choose, named_factories, processor_factory
 from sense_gateway.errors import PluginLoadError
 from sense_gateway.pipeline import IngestPipeline
 from sense_gateway.plugins import call_collecting, make_plugin_manager
+from sense_gateway.web import make_web
 from sense_gateway.worker import ProcessorService
 
 log = Logger()
@@ -37,7 +38,7 @@ class GatewayService(MultiService):
         self.config = config
         self.plugin_manager = pm
         self.queue = queue
-        self.pipeline = self.protocol = self.coap_server = self.worker = None
+        self.pipeline = self.protocol = self.coap_server = self.worker = self.web = None
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -98,6 +99,9 @@ def make_service(config: Config, reactor=None) -> GatewayService:
     if processor is not None:
         service.worker = ProcessorService(queue, processor, config, reactor)
         service.worker.setServiceParent(service)
+        if config.web.enabled:
+            service.web = make_web(service, config, pm, reactor)
+            service.web.setServiceParent(service)
     stats = TimerService(config.stats_interval, service.log_stats)
     stats.clock = reactor
     stats.setServiceParent(service)
@@ -116,7 +120,7 @@ class GatewayParts:
 def _make_gateway(config, pm, queue, reactor) -> GatewayParts:
     """The CoAP side: formats and validators, resources, the listener."""
     formats = [fmt for _, group in call_collecting(pm, "sense_register_formats", config=config) for fmt in group]
-    pipeline = IngestPipeline(formats, pm.hook.sense_validate, queue, config)
+    pipeline = IngestPipeline(formats, pm.hook.sense_validate, queue, config, clock=reactor)
 
     extra = {}
     for plugin, resources in call_collecting(pm, "sense_coap_resources", config=config,

@@ -23,6 +23,7 @@ class Options(usage.Options):
         ["bind", None, None, "Address to listen on; :: serves IPv6 and IPv4 [default: ::]."],
         ["data-dir", None, None, "Directory for the embedded queue and stores [default: ./var]."],
         ["plugins-dir", None, None, "Directory of drop-in plugin modules [default: plugins]."],
+        ["web-port", None, None, "HTTP port of the API, /healthz and /metrics [default: 8080].", int],
         ["role", None, None, f"What this process runs: {'|'.join(ROLES)} [default: all]."],
     ]
 
@@ -40,6 +41,7 @@ def makeService(options: Options):
         "data_dir": options["data-dir"],
         "plugins_dir": options["plugins-dir"],
         "role": options["role"],
+        "web.port": options["web-port"],
     }
     try:
         config = load_config(options["config"], overrides=overrides)

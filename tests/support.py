@@ -53,6 +53,7 @@ def start_gateway(testcase, *, environ=None, **overrides):
         "data_dir": str(data_dir),
         "plugins_dir": str(data_dir / "no-plugins"),
         "role": "gateway",
+        "web.port": 0,
     }
     settings.update(overrides)
     config = load_config(environ=environ or {}, overrides=settings)
@@ -204,7 +205,7 @@ class GatewayProcess:
         self.port = free_udp_port()
         self.log_path = self.data_dir / "twistd.log"
         command = [str(BIN / "twistd"), "-n", "--pidfile=", f"--logfile={self.log_path}",
-                   "sense-gateway", "--coap-port", str(self.port), "--data-dir",
+                   "sense-gateway", "--coap-port", str(self.port), "--web-port", "0", "--data-dir",
                    str(self.data_dir), *args]
         if not any(a.startswith("--plugins-dir") for a in args):
             command += ["--plugins-dir", str(self.data_dir / "plugins")]

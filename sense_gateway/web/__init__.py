@@ -1,0 +1,274 @@
+"""The gateway's own HTTP side: a read-only JSON API, health and metrics.
+
+Served by Twisted web in roles ``all`` and ``processor`` on ``web.port``
+(8080), bound to ``web.bind`` (127.0.0.1 unless configured):
+
+- ``/api/devices``: the registry, one object per device;
+- ``/api/readings?device=ID&field=NAME&since=-1h|ISO8601``: one field's
+  history from the embedded store (``[[epoch ms, value], ...]``);
+- ``/api/stats``: CoAP responses by code, processor outcomes, queue depth;
+- ``/healthz``: 200 when the queue, the registry and every sink answer,
+  503 naming the part that does not;
+- ``/metrics``: Prometheus text format.
+
+Everything that touches SQLite, boto3 or HTTP runs on the web's own
+thread, never on the reactor.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+import time
+
+import orjson
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from twisted.application.internet import TCPServer
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from twisted.web import resource, server
+
+from sense_gateway.errors import code_text
+
+log = Logger()
+
+_RELATIVE = re.compile(r"-(\d+)([smhd])\Z")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str, now: float) -> float:
+    """``-1h`` / ``-30m`` relative to *now*, or an ISO 8601 time."""
+    match = _RELATIVE.match(text)
+    if match:
+        return now - int(match.group(1)) * _UNITS[match.group(2)]
+    moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
+
+
+class Backends:
+    """The registry and store as the web reads them, opened on its thread."""
+
+    def __init__(self, make_registry, make_store, make_sinks):
+        self._make_registry, self._make_store, self._make_sinks = make_registry, make_store, make_sinks
+        self.registry = self.store = self.sinks = None
+
+    def devices(self):
+        if self.registry is None:
+            self.registry = self._make_registry()
+        return self.registry.devices()
+
+    def readings(self, device, field, since_ns):
+        if self.store is None:
+            self.store = self._make_store()
+        return self.store.query(device, field, since_ns)
+
+    def check_sinks(self):
+        if self.sinks is None:
+            self.sinks = self._make_sinks()
+        for sink in self.sinks:
+            sink.check()
+
+    def close(self):
+        for part in (self.registry, self.store, *(self.sinks or ())):
+            if part is not None:
+                part.close()
+
+
+def _json(request, status: int, body) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    return orjson.dumps(body)
+
+
+class _Async(resource.Resource):
+    """A leaf answering GET with the result of ``respond(request)`` (a Deferred)."""
+
+    isLeaf = True
+
+    def __init__(self, web):
+        super().__init__()
+        self.web = web
+
+    def render_GET(self, request):
+        def failed(failure):
+            log.failure("{path} failed", failure, path=request.path)
+            request.write(_json(request, 500, {"error": "internal error"}))
+        d = defer.maybeDeferred(self.respond, request)
+        d.addCallbacks(request.write, failed).addBoth(lambda _: request.finish())
+        return server.NOT_DONE_YET
+
+
+class DevicesResource(_Async):
+    def respond(self, request):
+        def rows(records):
+            return _json(request, 200, [{
+                "id": r.id, "first_seen": r.first_seen, "last_seen": r.last_seen,
+                "last_source": r.last_source, "last_seq": r.state.last_seq,
+                **{k: getattr(r.state.counters, k) for k in
+                   ("received", "lost", "duplicates", "resets", "unsequenced")},
+            } for r in records])
+        return self.web.in_thread(self.web.backends.devices).addCallback(rows)
+
+
+class ReadingsResource(_Async):
+    def respond(self, request):
+        args = {k.decode(): v[0].decode() for k, v in request.args.items()}
+        if "device" not in args or "field" not in args:
+            return _json(request, 400, {"error": "device and field are required"})
+        try:
+            since = parse_since(args.get("since", "-1h"), self.web.reactor.seconds())
+        except ValueError:
+            return _json(request, 400, {"error": "since: -<n>[smhd] or an ISO 8601 time"})
+        d = self.web.in_thread(self.web.backends.readings, args["device"], args["field"],
+                               int(since * 1e9))
+        return d.addCallback(lambda rows: _json(request, 200, {
+            "device": args["device"], "field": args["field"],
+            "points": [[t // 1_000_000, v] for t, v in rows]}))
+
+
+class StatsResource(_Async):
+    @defer.inlineCallbacks
+    def respond(self, request):
+        stats = yield self.web.stats()
+        return _json(request, 200, stats)
+
+
+class HealthResource(_Async):
+    @defer.inlineCallbacks
+    def respond(self, request):
+        failing = yield self.web.health()
+        if failing:
+            return _json(request, 503, {"status": "failing", "failing": failing})
+        return _json(request, 200, {"status": "ok"})
+
+
+class MetricsResource(_Async):
+    @defer.inlineCallbacks
+    def respond(self, request):
+        stats = yield self.web.stats()
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_StatsCollector(stats, self.web.gateway))
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        return generate_latest(registry)
+
+
+class _StatsCollector:
+    def __init__(self, stats, gateway):
+        self.stats, self.gateway = stats, gateway
+
+    def collect(self):
+        responses = CounterMetricFamily("sense_coap_responses", "CoAP responses sent, by code",
+                                        labels=["code"])
+        for code, count in self.stats.get("coap", {}).get("responses", {}).items():
+            responses.add_metric([code], count)
+        yield responses
+        pipeline = getattr(self.gateway, "pipeline", None)
+        if pipeline is not None:
+            yield from pipeline.enqueue_latency.collect()
+        outcomes = CounterMetricFamily("sense_processed_messages",
+                                       "Messages processed, by outcome", labels=["outcome"])
+        for outcome, count in self.stats.get("processor", {}).items():
+            outcomes.add_metric([outcome], count)
+        yield outcomes
+        sink_failures = CounterMetricFamily("sense_sink_write_failures",
+                                            "Messages whose sink write failed")
+        sink_failures.add_metric([], self.stats.get("processor", {}).get("failed", 0))
+        yield sink_failures
+        depth = GaugeMetricFamily("sense_queue_messages", "Messages in the queue",
+                                  labels=["state"])
+        for state, count in self.stats.get("queue", {}).items():
+            depth.add_metric([state], count)
+        yield depth
+        dead = GaugeMetricFamily("sense_dead_letters", "Messages in the dead letters")
+        dead.add_metric([], self.stats.get("queue", {}).get("dead", 0))
+        yield dead
+        devices = GaugeMetricFamily("sense_devices", "Devices in the registry")
+        devices.add_metric([], self.stats.get("devices", 0))
+        yield devices
+
+
+class WebService(MultiService):
+    """The HTTP listener and the thread the web's reads run on."""
+
+    def __init__(self, gateway, backends: Backends, bind: str, port: int, reactor):
+        super().__init__()
+        self.gateway, self.backends, self.reactor = gateway, backends, reactor
+        self._pool: ThreadPool | None = None
+        root = resource.Resource()
+        api = resource.Resource()
+        root.putChild(b"api", api)
+        api.putChild(b"devices", DevicesResource(self))
+        api.putChild(b"readings", ReadingsResource(self))
+        api.putChild(b"stats", StatsResource(self))
+        root.putChild(b"healthz", HealthResource(self))
+        root.putChild(b"metrics", MetricsResource(self))
+        self.site = server.Site(root)
+        self.site.noisy = False
+        self.listener = TCPServer(port, self.site, interface=bind, reactor=reactor)
+        self.listener.setServiceParent(self)
+
+    @property
+    def address(self):
+        return self.listener._port.getHost()
+
+    def in_thread(self, function, *args):
+        return deferToThreadPool(self.reactor, self._pool, function, *args)
+
+    @defer.inlineCallbacks
+    def stats(self):
+        gateway = self.gateway
+        out = {}
+        if gateway.protocol is not None:
+            out["coap"] = {"responses": {code_text(c): n for c, n in gateway.protocol.responses.items()},
+                           "retransmissions": gateway.protocol.duplicates,
+                           "malformed": gateway.protocol.malformed}
+        if gateway.worker is not None:
+            out["processor"] = {o.value: n for o, n in gateway.worker.counts.items()}
+        out["queue"] = yield gateway.queue.depth()
+        out["devices"] = len((yield self.in_thread(self.backends.devices)))
+        return out
+
+    @defer.inlineCallbacks
+    def health(self):
+        failing = {}
+        for part, check in (("queue", self.gateway.queue.depth),
+                            ("registry", lambda: self.in_thread(self.backends.devices)),
+                            ("sinks", lambda: self.in_thread(self.backends.check_sinks))):
+            try:
+                yield check()
+            except Exception as e:
+                failing[part] = f"{type(e).__name__}: {e}"[:200]
+        return failing
+
+    def startService(self):
+        self._pool = ThreadPool(1, 1, name="sense-web")
+        self._pool.start()
+        super().startService()
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        yield super().stopService()
+        yield self.in_thread(self.backends.close)
+        self._pool.stop()
+
+
+def make_web(gateway, config, pm, reactor) -> WebService:
+    """The web service of *gateway*, reading the backends the configuration names."""
+    from sense_gateway.backends import choose, named_factories
+    from sense_gateway.sinks.sqlite import SQLiteStore
+
+    registry = choose(named_factories(pm, "sense_register_registries", "registry"),
+                      config.registry.backend, "registry.backend")
+    sink_factories = named_factories(pm, "sense_register_sinks", "sink")
+    sinks = [choose(sink_factories, name, "sinks.enabled") for name in config.sinks.enabled]
+    backends = Backends(lambda: registry(config),
+                        lambda: SQLiteStore(config.store_path, config.store.retention_days),
+                        lambda: [make(config) for make in sinks])
+    return WebService(gateway, backends, config.web.bind, config.web.port, reactor)

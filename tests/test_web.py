@@ -1,0 +1,96 @@
+"""The HTTP side of a running ``--role all`` gateway: JSON API, /healthz
+and /metrics, read with a real HTTP client."""
+
+from __future__ import annotations
+
+import orjson
+import treq
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import defer, reactor
+from twisted.web.client import HTTPConnectionPool
+from twisted.trial.unittest import TestCase
+
+from tests.servers import VictoriaMetrics
+from tests.support import coap_url, eventually, libcoap_request, start_gateway
+
+NOW = 1764300000
+
+
+class WebTests(TestCase):
+    timeout = 60
+
+    def setUp(self):
+        self.vm = VictoriaMetrics(self)
+        self.gateway = start_gateway(self, role="all", **{
+            "sinks.enabled": ("sqlite", "influxdb"), "influxdb.url": self.vm.url,
+            "influxdb.retries": 0, "influxdb.timeout": 2.0, "processor.poll_interval": 0.05,
+            "store.retention_days": 36500.0})
+        address = self.gateway.web.address
+        self.base = f"http://{address.host}:{address.port}"
+
+    @defer.inlineCallbacks
+    def get(self, path):
+        # No keep-alive: a test must leave no connection behind.
+        response = yield treq.get(self.base + path, pool=HTTPConnectionPool(reactor, persistent=False))
+        body = yield response.content()
+        return response.code, body
+
+    @defer.inlineCallbacks
+    def send_readings(self):
+        url = coap_url("::1", self.gateway.port, "/data")
+        for seq in (1, 2, 3):
+            yield libcoap_request("post", url, orjson.dumps(
+                {"id": "node-w", "seq": seq, "ts": NOW + seq, "data": {"temperature": 20 + seq}}), 50)
+        yield libcoap_request("post", url, b'{"seq": 1, "data": {"t": 1}}', 50)
+        yield eventually(lambda: self.gateway.worker.counts[_written()] == 3)
+
+    @defer.inlineCallbacks
+    def test_devices_and_readings(self):
+        yield self.send_readings()
+        code, body = yield self.get("/api/devices")
+        self.assertEqual(code, 200)
+        [device] = orjson.loads(body)
+        self.assertEqual((device["id"], device["received"], device["last_seq"]), ("node-w", 3, 3))
+        code, body = yield self.get(
+            "/api/readings?device=node-w&field=temperature&since=2025-11-28T00:00:00Z")
+        self.assertEqual(orjson.loads(body)["points"],
+                         [[(NOW + s) * 1000, 20.0 + s] for s in (1, 2, 3)])
+        code, body = yield self.get("/api/readings?device=node-w")
+        self.assertEqual(code, 400)
+
+    @defer.inlineCallbacks
+    def test_metrics_count_the_requests_sent(self):
+        yield self.send_readings()
+        code, body = yield self.get("/metrics")
+        self.assertEqual(code, 200)
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(body.decode())
+                   for s in family.samples}
+        self.assertEqual(samples[("sense_coap_responses_total", (("code", "2.04"),))], 3)
+        self.assertEqual(samples[("sense_coap_responses_total", (("code", "4.00"),))], 1)
+        self.assertEqual(samples[("sense_processed_messages_total", (("outcome", "written"),))], 3)
+        self.assertEqual(samples[("sense_enqueue_latency_seconds_count", ())], 3)
+        self.assertEqual(samples[("sense_devices", ())], 1)
+        self.assertEqual(samples[("sense_dead_letters", ())], 0)
+
+    @defer.inlineCallbacks
+    def test_healthz_follows_the_sink_server(self):
+        code, body = yield self.get("/healthz")
+        self.assertEqual((code, orjson.loads(body)), (200, {"status": "ok"}))
+        port, data = self.vm.port, self.vm.data
+        self.vm.stop()
+        code, body = yield self.get("/healthz")
+        self.assertEqual(code, 503)
+        self.assertEqual(list(orjson.loads(body)["failing"]), ["sinks"])
+        self.vm = VictoriaMetrics(self, port=port, data=data)
+        code, _ = yield self.get("/healthz")
+        self.assertEqual(code, 200)
+
+    def test_binds_to_localhost_by_default(self):
+        self.assertEqual(self.gateway.web.address.host, "127.0.0.1")
+
+
+def _written():
+    from sense_gateway.processor import Outcome
+
+    return Outcome.WRITTEN
