@@ -28,16 +28,26 @@ def choose(factories: dict[str, Callable], name: str, key: str) -> Callable:
     return factories[name]
 
 
+def registry_factory(config, pm: SensePluginManager) -> Callable:
+    """``factory(config)`` of the registry ``registry.backend`` names."""
+    return choose(named_factories(pm, "sense_register_registries", "registry"),
+                  config.registry.backend, "registry.backend")
+
+
+def sink_factories(config, pm: SensePluginManager) -> list[Callable]:
+    """``factory(config)`` of every sink ``sinks.enabled`` names, in order."""
+    offered = named_factories(pm, "sense_register_sinks", "sink")
+    return [choose(offered, name, "sinks.enabled") for name in config.sinks.enabled]
+
+
 def processor_factory(config, pm: SensePluginManager) -> Callable:
     """A function building the :class:`~sense_gateway.processor.BatchProcessor`
     the configuration asks for; names are checked now, connections are
     made when it is called (on the thread that will use them)."""
     from sense_gateway.processor import BatchProcessor
 
-    registry = choose(named_factories(pm, "sense_register_registries", "registry"),
-                      config.registry.backend, "registry.backend")
-    sink_factories = named_factories(pm, "sense_register_sinks", "sink")
-    sinks = [choose(sink_factories, name, "sinks.enabled") for name in config.sinks.enabled]
+    registry = registry_factory(config, pm)
+    sinks = sink_factories(config, pm)
 
     def build() -> BatchProcessor:
         return BatchProcessor(registry(config), [make(config) for make in sinks])

@@ -135,11 +135,10 @@ def cmd_dlq_replay(config, args) -> int:
 
 
 def cmd_devices(config, args) -> int:
-    from sense_gateway.backends import choose, named_factories
+    from sense_gateway.backends import registry_factory
 
     pm = make_plugin_manager(config.disable_plugins, plugins_dir=config.plugins_dir)
-    registry = choose(named_factories(pm, "sense_register_registries", "registry"),
-                      config.registry.backend, "registry.backend")(config)
+    registry = registry_factory(config, pm)(config)
     try:
         records = registry.devices()
     finally:

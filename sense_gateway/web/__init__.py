@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import datetime
 import re
-import time
 
 import orjson
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.application.internet import TCPServer
-from twisted.application.service import MultiService, Service
+from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -261,13 +260,11 @@ class WebService(MultiService):
 
 def make_web(gateway, config, pm, reactor) -> WebService:
     """The web service of *gateway*, reading the backends the configuration names."""
-    from sense_gateway.backends import choose, named_factories
+    from sense_gateway.backends import registry_factory, sink_factories
     from sense_gateway.sinks.sqlite import SQLiteStore
 
-    registry = choose(named_factories(pm, "sense_register_registries", "registry"),
-                      config.registry.backend, "registry.backend")
-    sink_factories = named_factories(pm, "sense_register_sinks", "sink")
-    sinks = [choose(sink_factories, name, "sinks.enabled") for name in config.sinks.enabled]
+    registry = registry_factory(config, pm)
+    sinks = sink_factories(config, pm)
     backends = Backends(lambda: registry(config),
                         lambda: SQLiteStore(config.store_path, config.store.retention_days),
                         lambda: [make(config) for make in sinks])
