@@ -12,6 +12,7 @@ Both read the same configuration as the gateway (``--config``, ``SENSE_*``).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import orjson
@@ -171,7 +172,8 @@ def cmd_plugin_docs(config, args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sense", description="SENSE Gateway tools")
-    parser.add_argument("--config", "-c", help="TOML configuration file")
+    parser.add_argument("--config", "-c", default=os.environ.get("SENSE_CONFIG"),
+                        help="TOML configuration file (default: $SENSE_CONFIG)")
     parser.add_argument("--data-dir", help="directory of the embedded queue and stores")
     parser.add_argument("--plugins-dir", help="directory of drop-in plugin modules")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -84,6 +84,11 @@ def judge(state: SequenceState, seq: int | None) -> SequenceVerdict:
                                SequenceState(seq, window, counters))
 
     behind = MODULUS - ahead
+    if seq == 0 and behind > 1:
+        # Counters restart at 0: going back to it is a reboot, even early on
+        # (queue redeliveries are caught by envelope id before this).
+        counters = replace(c, received=c.received + 1, resets=c.resets + 1)
+        return SequenceVerdict(Verdict.RESET, 0, SequenceState(seq, 0, counters))
     if behind <= WINDOW:
         bit = 1 << (behind - 1)
         if state.window & bit:

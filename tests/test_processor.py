@@ -149,7 +149,7 @@ class InfluxRetryTests(TestCase):
         self.assertTrue(error.retryable)
         self.assertEqual(slept, [0.25, 0.5, 1.0])
 
-    def test_refused_points_are_not_retried(self):
+    def test_missing_database_is_a_set_up_problem_worth_retrying(self):
         from sense_gateway.sinks import MetricPoint, SinkError
 
         db = InfluxDB1(self)
@@ -159,5 +159,6 @@ class InfluxRetryTests(TestCase):
         self.addCleanup(sink.close)
         error = self.assertRaises(SinkError, sink.write,
                                   [MetricPoint("sense", {"device": "d"}, {"t": 1.0}, 1)])
-        self.assertEqual((error.retryable, slept), (False, []))
+        # Not the data's fault: the batch waits in the queue, not in dead letters.
+        self.assertEqual((error.retryable, slept), (True, [0.25, 0.5, 1.0]))
         self.assertIn("404", str(error))

@@ -75,3 +75,10 @@ class SequenceTests(SynchronousTestCase):
         verdicts, state = run([1, 1000, 999])
         self.assertEqual(verdicts, [Verdict.FIRST, Verdict.GAP, Verdict.LATE])
         self.assertEqual(state.counters.lost, 997)
+
+
+class EarlyRebootTests(SynchronousTestCase):
+    def test_back_to_zero_within_the_window_is_a_reset(self):
+        verdicts, state = run([0, 1, 2, 3, 4, 5, 0, 1])
+        self.assertEqual(verdicts[-2:], [Verdict.RESET, Verdict.NEXT])
+        self.assertEqual(state.counters.resets, 1)

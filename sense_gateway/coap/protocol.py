@@ -54,7 +54,15 @@ class GatewayResponder(coap.Responder):
     def dispatchRequest(self, request):
         if request is None:
             return None
-        return super().dispatchRequest(request)
+        d = super().dispatchRequest(request)
+        if d is None:
+            return None
+
+        def failed(failure):
+            # A resource that raised still owes the peer an answer.
+            log.failure("resource failed for {source}", failure, source=_source(request.remote))
+            self.respondWithError(request, coap.INTERNAL_SERVER_ERROR, b"internal error")
+        return d.addErrback(failed)
 
 
 class GatewayProtocol(coap.Coap):
@@ -172,7 +180,8 @@ class GatewayProtocol(coap.Coap):
         GatewayResponder(self, request)
 
     def processEmpty(self, message) -> None:
-        if message.mtype == coap.RST and message.mid in self.active_exchanges:
+        exchange = self.active_exchanges.get(message.mid)
+        if message.mtype == coap.RST and exchange is not None and exchange[0].remote == message.remote:
             # A reset answering a notification cancels the observation
             # (RFC 7641 3.6); txthings would keep notifying forever.
             self._forget_observer(self.active_exchanges[message.mid][0])

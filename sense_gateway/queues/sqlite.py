@@ -242,7 +242,14 @@ class _Transaction:
 
     def __exit__(self, kind, value, traceback) -> bool:
         if kind is None:
-            self.db.execute("COMMIT")
+            try:
+                self.db.execute("COMMIT")
+            except sqlite3.Error:
+                # A failed COMMIT leaves the transaction open: end it, or
+                # every later BEGIN fails too.
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
         elif self.db.in_transaction:
             self.db.execute("ROLLBACK")
         return False

@@ -46,7 +46,8 @@ _PRECISION = {"ns": (WritePrecision.NS, 1), "ms": (WritePrecision.MS, 1_000_000)
 
 
 def _retryable(status: int | None) -> bool:
-    return status is None or status == 429 or status >= 500
+    # 401/403/404 are the server's set-up (token, bucket), not the data's fault.
+    return status is None or status in (401, 403, 404, 429) or status >= 500
 
 
 class InfluxSink(MetricSink):
