@@ -9,21 +9,22 @@ BIN := $(VENV)/bin
 # twistd finds twisted/plugins only in a compat-mode editable install.
 PIP_INSTALL := $(BIN)/pip install --quiet --config-settings editable_mode=compat
 # Debian packages the tests use: command -> package.
-SYSTEM_PACKAGES := coap-client-notls:libcoap3-bin victoria-metrics:victoria-metrics influxd:influxdb
+SYSTEM_PACKAGES := coap-client-notls:libcoap3-bin victoria-metrics:victoria-metrics influxd:influxdb \
+	chromium:chromium shellcheck:shellcheck npm:npm
 
-.PHONY: run test test-pytest test-trial system-packages clean
+.PHONY: run test test-pytest test-trial system-packages web-packages clean
 
-run: $(VENV)/.installed
+run: $(VENV)/.installed web-packages
 	$(BIN)/twistd -n sense-gateway $(ARGS)
 
-test: $(VENV)/.installed-test system-packages
+test: $(VENV)/.installed-test system-packages node_modules/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	$(BIN)/python -m twisted.trial tests
 
-test-pytest: $(VENV)/.installed-test system-packages
+test-pytest: $(VENV)/.installed-test system-packages node_modules/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-trial: $(VENV)/.installed-test system-packages
+test-trial: $(VENV)/.installed-test system-packages node_modules/.installed
 	$(BIN)/python -m twisted.trial tests
 
 $(BIN)/python:
@@ -38,6 +39,18 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP_INSTALL) -e '.[test]'
 	touch $@
 
+# The dashboard's chart library (uPlot) and the browser test's driver
+# (playwright-core) come from npm at set-up time; nothing is vendored.
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# `make run` works without Node.js too: the dashboard then shows its tables
+# and says how to get the charts.
+web-packages:
+	@if command -v npm >/dev/null 2>&1; then $(MAKE) --no-print-directory node_modules/.installed; \
+	else echo "npm not found: the dashboard at http://127.0.0.1:8080/ will show no charts (apt-get install npm)"; fi
+
 system-packages:
 	@missing=""; \
 	for pair in $(SYSTEM_PACKAGES); do \
@@ -51,4 +64,4 @@ system-packages:
 	fi
 
 clean:
-	rm -rf $(VENV) var _trial_temp build *.egg-info
+	rm -rf $(VENV) var _trial_temp build *.egg-info node_modules

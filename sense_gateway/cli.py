@@ -5,6 +5,8 @@
     sense devices           the device registry (--json for scripts)
     sense dlq list|replay   dead letters with their reasons; back into the queue
     sense plugin-docs       docs/plugins.md, assembled from the code
+    sense bench             a CoAP load generator; --compare, --end-to-end
+    sense package-lambda    the AWS Lambda zip of the processor
 
 Both read the same configuration as the gateway (``--config``, ``SENSE_*``).
 """
@@ -170,7 +172,19 @@ def cmd_plugin_docs(config, args) -> int:
     return 0
 
 
+# Commands with their own argument parsers, in modules imported only when run.
+DELEGATED = {
+    "bench": ("sense_gateway.bench", "CoAP load generator: throughput, latency, --compare, --end-to-end"),
+    "package-lambda": ("sense_gateway.aws.package", "build the AWS Lambda zip of the processor"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
     parser = argparse.ArgumentParser(prog="sense", description="SENSE Gateway tools")
     parser.add_argument("--config", "-c", default=os.environ.get("SENSE_CONFIG"),
                         help="TOML configuration file (default: $SENSE_CONFIG)")
@@ -198,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     dlq_replay.set_defaults(run=cmd_dlq_replay)
     docs = commands.add_parser("plugin-docs", help="print docs/plugins.md from the code")
     docs.set_defaults(run=cmd_plugin_docs)
+    for name, (_, summary) in DELEGATED.items():
+        commands.add_parser(name, help=summary + f" (sense {name} --help)")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, overrides={
