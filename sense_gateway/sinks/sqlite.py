@@ -84,6 +84,26 @@ class SQLiteStore(MetricSink):
             args.append(measurement)
         return list(self.db.execute(sql + " ORDER BY time_ns", args))
 
+    def series(self, device: str, since_ns: int = 0, limit: int = 5000
+               ) -> dict[str, list[tuple[int, float]]]:
+        """Every numeric field of one device's readings since *since_ns*, for
+        the dashboard: ``{field: [(time_ns, value), ...]}``, oldest first, at
+        most the newest *limit* points per field. The device's own counters
+        (``sense_device``) are left out."""
+        fields = [f for (f,) in self.db.execute(
+            "SELECT DISTINCT field FROM readings WHERE device = ? AND time_ns >= ? "
+            "AND value IS NOT NULL AND measurement != 'sense_device' ORDER BY field",
+            (device, since_ns))]
+        out = {}
+        for field in fields:
+            rows = self.db.execute(
+                "SELECT time_ns, value FROM readings WHERE device = ? AND field = ? "
+                "AND time_ns >= ? AND value IS NOT NULL AND measurement != 'sense_device' "
+                "ORDER BY time_ns DESC LIMIT ?", (device, field, since_ns, limit)).fetchall()
+            rows.reverse()
+            out[field] = rows
+        return out
+
     def close(self) -> None:
         self.db.close()
 
