@@ -105,6 +105,9 @@ class WebConfig:
     enabled: bool = True
     bind: str = "127.0.0.1"
     port: int = 8080
+    #: where npm put the dashboard's chart library (uPlot); empty: the
+    #: checkout's node_modules, then ./node_modules
+    node_modules: str = ""
 
 
 @dataclass(frozen=True)

@@ -232,6 +232,21 @@ class GatewayProcess:
             yield deferLater(0.05)
         raise TimeoutError(f"gateway did not start: {self.output()}")
 
+    @defer.inlineCallbacks
+    def web_url(self, timeout: float = 20.0):
+        """The dashboard's base URL, as the gateway logged it once listening."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.process.returncode}: "
+                                   f"{self.output()}")
+            if self.log_path.exists():
+                found = re.search(rb"HTTP listening on (http://\S+/)", self.log_path.read_bytes())
+                if found:
+                    return found.group(1).decode()
+            yield deferLater(0.05)
+        raise TimeoutError(f"gateway's web did not start: {self.output()}")
+
     def output(self) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         if self.process.poll() is not None and self.process.stdout:

@@ -1,11 +1,16 @@
-"""The gateway's own HTTP side: a read-only JSON API, health and metrics.
+"""The gateway's own HTTP side: the dashboard, a read-only JSON API,
+health and metrics.
 
 Served by Twisted web in roles ``all`` and ``processor`` on ``web.port``
 (8080), bound to ``web.bind`` (127.0.0.1 unless configured):
 
+- ``/``: the dashboard (``static/``): devices and live charts, drawn with
+  uPlot, which npm installs at set-up time (``web.node_modules``);
 - ``/api/devices``: the registry, one object per device;
 - ``/api/readings?device=ID&field=NAME&since=-1h|ISO8601``: one field's
   history from the embedded store (``[[epoch ms, value], ...]``);
+- ``/api/series?device=ID&since=-1h|ISO8601``: every numeric field of a
+  device at once (``{"fields": {name: [[epoch ms, value], ...]}}``);
 - ``/api/stats``: CoAP responses by code, processor outcomes, queue depth;
 - ``/healthz``: 200 when the queue, the registry and every sink answer,
   503 naming the part that does not;
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import re
+from pathlib import Path
 
 import orjson
 from prometheus_client import CollectorRegistry, generate_latest
@@ -30,11 +36,19 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
-from twisted.web import resource, server
+from twisted.web import resource, server, static
 
 from sense_gateway.errors import code_text
 
 log = Logger()
+
+STATIC = Path(__file__).with_name("static")
+#: what the dashboard needs from npm's uPlot package, by the name it is served under
+UPLOT_FILES = {b"uPlot.iife.min.js": "uplot/dist/uPlot.iife.min.js",
+               b"uPlot.min.css": "uplot/dist/uPlot.min.css"}
+#: the page loads nothing from elsewhere: it works offline, and a device id
+#: that smuggles markup could not load a script anyway
+PAGE_POLICY = b"default-src 'self'; img-src 'self' data:; style-src 'self'; frame-ancestors 'none'"
 
 _RELATIVE = re.compile(r"-(\d+)([smhd])\Z")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -67,6 +81,11 @@ class Backends:
         if self.store is None:
             self.store = self._make_store()
         return self.store.query(device, field, since_ns)
+
+    def series(self, device, since_ns):
+        if self.store is None:
+            self.store = self._make_store()
+        return self.store.series(device, since_ns)
 
     def check_sinks(self):
         if self.sinks is None:
@@ -130,6 +149,65 @@ class ReadingsResource(_Async):
         return d.addCallback(lambda rows: _json(request, 200, {
             "device": args["device"], "field": args["field"],
             "points": [[t // 1_000_000, v] for t, v in rows]}))
+
+
+class SeriesResource(_Async):
+    def respond(self, request):
+        args = {k.decode(): v[0].decode() for k, v in request.args.items()}
+        if "device" not in args:
+            return _json(request, 400, {"error": "device is required"})
+        try:
+            since = parse_since(args.get("since", "-1h"), self.web.reactor.seconds())
+        except ValueError:
+            return _json(request, 400, {"error": "since: -<n>[smhd] or an ISO 8601 time"})
+        d = self.web.in_thread(self.web.backends.series, args["device"], int(since * 1e9))
+        return d.addCallback(lambda fields: _json(request, 200, {
+            "device": args["device"],
+            "fields": {name: [[t // 1_000_000, v] for t, v in rows]
+                       for name, rows in fields.items()}}))
+
+
+class _Page(static.File):
+    """A static file of the dashboard, never cached stale, never framed."""
+
+    def render_GET(self, request):
+        request.setHeader(b"cache-control", b"no-cache")
+        request.setHeader(b"content-security-policy", PAGE_POLICY)
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        return super().render_GET(request)
+
+
+class _Missing(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, what: str):
+        super().__init__()
+        self.what = what
+
+    def render_GET(self, request):
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return f"{self.what} is not installed: run `make run` (npm ci) in the checkout\n".encode()
+
+
+def find_node_modules(configured: str) -> Path | None:
+    """The node_modules holding uPlot: *configured*, else the checkout's, else ./node_modules."""
+    candidates = ([Path(configured)] if configured else
+                  [Path(__file__).resolve().parents[2] / "node_modules", Path("node_modules")])
+    for candidate in candidates:
+        if (candidate / "uplot" / "dist").is_dir():
+            return candidate
+    return None
+
+
+def vendor_resource(node_modules: Path | None) -> resource.Resource:
+    """``/vendor/``: only the files of uPlot the page uses, from npm's install."""
+    vendor = resource.Resource()
+    for name, relative in UPLOT_FILES.items():
+        path = node_modules / relative if node_modules is not None else None
+        vendor.putChild(name, _Page(str(path)) if path is not None and path.is_file()
+                        else _Missing("uPlot (npm package uplot)"))
+    return vendor
 
 
 class StatsResource(_Async):
@@ -196,15 +274,23 @@ class _StatsCollector:
 class WebService(MultiService):
     """The HTTP listener and the thread the web's reads run on."""
 
-    def __init__(self, gateway, backends: Backends, bind: str, port: int, reactor):
+    def __init__(self, gateway, backends: Backends, bind: str, port: int, reactor,
+                 node_modules: Path | None = None):
         super().__init__()
         self.gateway, self.backends, self.reactor = gateway, backends, reactor
         self._pool: ThreadPool | None = None
         root = resource.Resource()
+        root.putChild(b"", _Page(str(STATIC / "index.html")))
+        assets = resource.Resource()
+        for name in ("dashboard.js", "dashboard.css"):
+            assets.putChild(name.encode(), _Page(str(STATIC / name)))
+        root.putChild(b"static", assets)
+        root.putChild(b"vendor", vendor_resource(node_modules))
         api = resource.Resource()
         root.putChild(b"api", api)
         api.putChild(b"devices", DevicesResource(self))
         api.putChild(b"readings", ReadingsResource(self))
+        api.putChild(b"series", SeriesResource(self))
         api.putChild(b"stats", StatsResource(self))
         root.putChild(b"healthz", HealthResource(self))
         root.putChild(b"metrics", MetricsResource(self))
@@ -250,6 +336,9 @@ class WebService(MultiService):
         self._pool = ThreadPool(1, 1, name="sense-web")
         self._pool.start()
         super().startService()
+        address = self.address
+        host = f"[{address.host}]" if ":" in address.host else address.host
+        log.info("HTTP listening on http://{host}:{port}/", host=host, port=address.port)
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -268,4 +357,8 @@ def make_web(gateway, config, pm, reactor) -> WebService:
     backends = Backends(lambda: registry(config),
                         lambda: SQLiteStore(config.store_path, config.store.retention_days),
                         lambda: [make(config) for make in sinks])
-    return WebService(gateway, backends, config.web.bind, config.web.port, reactor)
+    node_modules = find_node_modules(config.web.node_modules)
+    if node_modules is None:
+        log.warn("uPlot not found (web.node_modules): the dashboard will show no charts; "
+                 "`make run` installs it with npm")
+    return WebService(gateway, backends, config.web.bind, config.web.port, reactor, node_modules)
