@@ -86,8 +86,51 @@ class WebTests(TestCase):
         code, _ = yield self.get("/healthz")
         self.assertEqual(code, 200)
 
+    @defer.inlineCallbacks
+    def test_series_gives_every_field_of_a_device(self):
+        url = coap_url("::1", self.gateway.port, "/data")
+        yield libcoap_request("post", url, orjson.dumps(
+            {"id": "node-s", "seq": 1, "ts": NOW, "data": {"temperature": 20.5, "humidity": 40,
+                                                          "state": "open"}}), 50)
+        yield eventually(lambda: self.gateway.worker.counts[_written()] == 1)
+        code, body = yield self.get("/api/series?device=node-s&since=2025-11-28T00:00:00Z")
+        self.assertEqual(code, 200)
+        # Text fields have no chart; the device's own counters are not readings.
+        self.assertEqual(orjson.loads(body), {"device": "node-s", "fields": {
+            "humidity": [[NOW * 1000, 40.0]], "temperature": [[NOW * 1000, 20.5]]}})
+        code, body = yield self.get("/api/series?since=-1h")
+        self.assertEqual((code, orjson.loads(body)), (400, {"error": "device is required"}))
+
+    @defer.inlineCallbacks
+    def test_dashboard_page_and_its_chart_library_are_served_locally(self):
+        response = yield treq.get(self.base + "/", pool=HTTPConnectionPool(reactor, persistent=False))
+        page = yield response.content()
+        self.assertEqual(response.code, 200)
+        self.assertIn(b"/vendor/uPlot.iife.min.js", page)
+        self.assertEqual(response.headers.getRawHeaders(b"content-security-policy")[0].split(b";")[0],
+                         b"default-src 'self'")
+        code, library = yield self.get("/vendor/uPlot.iife.min.js")
+        self.assertEqual(code, 200)
+        self.assertIn(b"uPlot", library)
+        code, _ = yield self.get("/vendor/")
+        self.assertEqual(code, 404)  # no directory listing of node_modules
+
     def test_binds_to_localhost_by_default(self):
         self.assertEqual(self.gateway.web.address.host, "127.0.0.1")
+
+
+class MissingChartLibraryTests(TestCase):
+    """Without npm's install the page still loads and says what is missing."""
+
+    @defer.inlineCallbacks
+    def test_missing_uplot_is_a_404_naming_the_fix(self):
+        gateway = start_gateway(self, role="all", **{"web.node_modules": self.mktemp()})
+        address = gateway.web.address
+        response = yield treq.get(f"http://{address.host}:{address.port}/vendor/uPlot.iife.min.js",
+                                  pool=HTTPConnectionPool(reactor, persistent=False))
+        body = yield response.content()
+        self.assertEqual(response.code, 404)
+        self.assertIn(b"npm", body)
 
 
 def _written():
