@@ -325,8 +325,34 @@ def validate(config: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value}")
-    if config.coap.time_interval <= 0:
-        raise ConfigError(f"coap.time_interval: must be positive, got {config.coap.time_interval}")
+    # Zero durations are not "off": a zero visibility timeout hands the same
+    # message to the next receive, a zero poll interval spins.
+    durations = {
+        "coap.time_interval": config.coap.time_interval,
+        "coap.exchange_lifetime": config.coap.exchange_lifetime,
+        "queue.visibility_timeout": config.queue.visibility_timeout,
+        "processor.poll_interval": config.processor.poll_interval,
+        "processor.retry_base": config.processor.retry_base,
+        "processor.retry_max": config.processor.retry_max,
+        "influxdb.timeout": config.influxdb.timeout,
+        "store.retention_days": config.store.retention_days,
+    }
+    for key, value in durations.items():
+        if not value > 0:  # NaN too
+            raise ConfigError(f"{key}: must be positive, got {value}")
+    at_least_zero = {
+        "queue.retry_after": config.queue.retry_after,
+        "influxdb.retries": config.influxdb.retries,
+        "validation.max_future": config.validation.max_future,
+    }
+    for key, value in at_least_zero.items():
+        if not value >= 0:
+            raise ConfigError(f"{key}: must be 0 or more, got {value}")
+    if config.processor.retry_max < config.processor.retry_base:
+        raise ConfigError(f"processor.retry_max: must be at least processor.retry_base "
+                          f"({config.processor.retry_base}), got {config.processor.retry_max}")
+    if not 0 <= config.web.port <= 65535:
+        raise ConfigError(f"web.port: out of range: {config.web.port}")
     if config.influxdb.api not in ("v1", "v2"):
         raise ConfigError(f"influxdb.api: must be 'v1' or 'v2', got {config.influxdb.api!r}")
     if config.influxdb.precision not in ("ns", "ms", "s"):
