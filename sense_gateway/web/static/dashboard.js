@@ -8,6 +8,7 @@
   // More charts than this make the page slow to draw and useless to read:
   // the filter narrows the list instead.
   const MAX_CHART_DEVICES = 24;
+  const MAX_ROWS = 500;
   const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
 
   const $ = (id) => document.getElementById(id);
@@ -67,7 +68,11 @@
     const now = Date.now() / 1000;
     const body = $("devices").tBodies[0];
     body.replaceChildren();
-    for (const d of devices) {
+    const rows = $("rows");
+    rows.hidden = devices.length <= MAX_ROWS;
+    rows.textContent = `The ${MAX_ROWS} devices seen last of ${devices.length.toLocaleString()}; ` +
+      "the device filter finds the others.";
+    for (const d of devices.slice(0, MAX_ROWS)) {
       const row = body.insertRow();
       row.dataset.device = d.id;
       cell(row, d.id, "id");
@@ -166,7 +171,8 @@
     const wanted = devices.slice(0, MAX_CHART_DEVICES).map((d) => d.id);
     const more = $("more");
     more.hidden = devices.length <= MAX_CHART_DEVICES;
-    more.textContent = `Charts for the ${MAX_CHART_DEVICES} devices seen last of ${devices.length}; ` +
+    more.textContent = `Charts for the ${MAX_CHART_DEVICES} devices seen last of ` +
+      `${devices.length.toLocaleString()}; ` +
       "the device filter picks others.";
     if (typeof uPlot === "undefined") {
       throw new Error("the chart library (npm package uplot) is not installed: run `make run` in the checkout");
