@@ -588,7 +588,7 @@ class DockerfileTests(TestCase):
 
     def instructions(self) -> list[tuple[str, str]]:
         text = (REPO / "Dockerfile").read_text()
-        text = re.sub(r"<<'(\w+)'.*?\n\1\n", "<<heredoc\n", text, flags=re.S)
+        text = re.sub(r"<<'(\w+)'.*?\n\1\n", "<<heredoc\n", text, flags=re.DOTALL)
         text = text.replace("\\\n", " ")
         return [tuple(line.split(None, 1)) for line in text.splitlines()
                 if line.strip() and not line.startswith("#")]
@@ -629,7 +629,7 @@ class DockerfileTests(TestCase):
     def healthcheck(self, **variables) -> int:
         text = (REPO / "Dockerfile").read_text()
         script = re.search(r"<<'PYTHON' /opt/sense-gateway/bin/sense-healthcheck\n(.*?)\nPYTHON\n",
-                           text, re.S).group(1)
+                           text, re.DOTALL).group(1)
         return subprocess.run([sys.executable, "-c", script], timeout=30,
                               env={**clean_environment(), **variables}).returncode
 

@@ -53,6 +53,8 @@ RUNTIME_PROVIDED = frozenset({"boto3", "botocore", "s3transfer", "jmespath",
 FORBIDDEN = frozenset({"twisted", "txthings"})
 #: The Lambda runtime's interpreter and platform.
 PYTHON = (3, 11)
+PYTHON_VERSION = f"{PYTHON[0]}.{PYTHON[1]}"
+CPYTHON_TAG = f"cp{PYTHON[0]}{PYTHON[1]}"
 MAX_GLIBC = (2, 26)  # Amazon Linux 2
 ARCHITECTURES = {"x86_64": "x86_64", "arm64": "aarch64"}
 
@@ -164,7 +166,7 @@ def handler_closure(roots=(HANDLER_MODULE, *PROCESSOR_PLUGINS)) -> tuple[dict[st
 
 def _target_environment(architecture: str) -> dict[str, str]:
     return {
-        "python_version": "%d.%d" % PYTHON, "python_full_version": "%d.%d.0" % PYTHON,
+        "python_version": PYTHON_VERSION, "python_full_version": f"{PYTHON_VERSION}.0",
         "implementation_name": "cpython", "platform_python_implementation": "CPython",
         "sys_platform": "linux", "os_name": "posix", "platform_system": "Linux",
         "platform_machine": ARCHITECTURES[architecture], "extra": "",
@@ -286,14 +288,13 @@ def wheel_fits(tags: list[str], architecture: str = "x86_64") -> bool:
         except ValueError:
             continue
         if platform == "any":
-            if python in ("py3", "py%d%d" % PYTHON, "cp%d%d" % PYTHON) and abi == "none":
+            if python in ("py3", f"py{PYTHON[0]}{PYTHON[1]}", CPYTHON_TAG) and abi == "none":
                 return True
             continue
-        if python == "cp%d%d" % PYTHON and abi in ("cp%d%d" % PYTHON, "abi3", "none"):
-            pass
-        elif abi == "abi3" and re.fullmatch(r"cp3(\d+)", python) and int(python[3:]) <= PYTHON[1]:
-            pass
-        else:
+        same_python = python == CPYTHON_TAG and abi in (CPYTHON_TAG, "abi3", "none")
+        stable_abi = (abi == "abi3" and re.fullmatch(r"cp3(\d+)", python) is not None
+                      and int(python[3:]) <= PYTHON[1])
+        if not (same_python or stable_abi):
             continue
         legacy = {"manylinux1": (2, 5), "manylinux2010": (2, 12), "manylinux2014": (2, 17)}
         match = re.fullmatch(r"(manylinux1|manylinux2010|manylinux2014)_(\w+)", platform)
@@ -337,11 +338,11 @@ def _pip_entries(dists, architecture: str, workdir: Path) -> dict[str, Path]:
     """The same distributions, as wheels for the Lambda platform."""
     target = workdir / "site"
     command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile",
-               "--only-binary=:all:", "--implementation", "cp", "--python-version", "%d.%d" % PYTHON,
+               "--only-binary=:all:", "--implementation", "cp", "--python-version", PYTHON_VERSION,
                "--platform", f"manylinux2014_{ARCHITECTURES[architecture]}",
                "--target", str(target),
                *(f"{d.metadata['Name']}=={d.version}" for d in dists)]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise PackageError(f"pip could not fetch the Lambda wheels: {result.stderr.strip()[-500:]}")
     entries = {}
