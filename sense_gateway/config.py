@@ -34,6 +34,9 @@ class CoapConfig:
     exchange_lifetime: float = 247.0
     time_interval: float = 60.0
     max_observers: int = 256
+    #: serve single-datagram POSTs to ingest paths without txthings'
+    #: per-request machinery (docs/coap.md); false to compare
+    fast_path: bool = True
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import os
+import random
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -112,6 +113,14 @@ class Envelope:
         )
 
 
+# Ids come from a generator seeded from the OS (and reseeded in a forked
+# child): os.urandom per id is a system call that lets go of the GIL, and
+# the queue's writer thread then holds the busy reactor thread up.
+_ids = random.Random(os.urandom(32))
+os.register_at_fork(after_in_child=lambda: _ids.seed(os.urandom(32)))
+_id_bits = _ids.getrandbits
+
+
 def new_envelope_id() -> str:
     """A 96-bit random id, unique enough across gateways without coordination."""
-    return os.urandom(12).hex()
+    return "%024x" % _id_bits(96)

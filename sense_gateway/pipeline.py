@@ -9,15 +9,15 @@ envelope is durable.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 
 from prometheus_client import Histogram
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from sense_gateway.config import Config
-from sense_gateway.envelope import Envelope, RequestContext, new_envelope_id
+from sense_gateway.envelope import Envelope, Reading, RequestContext, new_envelope_id
 from sense_gateway.errors import (
     DecodeError,
     PluginLoadError,
@@ -27,6 +27,7 @@ from sense_gateway.errors import (
     ValidationError,
 )
 from sense_gateway.formats import Format
+from sense_gateway.queues import EnvelopeQueue
 
 log = Logger()
 
@@ -73,6 +74,37 @@ class IngestPipeline:
 
     def accept(self, payload: bytes, context: RequestContext) -> Deferred:
         """Turn one request into a queued envelope, or raise why not."""
+        stored = self.queue.put([self.prepare(payload, context)])
+        if self._clock is not None:
+            stored.addCallback(self._observe, context.received)
+        return stored
+
+    def submit(self, payload: bytes, context: RequestContext,
+               done: Callable[[BaseException | None], object]) -> None:
+        """:meth:`accept` without a Deferred, for the CoAP hot path.
+
+        Raises a :class:`RequestError` at once like :meth:`accept`; otherwise
+        calls ``done(None)`` once the envelope is durable, or ``done(error)``
+        (possibly before returning) when the queue cannot take it.
+        """
+        envelope = self.prepare(payload, context)
+        put_then = getattr(self.queue, "put_then", None)
+        if put_then is None:
+            # A queue that only has the basic contract.
+            put_then = partial(EnvelopeQueue.put_then, self.queue)
+        if self._clock is None:
+            put_then([envelope], done)
+            return
+        received, clock, latency = context.received, self._clock, self.enqueue_latency
+
+        def stored(error: BaseException | None) -> None:
+            if error is None:
+                latency.observe(clock.seconds() - received)
+            done(error)
+        put_then([envelope], stored)
+
+    def prepare(self, payload: bytes, context: RequestContext) -> Envelope:
+        """Decode and validate one request into an envelope, or raise why not."""
         if len(payload) > self._max_payload:
             raise TooLarge(f"payload over {self._max_payload} bytes")
         route = self._routes[context.path]
@@ -91,8 +123,9 @@ class IngestPipeline:
             log.failure("decoder {format} failed", format=fmt.name)
             raise DecodeError(f"{fmt.name} decoder failed: {type(e).__name__}") from e
 
+        received = context.received
         readings = [
-            r if r.ts is not None else dataclasses.replace(r, ts=context.received)
+            r if r.ts is not None else Reading(r.fields, received, r.measurement, r.tags)
             for r in decoded.readings
         ]
         host = context.source_host
@@ -112,10 +145,7 @@ class IngestPipeline:
         for problems in self._validate(envelope=envelope, config=self.config):
             if problems:
                 raise ValidationError(problems[0])
-        stored = self.queue.put([envelope])
-        if self._clock is not None:
-            stored.addCallback(self._observe, context.received)
-        return stored
+        return envelope
 
     def _observe(self, result, received: float):
         self.enqueue_latency.observe(self._clock.seconds() - received)

@@ -140,6 +140,7 @@ def _make_gateway(config, pm, queue, reactor) -> GatewayParts:
         exchange_lifetime=config.coap.exchange_lifetime,
         max_exchanges=config.coap.dedup_entries,
         max_payload=config.coap.max_payload,
+        fast_path=config.coap.fast_path,
     )
     protocol.observable_resources = [r for _, r in walk(root) if getattr(r, "observable", False)]
     coap_server = CoapServer(protocol, config.coap.bind, config.coap.port, reactor)

@@ -7,7 +7,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sense_gateway.config import Config, QueueConfig
@@ -25,6 +25,14 @@ def envelope(seq=1) -> Envelope:
     return Envelope(id=new_envelope_id(), device="node-1", seq=seq, received=1764300000.0,
                     source="[::1]:1", transport="coap", identity=None, path="/data",
                     content_format=50, readings=[Reading({"t": float(seq)}, 1764300000.0)])
+
+
+@defer.inlineCallbacks
+def until_committing(queue):
+    """Wait for the end of the reactor turn that starts the queue's next
+    transaction."""
+    while not queue._committing:
+        yield task.deferLater(reactor, 0, lambda: None)
 
 
 class Clock:
@@ -213,16 +221,56 @@ class ServiceTests(TestCase):
         self.assertEqual((message.envelope, message.receive_count), (sent, 1))
 
     @defer.inlineCallbacks
+    def test_puts_in_one_reactor_turn_share_one_transaction(self):
+        queue = self.start()
+        sent = [envelope(seq) for seq in range(200)]
+        # Issued in one turn of the reactor, as the datagrams one read of
+        # the socket brings: one transaction when the turn ends.
+        yield defer.gatherResults([queue.put([e]) for e in sent])
+        self.assertEqual([size for size, _ in queue.batches], [200])
+        self.assertEqual(queue.transactions, 1)
+        received = yield queue.receive(200)
+        self.assertEqual([m.envelope for m in received], sent)
+
+    @defer.inlineCallbacks
     def test_puts_during_a_commit_go_together_in_the_next_transaction(self):
         queue = self.start()
         sent = [envelope(seq) for seq in range(200)]
-        # All issued in one reactor turn: the first starts a transaction at
-        # once, the other 199 wait for it and then share one.
-        yield defer.gatherResults([queue.put([e]) for e in sent])
+        first = queue.put(sent[:1])
+        yield until_committing(queue)
+        rest = [queue.put([e]) for e in sent[1:]]
+        yield defer.gatherResults([first] + rest)
         self.assertEqual([size for size, _ in queue.batches], [1, 199])
         self.assertEqual(queue.transactions, 2)
         received = yield queue.receive(200)
         self.assertEqual([m.envelope for m in received], sent)
+
+    @defer.inlineCallbacks
+    def test_put_then_calls_back_once_committed_without_a_deferred(self):
+        queue = self.start()
+        sent = [envelope(seq) for seq in range(3)]
+        seen_at_callback = []
+        done = defer.Deferred()
+
+        def stored(error):
+            seen_at_callback.append((error, len(self.stored_ids())))
+            if len(seen_at_callback) == len(sent):
+                done.callback(None)
+        for e in sent:
+            queue.put_then([e], stored)
+        self.assertEqual(seen_at_callback, [])  # nothing before the commit
+        yield done
+        self.assertEqual(seen_at_callback, [(None, 3)] * 3)
+
+    def test_put_then_reports_a_full_queue_at_once(self):
+        queue = self.start(max_pending=1, retry_after=4)
+        errors = []
+        queue.put_then([envelope(1)], errors.append)
+        queue.put_then([envelope(2)], errors.append)
+        [error] = errors
+        self.assertIsInstance(error, Unavailable)
+        self.assertEqual((error.diagnostic, error.max_age), ("queue full", 4))
+        return queue.stopService()
 
     @defer.inlineCallbacks
     def test_each_put_fires_only_after_its_envelopes_are_committed(self):
@@ -255,7 +303,7 @@ class ServiceTests(TestCase):
     def test_batches_are_bounded(self):
         queue = self.start(max_batch=50)
         yield defer.gatherResults([queue.put([envelope(i)]) for i in range(200)])
-        self.assertEqual([size for size, _ in queue.batches], [1, 50, 50, 50, 49])
+        self.assertEqual([size for size, _ in queue.batches], [50, 50, 50, 50])
 
     @defer.inlineCallbacks
     def test_a_put_larger_than_max_batch_is_not_split(self):
@@ -274,6 +322,7 @@ class ServiceTests(TestCase):
     def test_overflow_is_unavailable_with_max_age(self):
         queue = self.start(max_pending=10, retry_after=7)
         in_flight = queue.put([envelope(0)])
+        yield until_committing(queue)
         waiting = [queue.put([envelope(i)]) for i in range(1, 11)]
         refused = queue.put([envelope(99)])
         error = yield self.assertFailure(refused, Unavailable)
@@ -290,11 +339,11 @@ class ServiceTests(TestCase):
         db.execute("CREATE TRIGGER refuse BEFORE INSERT ON messages "
                    "BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
         db.commit()
-        # Two transactions: the first put alone, then the other four together.
+        # One transaction for the five puts, one log entry for it.
         failed = [self.assertFailure(queue.put([envelope(i)]), Unavailable) for i in range(1, 6)]
         errors = yield defer.gatherResults(failed)
         self.assertEqual({(e.diagnostic, e.max_age) for e in errors}, {("queue write failed", 3)})
-        self.assertEqual(len(self.flushLoggedErrors(sqlite3.IntegrityError)), 2)
+        self.assertEqual(len(self.flushLoggedErrors(sqlite3.IntegrityError)), 1)
         # The queue recovers once the disk does.
         db.execute("DROP TRIGGER refuse")
         db.commit()

@@ -156,15 +156,16 @@ class Request(coap.Message):
         return response
 
 
-def decode(data: bytes, host: str, port: int, protocol) -> coap.Message:
+def decode(data: bytes, host: str, port: int, protocol, remote=None) -> coap.Message:
     """Parse a datagram into a txthings :class:`~txthings.coap.Message`.
 
     Raises :class:`MalformedMessage` for anything RFC 7252 calls a message
     format error, and :class:`BadOption` for requests whose options we
     must refuse; the message is attached to the latter as ``.message``.
+    *remote*, if given, is the ``(ip_address(host), port)`` to use.
     """
     numbers = check_datagram(data)
-    message = coap.Message.decode(data, (ip_address(host), port), protocol)
+    message = coap.Message.decode(data, remote or (ip_address(host), port), protocol)
     if not isinstance(message.payload, bytes):
         message.payload = b""
     if coap.isRequest(message.code):
@@ -177,3 +178,78 @@ def decode(data: bytes, host: str, port: int, protocol) -> coap.Message:
             e.message = message
             raise
     return message
+
+
+# Options a request may carry and still take the hot path, with the
+# lengths RFC 7252 5.10 allows them. Uri-Host and Uri-Port name this
+# server and change nothing.
+_INGEST_OPTIONS = {
+    coap.URI_HOST: (1, 255),
+    coap.URI_PORT: (0, 2),
+    coap.URI_PATH: (0, 255),
+    coap.CONTENT_FORMAT: (0, 2),
+}
+
+
+def parse_simple_post(data: bytes):
+    """The hot case, parsed in one pass: a well-formed CON or NON POST in one
+    datagram whose options are only Uri-Host, Uri-Port, Uri-Path and
+    Content-Format, each of a valid length.
+
+    Returns ``(mtype, message id, token, path segments, content format or
+    None, payload)``, or ``None`` for anything else (other codes or
+    options, Block1, Observe, anything malformed), which the caller hands
+    to the full path: that one parses again and answers exactly as it
+    always does.
+    """
+    size = len(data)
+    if size < 4:
+        return None
+    first = data[0]
+    token_length = first & 0x0F
+    # Version 1, CON (0) or NON (1), token length 0..8; code 0.02 POST.
+    if first & 0xE0 != 0x40 or token_length > 8 or data[1] != 2:
+        return None
+    at = 4 + token_length
+    if at > size:
+        return None
+    segments = []
+    content_format = None
+    number = 0
+    payload = b""
+    while at < size:
+        byte = data[at]
+        at += 1
+        if byte == 0xFF:
+            if at == size:
+                return None  # payload marker without payload
+            payload = data[at:]
+            break
+        delta = byte >> 4
+        length = byte & 0x0F
+        if delta > 12 or length > 12:
+            # Extended deltas only reach options we leave to the full path
+            # (or reserved values); long values: only Uri-Host and Uri-Path
+            # may be that long, and rarely are.
+            if delta > 12:
+                return None
+            if length == 13:
+                if at >= size:
+                    return None
+                length = data[at] + 13
+                at += 1
+            else:
+                return None
+        number += delta
+        bounds = _INGEST_OPTIONS.get(number)
+        if bounds is None or not bounds[0] <= length <= bounds[1] or at + length > size:
+            return None
+        if number == coap.URI_PATH:
+            segments.append(data[at:at + length])
+        elif number == coap.CONTENT_FORMAT:
+            if content_format is not None:
+                return None  # repeated: the full path decides
+            content_format = int.from_bytes(data[at:at + length], "big")
+        at += length
+    return (first >> 4) & 0x03, (data[2] << 8) | data[3], data[4:4 + token_length], \
+        tuple(segments), content_format, payload

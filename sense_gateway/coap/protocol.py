@@ -11,16 +11,19 @@ client resets or stops answering), and per-datagram logging.
 from __future__ import annotations
 
 import socket
-from collections import Counter
+from collections import Counter, deque
+from ipaddress import ip_address
 
 from twisted.application.service import Service
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from txthings import coap
 from txthings import error as txerror
 
 from sense_gateway.coap.exchanges import ExchangeCache
-from sense_gateway.coap.message import BadOption, MalformedMessage, decode
-from sense_gateway.errors import code_text
+from sense_gateway.coap.message import BadOption, MalformedMessage, decode, parse_simple_post
+from sense_gateway.coap.resources import IngestResource, error_response, source_host, walk
+from sense_gateway.errors import RequestError, Unavailable, code_text
 
 log = Logger()
 
@@ -65,11 +68,55 @@ class GatewayResponder(coap.Responder):
         return d.addErrback(failed)
 
 
+class _InFlight:
+    """A hot-path request whose envelope the queue has not committed yet."""
+
+    __slots__ = ("protocol", "key", "mtype", "mid", "token", "addr", "remote", "received",
+                 "state")
+
+    def __init__(self, protocol, key, mtype, mid, token, addr, remote, received):
+        self.protocol = protocol
+        self.key = key
+        self.mtype = mtype
+        self.mid = mid
+        self.token = token
+        self.addr = addr
+        self.remote = remote
+        self.received = received
+        self.state = _WAITING
+
+    def done(self, error) -> None:
+        """The queue's answer: ``None`` once committed, else the error."""
+        self.protocol._stored(self, error)
+
+
+# States of an _InFlight request.
+_WAITING, _EMPTY_ACK_SENT, _ANSWERED = range(3)
+
+#: Hot-path requests waiting for their commit at once; beyond that, 5.03.
+MAX_IN_FLIGHT = 65536
+
+#: Hosts whose parsed address is remembered (cleared when full).
+_MAX_HOSTS = 65536
+
+_CHANGED_ACK = 0x60  # version 1, ACK
+_CHANGED_NON = 0x50  # version 1, NON
+
+
 class GatewayProtocol(coap.Coap):
-    """A CoAP server endpoint for a txthings resource tree."""
+    """A CoAP server endpoint for a txthings resource tree.
+
+    With *fast_path* (the default), the hot case (a single-datagram CON or
+    NON POST to an ingest resource, see :func:`parse_simple_post`) is
+    served here without txthings' per-request objects, Deferreds and
+    timers: parsed in one pass, deduplicated in the same exchange cache,
+    decoded and validated at once, and answered when the queue's group
+    commit reports the envelope stored. Everything else takes txthings'
+    path.
+    """
 
     def __init__(self, endpoint, *, clock, exchange_lifetime: float, max_exchanges: int,
-                 max_payload: int):
+                 max_payload: int, fast_path: bool = True, max_in_flight: int = MAX_IN_FLIGHT):
         super().__init__(endpoint)
         self.clock = clock
         self.max_payload = max_payload
@@ -84,13 +131,32 @@ class GatewayProtocol(coap.Coap):
         self.malformed = 0
         self.duplicates = 0
         self._stopped = False
+        #: ingest resources by Uri-Path segments, for the hot path
+        self.ingest_routes = _ingest_routes(endpoint) if fast_path else {}
+        self.max_in_flight = max_in_flight
+        #: requests served on the hot path (retransmissions not counted)
+        self.hot_path = 0
+        #: hot-path requests waiting for their commit
+        self.in_flight = 0
+        # Confirmable hot-path requests in arrival order, for the empty ACK
+        # of those still waiting after EMPTY_ACK_DELAY: one timer for all.
+        self._waiting: deque[_InFlight] = deque()
+        self._empty_ack_timer = None
+        # host as received -> (ip_address, device address)
+        self._hosts: dict = {}
 
     # -- receiving ---------------------------------------------------------
 
     def datagramReceived(self, data: bytes, addr) -> None:
+        if self.ingest_routes:
+            request = parse_simple_post(data)
+            if request is not None:
+                ingest = self.ingest_routes.get(request[3])
+                if ingest is not None and self._ingest(ingest, request, addr):
+                    return
         host, port = addr[0], addr[1]
         try:
-            message = decode(data, host, port, self)
+            message = decode(data, host, port, self, self._peer(addr)[0])
         except MalformedMessage as e:
             self.malformed += 1
             log.debug("malformed datagram from {host} port {port}: {reason}",
@@ -123,6 +189,141 @@ class GatewayProtocol(coap.Coap):
             if coap.isRequest(message.code) and self.exchanges.response(
                     (message.mid, message.remote)) is None:
                 self.respond_directly(message, coap.INTERNAL_SERVER_ERROR, "internal error")
+
+    # -- the hot path --------------------------------------------------------
+
+    def _peer(self, addr):
+        """``((ip_address, port), device address)`` for a received address;
+        each host's address is parsed once, not once per datagram."""
+        host = self._hosts.get(addr[0])
+        if host is None:
+            parsed = ip_address(addr[0])
+            host = (parsed, source_host(parsed))
+            if len(self._hosts) >= _MAX_HOSTS:
+                self._hosts.clear()
+            self._hosts[addr[0]] = host
+        return (host[0], addr[1]), host[1]
+
+    def _ingest(self, ingest, request, addr) -> bool:
+        """Serve a parsed hot-path request; ``False`` leaves it to txthings."""
+        mtype, mid, token, segments, content_format, payload = request
+        remote, device_host = self._peer(addr)
+        if self.incoming_requests and (
+                coap.uriPathAsString(segments), remote) in self.incoming_requests:
+            # A plain request in the middle of a block-wise upload to the
+            # same path ends that upload: txthings' rules.
+            return False
+        key = (mid, remote)
+        exchanges = self.exchanges
+        if exchanges.seen(key):
+            self.duplicates += 1
+            if mtype == coap.CON:
+                datagram = exchanges.response(key)
+                if datagram is not None:
+                    self._send_to(datagram, addr)
+            return True
+        self.hot_path += 1
+        received = self.clock.seconds()
+        pending = _InFlight(self, key, mtype, mid, token, addr, remote, received)
+        # Counted until answered, exactly once, whichever way.
+        self.in_flight += 1
+        if self.in_flight > self.max_in_flight:
+            self._answer_error(pending, Unavailable("too many requests in flight", max_age=1))
+            return True
+        try:
+            ingest.submit(payload, content_format, device_host, addr[1], received, pending.done)
+        except RequestError as e:
+            self._answer_error(pending, e)
+        except Exception:
+            log.failure("failed to handle a message from {host} port {port}",
+                        host=addr[0], port=addr[1])
+            self._answer_error(pending, None)
+        else:
+            if pending.state == _WAITING and mtype == coap.CON:
+                self._waiting.append(pending)
+                if self._empty_ack_timer is None:
+                    self._empty_ack_timer = self.clock.callLater(
+                        coap.EMPTY_ACK_DELAY, self._send_empty_acks)
+        return True
+
+    def _stored(self, pending: _InFlight, error) -> None:
+        """The queue answered for *pending*: send its response."""
+        if self._stopped:
+            return  # nobody to answer, and no retransmission timers to leave
+        if error is not None:
+            if not isinstance(error, RequestError):
+                log.failure("enqueue failed", Failure(error))
+                error = Unavailable("queue error")
+            self._answer_error(pending, error)
+            return
+        state = pending.state
+        if state == _ANSWERED:
+            return
+        pending.state = _ANSWERED
+        self.in_flight -= 1
+        if state == _WAITING:
+            token, mid = pending.token, pending.mid
+            if pending.mtype == coap.CON:
+                datagram = bytes((_CHANGED_ACK | len(token), coap.CHANGED, mid >> 8, mid & 0xFF)) + token
+                self.exchanges.record_response(pending.key, datagram)
+            else:
+                mid = self.nextMessageID()
+                datagram = bytes((_CHANGED_NON | len(token), coap.CHANGED, mid >> 8, mid & 0xFF)) + token
+            self.responses[coap.CHANGED] += 1
+            self._send_to(datagram, pending.addr)
+        else:
+            # The device has its empty ACK: the answer goes separately, as
+            # a confirmable message, retransmitted until acknowledged.
+            self.sendMessage(self._response_to(pending, coap.Message(code=coap.CHANGED), True))
+
+    def _answer_error(self, pending: _InFlight, error) -> None:
+        """Answer *pending* with *error* (``None``: 5.00), as the resource would."""
+        state = pending.state
+        if state == _ANSWERED or self._stopped:
+            return
+        pending.state = _ANSWERED
+        self.in_flight -= 1
+        if error is None:
+            response = coap.Message(code=coap.INTERNAL_SERVER_ERROR, payload=b"internal error")
+        else:
+            response = error_response(error)
+        self.sendMessage(self._response_to(pending, response, state == _EMPTY_ACK_SENT))
+
+    @staticmethod
+    def _response_to(pending: _InFlight, response, separate: bool):
+        """Address *response* the way txthings' ``Responder.sendResponse`` does:
+        piggybacked on the ACK, separate (CON) after an empty ACK, NON for NON."""
+        response.token = pending.token
+        response.remote = pending.remote
+        if separate:
+            response.mtype = coap.CON
+        elif pending.mtype == coap.CON:
+            response.mtype, response.mid = coap.ACK, pending.mid
+        else:
+            response.mtype = coap.NON
+        return response
+
+    def _send_empty_acks(self) -> None:
+        """Acknowledge, empty, every confirmable request still waiting for
+        the queue after EMPTY_ACK_DELAY, so the device stops retransmitting
+        (RFC 7252 5.2.2); then wait for the next one to come due."""
+        self._empty_ack_timer = None
+        waiting = self._waiting
+        now = self.clock.seconds()
+        while waiting:
+            pending = waiting[0]
+            if pending.state != _WAITING:
+                waiting.popleft()
+                continue
+            due = pending.received + coap.EMPTY_ACK_DELAY
+            if due > now:
+                self._empty_ack_timer = self.clock.callLater(due - now, self._send_empty_acks)
+                return
+            waiting.popleft()
+            pending.state = _EMPTY_ACK_SENT
+            ack = coap.Message(mtype=coap.ACK, mid=pending.mid, code=coap.EMPTY)
+            ack.remote = pending.remote
+            self.sendMessage(ack)
 
     def deduplicateMessage(self, message) -> bool:
         key = (message.mid, message.remote)
@@ -191,6 +392,11 @@ class GatewayProtocol(coap.Coap):
         """End every exchange still holding a timer, so a stopped gateway
         leaves nothing behind in the reactor."""
         self._stopped = True
+        if self._empty_ack_timer is not None:
+            if self._empty_ack_timer.active():
+                self._empty_ack_timer.cancel()
+            self._empty_ack_timer = None
+        self._waiting.clear()
         for key in list(self.incoming_requests):
             self._end_transfer(key)
         for _, retransmission in self.active_exchanges.values():
@@ -248,6 +454,24 @@ class GatewayProtocol(coap.Coap):
         rst = coap.Message(mtype=coap.RST, mid=message_id, code=coap.EMPTY)
         self._write(rst.encode(), addr)
 
+    def makeConnection(self, transport) -> None:
+        # Straight to the socket on the hot path: Twisted's Port.write checks
+        # the address (a string from recvfrom, so a valid one) every time.
+        sock = getattr(transport, "socket", None)
+        self._sendto = sock.sendto if sock is not None else transport.write
+        super().makeConnection(transport)
+
+    def _send_to(self, datagram: bytes, addr) -> None:
+        """Send to an address as received (no parsing, no checks)."""
+        if self._stopped:
+            return
+        try:
+            self._sendto(datagram, addr)
+        except OSError as e:
+            # Full socket buffer or unreachable peer: like a lost datagram,
+            # the device retransmits.
+            log.debug("cannot send to {source}: {error}", source=addr, error=e)
+
     def _write(self, datagram: bytes, remote) -> None:
         if self._stopped:
             return
@@ -269,6 +493,27 @@ class GatewayProtocol(coap.Coap):
         key = (message.remote, message.token)
         for resource in self.observable_resources:
             resource.observers.pop(key, None)
+
+
+def _ingest_routes(endpoint) -> dict:
+    """Uri-Path segments -> ingest resource, for every ingest resource that
+    txthings' own lookup would find at that path."""
+    routes = {}
+    for path, res in walk(endpoint.resource):
+        # A subclass that renders POST its own way keeps txthings' path.
+        if not isinstance(res, IngestResource) or (
+                type(res).render_POST is not IngestResource.render_POST):
+            continue
+        segments = tuple(path.encode("utf-8").strip(b"/").split(b"/"))
+        probe = coap.Message(code=coap.POST)
+        probe.prepath, probe.postpath = [], list(segments)
+        try:
+            found = endpoint.getResourceFor(probe)
+        except Exception:
+            continue
+        if found is res:
+            routes[segments] = res
+    return routes
 
 
 def _is_next_block2(request, app_response) -> bool:

@@ -157,6 +157,15 @@ class IngestResource(GatewayResource):
             return defer.succeed(error_response(e))
         return stored.addCallbacks(self._stored, self._not_stored)
 
+    def submit(self, payload: bytes, content_format: int | None, host: str, port: int,
+               received: float, done) -> None:
+        """The protocol's hot path: what :meth:`render_POST` does, with the
+        request already taken apart and *done* called once stored (see
+        :meth:`IngestPipeline.submit`). Raises a :class:`RequestError` for
+        a request refused at once."""
+        context = RequestContext(self.path, content_format, host, port, received)
+        self.pipeline.submit(payload, context, done)
+
     @staticmethod
     def _stored(_):
         return coap.Message(code=coap.CHANGED)

@@ -24,15 +24,23 @@ Configuration (``[queue]``):
   being deleted moves to the dead letters with its last failure reason
   (``sense dlq list``), from where ``sense dlq replay`` puts it back.
 
-Group commit: puts that arrive while a transaction is being written wait
+Group commit: puts made in one turn of the reactor (the datagrams one
+read of the socket brought) go together in one transaction, started when
+that turn ends; puts that arrive while a transaction is being written wait
 and go together in the next one, started the moment the current one
 commits. Under load one fsync acknowledges hundreds of messages; an idle
-gateway writes each put at once, with no timer and no added delay.
+gateway writes each put in the turn it arrives, with no added delay.
+:meth:`SQLiteQueue.put_then` reports each put to a plain callable from the
+transaction's completion, so the CoAP hot path needs no Deferred per
+request.
 
 Threads: all SQLite work happens on one thread of the queue's own (never
 the reactor's pool, which DNS uses), which opens the connection and is the
 only one to use it. The reactor thread only serialises envelopes and hands
-them over, one hop per transaction, not per message.
+them over, one hop per transaction, not per message. A transaction is one
+``INSERT ... SELECT FROM json_each(?)`` statement in autocommit mode: that
+thread needs the GIL back from the busy reactor thread once per
+transaction, not once per row.
 
 The file can be read while the gateway runs or after it was killed: open
 it with :class:`SQLiteQueueStore` (WAL lets a reader see every committed
@@ -51,6 +59,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import orjson
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -87,6 +96,14 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 
 _SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
 
+def _has_json_each(db: sqlite3.Connection) -> bool:
+    """Whether this SQLite has the JSON functions (built in since 3.38)."""
+    try:
+        db.execute("SELECT count(*) FROM json_each('[]')").fetchone()
+    except sqlite3.OperationalError:
+        return False
+    return True
+
 
 class SQLiteQueueStore:
     """The queue file, synchronously: one connection, used from one thread.
@@ -121,6 +138,7 @@ class SQLiteQueueStore:
                          path=str(self.path), mode=mode)
             self.db.execute(f"PRAGMA synchronous={_SYNCHRONOUS[synchronous]}")
             self.db.executescript(_SCHEMA)
+            self._json_each = _has_json_each(self.db)
         except BaseException:
             self.db.close()
             raise
@@ -131,6 +149,24 @@ class SQLiteQueueStore:
     def put_many(self, bodies: Iterable[bytes]) -> None:
         """Append envelope documents, all in one transaction."""
         now = self.clock()
+        bodies = list(bodies)
+        if self._json_each:
+            try:
+                texts = orjson.dumps([body.decode("utf-8") for body in bodies])
+            except (UnicodeDecodeError, AttributeError):
+                pass  # not all UTF-8 bytes: the general way below
+            else:
+                # One statement in autocommit mode is one transaction, and
+                # one step: the sqlite3 module lets go of the GIL and must
+                # take it back from the busy reactor thread once per step,
+                # not once per row (executemany) or per BEGIN and COMMIT.
+                # A writing statement takes the write lock as it starts, as
+                # BEGIN IMMEDIATE would.
+                self.db.execute(
+                    "INSERT INTO messages (body, enqueued_at, visible_at) "
+                    "SELECT CAST(value AS BLOB), ?, 0 FROM json_each(?) ORDER BY key",
+                    (now, texts))
+                return
         with self._transaction():
             self.db.executemany(
                 "INSERT INTO messages (body, enqueued_at, visible_at) VALUES (?, ?, 0)",
@@ -286,10 +322,12 @@ class SQLiteQueue(EnvelopeQueue):
         self._store: SQLiteQueueStore | None = None
         self._pool: ThreadPool | None = None
         self._closing = False
-        # (serialised envelopes of one put, its Deferred), oldest first.
-        self._pending: deque[tuple[list[bytes], Deferred[None]]] = deque()
+        # (serialised envelopes of one put, what to call when it is done:
+        # with None once committed, with the error if not), oldest first.
+        self._pending: deque[tuple[list[bytes], Callable[[BaseException | None], object]]] = deque()
         self._pending_count = 0
         self._committing = False
+        self._flush = None
         self._idle: list[Deferred[None]] = []
         #: transactions written for puts (group commit keeps this small)
         self.transactions = 0
@@ -361,27 +399,49 @@ class SQLiteQueue(EnvelopeQueue):
     # -- puts, grouped ---------------------------------------------------------
 
     def put(self, envelopes: list[Envelope]) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+
+        def done(error: BaseException | None) -> None:
+            if error is None:
+                d.callback(None)
+            else:
+                d.errback(error)
+        self.put_then(envelopes, done)
+        return d
+
+    def put_then(self, envelopes: list[Envelope],
+                 done: Callable[[BaseException | None], object]) -> None:
         if not self.running:
-            return fail(Unavailable("queue stopped", max_age=self.retry_after))
+            done(Unavailable("queue stopped", max_age=self.retry_after))
+            return
         if not envelopes:
-            return succeed(None)
+            done(None)
+            return
         if self._pending_count + len(envelopes) > self.max_pending:
-            return fail(Unavailable("queue full", max_age=self.retry_after))
+            done(Unavailable("queue full", max_age=self.retry_after))
+            return
         try:
             # Serialised here, on the reactor thread (orjson: microseconds),
             # so the writer thread gets one ready list per transaction.
             bodies = [e.to_json() for e in envelopes]
-        except Exception:
-            return fail()
-        d: Deferred[None] = Deferred()
-        self._pending.append((bodies, d))
+        except Exception as e:
+            done(e)
+            return
+        self._pending.append((bodies, done))
         self._pending_count += len(bodies)
-        if not self._committing:
+        if not self._committing and self._flush is None:
+            # Not at once: at the end of this turn of the reactor, so the
+            # requests that arrived together share one transaction (the
+            # reactor reads every waiting datagram in one turn).
+            self._flush = self.reactor.callLater(0, self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush = None
+        if not self._committing and self._pending:
             self._commit_next()
-        return d
 
     def _commit_next(self) -> None:
-        batch: list[tuple[list[bytes], Deferred[None]]] = []
+        batch: list[tuple[list[bytes], Callable[[BaseException | None], object]]] = []
         bodies: list[bytes] = []
         # Whole puts only; one put larger than max_batch still goes alone.
         while self._pending and (
@@ -393,7 +453,8 @@ class SQLiteQueue(EnvelopeQueue):
         self._committing = True
         self._in_thread("put_many", bodies).addBoth(self._committed, batch)
 
-    def _committed(self, result: object, batch: list[tuple[list[bytes], Deferred[None]]]) -> None:
+    def _committed(self, result: object,
+                   batch: list[tuple[list[bytes], Callable[[BaseException | None], object]]]) -> None:
         self._committing = False
         self.transactions += 1
         # Start writing the next group before answering this one, so the
@@ -409,11 +470,20 @@ class SQLiteQueue(EnvelopeQueue):
             log.failure("queue {path}: commit of {count} envelopes ({puts} puts) failed",
                         result, path=str(self.path), count=sum(len(b) for b, _ in batch),
                         puts=len(batch))
-            for _, d in batch:
-                d.errback(Unavailable("queue write failed", max_age=self.retry_after))
+            error = Unavailable("queue write failed", max_age=self.retry_after)
+            for _, done in batch:
+                self._notify(done, error)
         else:
-            for _, d in batch:
-                d.callback(None)
+            for _, done in batch:
+                self._notify(done, None)
+
+    @staticmethod
+    def _notify(done: Callable[[BaseException | None], object], error: BaseException | None) -> None:
+        try:
+            done(error)
+        except Exception:
+            # One waiter's failure must not cost the others their answer.
+            log.failure("queue: a put's completion failed")
 
     # -- the processor's side --------------------------------------------------
 
