@@ -137,6 +137,7 @@ class Deployment:
         self.settings = settings
         self.out = out
         self.report: list[tuple[str, str]] = []
+        self._role_changed = False
         session = boto3.Session(profile_name=settings.profile, region_name=settings.region)
         self._clients = {}
         self._session = session
@@ -292,10 +293,9 @@ class Deployment:
                 iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(LAMBDA_TRUST),
                                 Description="SENSE Gateway processor (Lambda)")
                 iam.put_role_policy(RoleName=name, PolicyName=name, PolicyDocument=json.dumps(policy))
+            self._role_changed = True
             self.change(resource, "created", create)
-            self._role_is_new = True
             return
-        self._role_is_new = False
         changes = []
         if _policy_document(role["AssumeRolePolicyDocument"]) != LAMBDA_TRUST:
             changes.append(("trust policy", lambda: iam.update_assume_role_policy(
@@ -307,6 +307,7 @@ class Deployment:
         if current != policy:
             changes.append(("policy", lambda: iam.put_role_policy(
                 RoleName=name, PolicyName=name, PolicyDocument=json.dumps(policy))))
+        self._role_changed = bool(changes)
         self._apply(resource, changes)
 
     def _apply(self, resource: str, changes: list[tuple[str, Callable]]) -> None:
@@ -369,21 +370,26 @@ class Deployment:
         self._apply(resource, changes)
 
     def _create_function(self, lam, configuration: dict, code: bytes) -> None:
-        # A role made a moment ago may not be assumable by Lambda yet (IAM
-        # is eventually consistent): retry that one error for a while.
-        deadline = time.monotonic() + (90 if self._role_is_new else 0)
-        while True:
-            try:
-                lam.create_function(FunctionName=self.settings.function, Code={"ZipFile": code},
-                                    PackageType="Zip", Architectures=[self.settings.architecture],
-                                    **configuration)
-                break
-            except lam.exceptions.InvalidParameterValueException as e:
-                if "cannot be assumed" not in str(e) or time.monotonic() > deadline:
-                    raise
-                time.sleep(3)
+        self._while_iam_settles(lam, lambda: lam.create_function(
+            FunctionName=self.settings.function, Code={"ZipFile": code}, PackageType="Zip",
+            Architectures=[self.settings.architecture], **configuration))
         lam.get_waiter("function_active_v2").wait(
             FunctionName=self.settings.function, WaiterConfig={"Delay": 2, "MaxAttempts": 150})
+
+    def _while_iam_settles(self, lam, action: Callable[[], object]) -> None:
+        """Run *action*, retrying for a while the errors Lambda gives while
+        a role (or its policy) made a moment ago is not visible to it yet:
+        IAM is eventually consistent."""
+        deadline = time.monotonic() + (90 if self._role_changed else 0)
+        while True:
+            try:
+                action()
+                return
+            except lam.exceptions.InvalidParameterValueException as e:
+                settling = "cannot be assumed" in str(e) or "does not have permissions" in str(e)
+                if not settling or time.monotonic() > deadline:
+                    raise
+                time.sleep(3)
 
     def _ensure_concurrency(self, lam, created: bool = False) -> None:
         if self.settings.reserved_concurrency:
@@ -408,8 +414,9 @@ class Deployment:
         except lam.exceptions.ResourceNotFoundException:
             mappings = []  # the function does not exist yet (dry run)
         if not mappings:
-            self.change(resource, "created", lambda: lam.create_event_source_mapping(
-                EventSourceArn=self.queue_arn, FunctionName=self.settings.function, **wanted))
+            self.change(resource, "created", lambda: self._while_iam_settles(
+                lam, lambda: lam.create_event_source_mapping(
+                    EventSourceArn=self.queue_arn, FunctionName=self.settings.function, **wanted)))
             return
         [current] = mappings
         state = current.get("State")
