@@ -21,7 +21,7 @@ from pathlib import Path
 import orjson
 import yaml
 from twisted.internet import defer
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sense_gateway.aws import deploy, package
 from tests.servers import BIN, MotoServer, VictoriaMetrics, free_tcp_port
@@ -356,6 +356,52 @@ class LambdaPackageTests(TestCase):
                 if source.exists() and top != "__pycache__":
                     (runtime / top).symlink_to(source)
         return runtime
+
+
+class PackagerRulesTests(SynchronousTestCase):
+    """How the packager decides what goes into the zip."""
+
+    def test_a_module_needing_twisted_stops_the_build(self):
+        error = self.assertRaises(package.PackageError, package.handler_closure,
+                                  ("sense_gateway.aws.lambda_handler", "sense_gateway.service"))
+        self.assertIn("must not need Twisted or txthings", str(error))
+
+    def test_handler_closure_is_the_processor_part_of_the_package(self):
+        modules, third_party = package.handler_closure()
+        self.assertIn("sense_gateway.processor", modules)
+        self.assertIn("sense_gateway.registry.dynamodb", modules)
+        self.assertFalse([m for m in modules if m.startswith(("sense_gateway.coap", "sense_gateway.web",
+                                                              "sense_gateway.queues"))])
+        self.assertLessEqual({"orjson", "pluggy", "influxdb_client", "boto3"}, third_party)
+
+    def test_only_wheels_the_lambda_runtime_can_load_are_taken(self):
+        fits = {
+            "py3-none-any": True,
+            "cp311-cp311-manylinux_2_17_x86_64": True,
+            "cp311-cp311-manylinux2014_x86_64": True,
+            "cp38-abi3-manylinux_2_24_x86_64": True,
+            "cp311-cp311-manylinux_2_28_x86_64": False,  # newer glibc than Amazon Linux 2
+            "cp311-cp311-musllinux_1_1_x86_64": False,
+            "cp312-cp312-manylinux_2_17_x86_64": False,
+            "cp311-cp311-manylinux_2_17_aarch64": False,
+            "cp311-cp311-macosx_11_0_arm64": False,
+        }
+        for tag, expected in fits.items():
+            self.assertEqual(package.wheel_fits([tag]), expected, tag)
+        self.assertTrue(package.wheel_fits(["cp311-cp311-manylinux_2_17_aarch64"], "arm64"))
+
+    def test_requirement_markers_are_judged_for_the_lambda_runtime(self):
+        environment = package._target_environment("x86_64")
+        cases = {
+            'python_version < "3.8"': False,
+            'python_version >= "3.8" and platform_machine == "x86_64"': True,
+            'sys_platform == "win32" or (implementation_name == "cpython" and python_version == "3.11")': True,
+            'extra == "test"': False,
+            "platform_system != 'Windows'": True,
+            'python_full_version >= "3.11.0" and python_version < "3.12"': True,
+        }
+        for marker, expected in cases.items():
+            self.assertEqual(package.marker_applies(marker, environment), expected, marker)
 
 
 # Run by a bare interpreter: import the handler from the unpacked zip,
