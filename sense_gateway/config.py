@@ -329,12 +329,11 @@ def validate(config: Config) -> None:
         if value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value}")
     # Zero durations are not "off": a zero visibility timeout hands the same
-    # message to the next receive, a zero poll interval spins.
+    # message to the next receive.
     durations = {
         "coap.time_interval": config.coap.time_interval,
         "coap.exchange_lifetime": config.coap.exchange_lifetime,
         "queue.visibility_timeout": config.queue.visibility_timeout,
-        "processor.poll_interval": config.processor.poll_interval,
         "processor.retry_base": config.processor.retry_base,
         "processor.retry_max": config.processor.retry_max,
         "influxdb.timeout": config.influxdb.timeout,
@@ -344,6 +343,8 @@ def validate(config: Config) -> None:
         if not value > 0:  # NaN too
             raise ConfigError(f"{key}: must be positive, got {value}")
     at_least_zero = {
+        # 0 polls SQS without waiting (short polling)
+        "processor.poll_interval": config.processor.poll_interval,
         "queue.retry_after": config.queue.retry_after,
         "influxdb.retries": config.influxdb.retries,
         "validation.max_future": config.validation.max_future,

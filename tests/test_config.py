@@ -71,7 +71,7 @@ class ConfigTests(SynchronousTestCase):
         self.assertConfigError("coap.bind: not an IP address", environ={"SENSE_COAP_BIND": "localhost"})
 
     def test_zero_durations_are_refused_by_name(self):
-        for table, key in [("queue", "visibility_timeout"), ("processor", "poll_interval"),
+        for table, key in [("queue", "visibility_timeout"), ("processor", "retry_base"),
                            ("coap", "exchange_lifetime"), ("store", "retention_days")]:
             path = self.write(f"[{table}]\n{key} = 0.0\n")
             self.assertConfigError(f"{table}.{key}: must be positive, got 0.0", path, environ={})
@@ -79,6 +79,8 @@ class ConfigTests(SynchronousTestCase):
     def test_negative_counts_are_refused_by_name(self):
         self.assertConfigError("queue.retry_after: must be 0 or more, got -1",
                                environ={"SENSE_QUEUE_RETRY_AFTER": "-1"})
+        self.assertConfigError("processor.poll_interval: must be 0 or more, got -1.0",
+                               environ={"SENSE_PROCESSOR_POLL_INTERVAL": "-1"})
 
     def test_retry_max_below_retry_base_is_refused(self):
         path = self.write("[processor]\nretry_base = 10.0\nretry_max = 5.0\n")
