@@ -29,9 +29,10 @@ def free_tcp_port() -> int:
         return s.getsockname()[1]
 
 
-def http(method: str, url: str, body: bytes | None = None, timeout: float = 10.0):
+def http(method: str, url: str, body: bytes | None = None, timeout: float = 10.0,
+         headers: dict[str, str] | None = None):
     """(status, body) of one HTTP request, errors included."""
-    request = urllib.request.Request(url, data=body, method=method)
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read()
@@ -161,9 +162,9 @@ bind-address = "127.0.0.1:{rpc_port}"
         super().__init__(testcase, ["influxd", "-config", str(config)], f"{self.url}/ping")
         self.query(f'CREATE DATABASE "{database}"')
 
-    def query(self, q: str) -> dict:
+    def query(self, q: str, headers: dict[str, str] | None = None) -> dict:
         body = urllib.parse.urlencode({"q": q, "db": self.database, "epoch": "ms"}).encode()
-        status, data = http("POST", f"{self.url}/query", body)
+        status, data = http("POST", f"{self.url}/query", body, headers=headers)
         if status != 200:
             raise RuntimeError(f"query failed: {status} {data[:200]!r}")
         return json.loads(data)
