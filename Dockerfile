@@ -57,7 +57,7 @@ try:
 except urllib.error.HTTPError:
     sys.exit(1)  # 503: a part (queue, registry, sink) fails
 except OSError:
-    pass  # nothing on the web port: role gateway, which serves no HTTP
+    pass  # nothing on the web port (web.enabled = false): ask CoAP
 # A CoAP ping: an empty confirmable message, answered with a Reset.
 ping = bytes([0x40, 0x00, 0x5E, 0x5E])
 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -78,7 +78,7 @@ ENV PATH=/opt/sense-gateway/bin:$PATH \
 USER sense-gateway
 WORKDIR /var/lib/sense-gateway
 VOLUME ["/var/lib/sense-gateway"]
-# CoAP; the HTTP API, /healthz and /metrics (roles all and processor) on 8080.
+# CoAP; /healthz and /metrics (every role), the dashboard and API (roles all and processor) on 8080.
 EXPOSE 5683/udp 8080/tcp
 HEALTHCHECK --interval=30s --timeout=10s --start-period=20s --retries=3 CMD ["sense-healthcheck"]
 ENTRYPOINT ["twistd", "--nodaemon", "--pidfile=", "--logfile=-", "sense-gateway"]

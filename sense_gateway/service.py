@@ -99,9 +99,9 @@ def make_service(config: Config, reactor=None) -> GatewayService:
     if processor is not None:
         service.worker = ProcessorService(queue, processor, config, reactor)
         service.worker.setServiceParent(service)
-        if config.web.enabled:
-            service.web = make_web(service, config, pm, reactor)
-            service.web.setServiceParent(service)
+    if config.web.enabled:
+        service.web = make_web(service, config, pm, reactor)
+        service.web.setServiceParent(service)
     stats = TimerService(config.stats_interval, service.log_stats)
     stats.clock = reactor
     stats.setServiceParent(service)

@@ -119,6 +119,35 @@ class WebTests(TestCase):
         self.assertEqual(self.gateway.web.address.host, "127.0.0.1")
 
 
+class GatewayRoleTests(TestCase):
+    """Role gateway (CoAP in, queue out) serves health and metrics only."""
+
+    @defer.inlineCallbacks
+    def test_healthz_and_metrics_but_no_dashboard(self):
+        gateway = start_gateway(self, role="gateway")
+        address = gateway.web.address
+        base = f"http://{address.host}:{address.port}"
+        yield libcoap_request("post", coap_url("::1", gateway.port, "/data"),
+                              orjson.dumps({"id": "g-1", "seq": 1, "data": {"t": 1}}), 50)
+
+        def get(path):
+            return treq.get(base + path, pool=HTTPConnectionPool(reactor, persistent=False))
+        response = yield get("/healthz")
+        self.assertEqual((response.code, orjson.loads((yield response.content()))),
+                         (200, {"status": "ok"}))
+        response = yield get("/metrics")
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families((yield response.content()).decode())
+                   for s in family.samples}
+        self.assertEqual(samples[("sense_coap_responses_total", (("code", "2.04"),))], 1)
+        self.assertEqual(samples[("sense_queue_messages", (("state", "visible"),))], 1)
+        self.assertNotIn(("sense_devices", ()), samples)
+        for path in ("/", "/api/devices"):
+            response = yield get(path)
+            yield response.content()
+            self.assertEqual(response.code, 404, path)
+
+
 class MissingChartLibraryTests(TestCase):
     """Without npm's install the page still loads and says what is missing."""
 

@@ -1,8 +1,10 @@
 """The gateway's own HTTP side: the dashboard, a read-only JSON API,
 health and metrics.
 
-Served by Twisted web in roles ``all`` and ``processor`` on ``web.port``
-(8080), bound to ``web.bind`` (127.0.0.1 unless configured):
+Served by Twisted web on ``web.port`` (8080), bound to ``web.bind``
+(127.0.0.1 unless configured). Role ``gateway`` has no registry or store
+to read, so it serves only ``/healthz`` (the queue) and ``/metrics``;
+roles ``all`` and ``processor`` serve everything:
 
 - ``/``: the dashboard (``static/``): devices and live charts, drawn with
   uPlot, which npm installs at set-up time (``web.node_modules``);
@@ -254,10 +256,11 @@ class _StatsCollector:
         for outcome, count in self.stats.get("processor", {}).items():
             outcomes.add_metric([outcome], count)
         yield outcomes
-        sink_failures = CounterMetricFamily("sense_sink_write_failures",
-                                            "Messages whose sink write failed")
-        sink_failures.add_metric([], self.stats.get("processor", {}).get("failed", 0))
-        yield sink_failures
+        if "processor" in self.stats:
+            sink_failures = CounterMetricFamily("sense_sink_write_failures",
+                                                "Messages whose sink write failed")
+            sink_failures.add_metric([], self.stats["processor"].get("failed", 0))
+            yield sink_failures
         depth = GaugeMetricFamily("sense_queue_messages", "Messages in the queue",
                                   labels=["state"])
         for state, count in self.stats.get("queue", {}).items():
@@ -266,20 +269,32 @@ class _StatsCollector:
         dead = GaugeMetricFamily("sense_dead_letters", "Messages in the dead letters")
         dead.add_metric([], self.stats.get("queue", {}).get("dead", 0))
         yield dead
-        devices = GaugeMetricFamily("sense_devices", "Devices in the registry")
-        devices.add_metric([], self.stats.get("devices", 0))
-        yield devices
+        if "devices" in self.stats:
+            devices = GaugeMetricFamily("sense_devices", "Devices in the registry")
+            devices.add_metric([], self.stats["devices"])
+            yield devices
 
 
 class WebService(MultiService):
     """The HTTP listener and the thread the web's reads run on."""
 
-    def __init__(self, gateway, backends: Backends, bind: str, port: int, reactor,
+    def __init__(self, gateway, backends: Backends | None, bind: str, port: int, reactor,
                  node_modules: Path | None = None):
         super().__init__()
         self.gateway, self.backends, self.reactor = gateway, backends, reactor
         self._pool: ThreadPool | None = None
         root = resource.Resource()
+        root.putChild(b"healthz", HealthResource(self))
+        root.putChild(b"metrics", MetricsResource(self))
+        if backends is not None:
+            self._add_readers(root, node_modules)
+        self.site = server.Site(root)
+        self.site.noisy = False
+        self.listener = TCPServer(port, self.site, interface=bind, reactor=reactor)
+        self.listener.setServiceParent(self)
+
+    def _add_readers(self, root, node_modules):
+        """The dashboard and the API, which read the registry and the store."""
         root.putChild(b"", _Page(str(STATIC / "index.html")))
         assets = resource.Resource()
         for name in ("dashboard.js", "dashboard.css"):
@@ -292,12 +307,6 @@ class WebService(MultiService):
         api.putChild(b"readings", ReadingsResource(self))
         api.putChild(b"series", SeriesResource(self))
         api.putChild(b"stats", StatsResource(self))
-        root.putChild(b"healthz", HealthResource(self))
-        root.putChild(b"metrics", MetricsResource(self))
-        self.site = server.Site(root)
-        self.site.noisy = False
-        self.listener = TCPServer(port, self.site, interface=bind, reactor=reactor)
-        self.listener.setServiceParent(self)
 
     @property
     def address(self):
@@ -317,15 +326,18 @@ class WebService(MultiService):
         if gateway.worker is not None:
             out["processor"] = {o.value: n for o, n in gateway.worker.counts.items()}
         out["queue"] = yield gateway.queue.depth()
-        out["devices"] = len((yield self.in_thread(self.backends.devices)))
+        if self.backends is not None:
+            out["devices"] = len((yield self.in_thread(self.backends.devices)))
         return out
 
     @defer.inlineCallbacks
     def health(self):
         failing = {}
-        for part, check in (("queue", self.gateway.queue.depth),
-                            ("registry", lambda: self.in_thread(self.backends.devices)),
-                            ("sinks", lambda: self.in_thread(self.backends.check_sinks))):
+        checks = [("queue", self.gateway.queue.depth)]
+        if self.backends is not None:
+            checks += [("registry", lambda: self.in_thread(self.backends.devices)),
+                       ("sinks", lambda: self.in_thread(self.backends.check_sinks))]
+        for part, check in checks:
             try:
                 yield check()
             except Exception as e:
@@ -343,7 +355,8 @@ class WebService(MultiService):
     @defer.inlineCallbacks
     def stopService(self):
         yield super().stopService()
-        yield self.in_thread(self.backends.close)
+        if self.backends is not None:
+            yield self.in_thread(self.backends.close)
         self._pool.stop()
 
 
@@ -352,6 +365,8 @@ def make_web(gateway, config, pm, reactor) -> WebService:
     from sense_gateway.backends import registry_factory, sink_factories
     from sense_gateway.sinks.sqlite import SQLiteStore
 
+    if config.role == "gateway":
+        return WebService(gateway, None, config.web.bind, config.web.port, reactor)
     registry = registry_factory(config, pm)
     sinks = sink_factories(config, pm)
     backends = Backends(lambda: registry(config),
