@@ -60,6 +60,7 @@ class IngestPipeline:
         self._max_payload = config.coap.max_payload
         self._keep_raw = config.keep_raw
         self._clock = clock
+        self._put_then = (None, None)
         #: seconds from a request's arrival to its envelope being durable
         self.enqueue_latency = Histogram(
             "sense_enqueue_latency_seconds", "Time from a request's arrival to its envelope "
@@ -88,10 +89,13 @@ class IngestPipeline:
         (possibly before returning) when the queue cannot take it.
         """
         envelope = self.prepare(payload, context)
-        put_then = getattr(self.queue, "put_then", None)
-        if put_then is None:
-            # A queue that only has the basic contract.
-            put_then = partial(EnvelopeQueue.put_then, self.queue)
+        queue = self.queue
+        if self._put_then[0] is not queue:
+            # Looked up once per queue (tests swap it): a queue that only has
+            # the basic contract gets the default, through put().
+            put = getattr(queue, "put_then", None) or partial(EnvelopeQueue.put_then, queue)
+            self._put_then = (queue, put)
+        put_then = self._put_then[1]
         if self._clock is None:
             put_then([envelope], done)
             return
@@ -129,18 +133,19 @@ class IngestPipeline:
             for r in decoded.readings
         ]
         host = context.source_host
+        # Positional: this runs for every request.
         envelope = Envelope(
-            id=new_envelope_id(),
-            device=decoded.device if decoded.device is not None else "",
-            seq=decoded.seq,
-            received=context.received,
-            source=f"[{host}]:{context.source_port}" if ":" in host else f"{host}:{context.source_port}",
-            transport=context.transport,
-            identity=context.identity,
-            path=context.path,
-            content_format=context.content_format,
-            readings=readings,
-            raw=payload if self._keep_raw else None,
+            new_envelope_id(),
+            decoded.device if decoded.device is not None else "",
+            decoded.seq,
+            received,
+            f"[{host}]:{context.source_port}" if ":" in host else f"{host}:{context.source_port}",
+            context.transport,
+            context.identity,
+            context.path,
+            context.content_format,
+            readings,
+            payload if self._keep_raw else None,
         )
         for problems in self._validate(envelope=envelope, config=self.config):
             if problems:

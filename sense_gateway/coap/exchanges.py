@@ -15,13 +15,23 @@ from collections.abc import Callable, Hashable
 
 
 class ExchangeCache:
-    """(message id, endpoint) -> encoded response, or ``None`` while pending."""
+    """(message id, endpoint) -> encoded response, or ``None`` while pending.
+
+    Entries are tuples of numbers, strings and bytes only (the protocol
+    keys them by the peer's address as received), which the garbage
+    collector stops tracking: tens of thousands of remembered exchanges
+    cost no time in its full collections.
+    """
 
     def __init__(self, lifetime: float, max_entries: int, now: Callable[[], float]):
         self.lifetime = lifetime
         self.max_entries = max_entries
         self._now = now
-        self._entries: OrderedDict[Hashable, list] = OrderedDict()
+        # key -> (expiry, response datagram or None)
+        self._entries: OrderedDict[Hashable, tuple] = OrderedDict()
+        # No entry expires before this (the oldest entry's expiry, or
+        # earlier): most lookups need not look at the oldest at all.
+        self._next_expiry = float("inf")
         #: entries dropped before their lifetime because the cache was full
         self.evicted = 0
 
@@ -33,19 +43,26 @@ class ExchangeCache:
         while entries:
             key, entry = next(iter(entries.items()))
             if entry[0] > now:
-                break
+                self._next_expiry = entry[0]
+                return
             del entries[key]
+        self._next_expiry = float("inf")
 
     def seen(self, key: Hashable) -> bool:
         """Whether *key* arrived before within the lifetime; if not, remember it."""
         now = self._now()
-        self._expire(now)
-        if key in self._entries:
+        if now >= self._next_expiry:
+            self._expire(now)
+        entries = self._entries
+        if key in entries:
             return True
-        if len(self._entries) >= self.max_entries:
-            self._entries.popitem(last=False)
+        if len(entries) >= self.max_entries:
+            entries.popitem(last=False)
             self.evicted += 1
-        self._entries[key] = [now + self.lifetime, None]
+        expiry = now + self.lifetime
+        if expiry < self._next_expiry:
+            self._next_expiry = expiry
+        entries[key] = (expiry, None)
         return False
 
     def response(self, key: Hashable) -> bytes | None:
@@ -57,4 +74,4 @@ class ExchangeCache:
         """Remember the first response sent for *key* (later ones are separate)."""
         entry = self._entries.get(key)
         if entry is not None and entry[1] is None:
-            entry[1] = datagram
+            self._entries[key] = (entry[0], datagram)  # stays where it was
