@@ -58,32 +58,42 @@ class BatchProcessor:
         results: list[Result | None] = [None] * len(envelopes)
         redelivered: set[int] = set()
         points = []
-        touched: dict[str, DeviceRecord] = {}
+        # Per device touched: [record as loaded, state, last_seen, last_source,
+        # recent ids]; the records are rebuilt once per device, not per message.
+        touched: dict[str, list] = {}
         for i, envelope in enumerate(envelopes):
-            record = touched.get(envelope.device) or records.get(envelope.device) or DeviceRecord(
-                envelope.device, envelope.received, envelope.received, envelope.source)
-            if envelope.id in record.recent:
+            work = touched.get(envelope.device)
+            if work is None:
+                record = records.get(envelope.device) or DeviceRecord(
+                    envelope.device, envelope.received, envelope.received, envelope.source)
+                work = [record, record.state, record.last_seen, record.last_source,
+                        list(record.recent)]
+            recent = work[4]
+            if envelope.id in recent:
                 # The queue delivered this envelope again (at-least-once):
                 # it was fully processed, so it changes nothing.
                 results[i] = Result(Outcome.DUPLICATE, "already processed")
                 redelivered.add(i)
                 continue
-            verdict = judge(record.state, envelope.seq)
-            newer = envelope.received >= record.last_seen
-            touched[envelope.device] = replace(
-                record,
-                state=verdict.state,
-                last_seen=envelope.received if newer else record.last_seen,
-                last_source=envelope.source if newer else record.last_source,
-                recent=(*record.recent, envelope.id)[-RECENT_ENVELOPES:],
-            )
+            touched[envelope.device] = work
+            verdict = judge(work[1], envelope.seq)
+            work[1] = verdict.state
+            if envelope.received >= work[2]:
+                work[2] = envelope.received
+                work[3] = envelope.source
+            recent.append(envelope.id)
+            if len(recent) > RECENT_ENVELOPES:
+                del recent[:-RECENT_ENVELOPES]
             if verdict.verdict.accepted:
                 points.extend(reading_points(envelope))
             else:
                 results[i] = Result(Outcome.DUPLICATE, f"sequence number {envelope.seq} seen before")
+        updated = {device: replace(record, state=state, last_seen=last_seen,
+                                   last_source=last_source, recent=tuple(recent))
+                   for device, (record, state, last_seen, last_source, recent) in touched.items()}
 
         now = self.clock()
-        points.extend(device_point(record, now) for record in touched.values())
+        points.extend(device_point(record, now) for record in updated.values())
         for sink in self.sinks:
             try:
                 sink.write(points)
@@ -97,7 +107,7 @@ class BatchProcessor:
                 return self._failed(results, redelivered, f"{sink.name}: {type(e).__name__}: {e}")
 
         try:
-            conflicts = self.registry.commit(list(touched.values()))
+            conflicts = self.registry.commit(list(updated.values()))
         except Exception as e:
             return self._failed(results, redelivered, f"registry: {type(e).__name__}: {e}")
         lost_race = Result(Outcome.FAILED, "another processor updated the device first")

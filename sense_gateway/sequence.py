@@ -12,7 +12,7 @@ window behind means the device restarted its counter (a reset).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 SERIAL_BITS = 32
 MODULUS = 1 << SERIAL_BITS
@@ -64,13 +64,17 @@ class SequenceVerdict:
 
 def judge(state: SequenceState, seq: int | None) -> SequenceVerdict:
     """The verdict on *seq* and the device state if the message is kept."""
+    # Counters are built field by field: dataclasses.replace costs more
+    # than the rest of the judgement, and this runs once per message.
     c = state.counters
     if seq is None:
-        counters = replace(c, received=c.received + 1, unsequenced=c.unsequenced + 1)
-        return SequenceVerdict(Verdict.UNSEQUENCED, 0, replace(state, counters=counters))
+        counters = DeviceCounters(c.received + 1, c.duplicates, c.lost, c.resets,
+                                  c.unsequenced + 1)
+        return SequenceVerdict(Verdict.UNSEQUENCED, 0,
+                               SequenceState(state.last_seq, state.window, counters))
     if state.last_seq is None:
-        return SequenceVerdict(Verdict.FIRST, 0, SequenceState(
-            seq, 0, replace(c, received=c.received + 1)))
+        return SequenceVerdict(Verdict.FIRST, 0, SequenceState(seq, 0, DeviceCounters(
+            c.received + 1, c.duplicates, c.lost, c.resets, c.unsequenced)))
 
     ahead = (seq - state.last_seq) % MODULUS
     if ahead == 0:
@@ -79,7 +83,8 @@ def judge(state: SequenceState, seq: int | None) -> SequenceVerdict:
         lost = ahead - 1
         # Shift the window: the old last becomes bit (ahead - 1).
         window = ((state.window << ahead) | (1 << (ahead - 1))) & WINDOW_MASK if ahead <= WINDOW else 0
-        counters = replace(c, received=c.received + 1, lost=c.lost + lost)
+        counters = DeviceCounters(c.received + 1, c.duplicates, c.lost + lost, c.resets,
+                                  c.unsequenced)
         return SequenceVerdict(Verdict.NEXT if lost == 0 else Verdict.GAP, lost,
                                SequenceState(seq, window, counters))
 
@@ -87,20 +92,24 @@ def judge(state: SequenceState, seq: int | None) -> SequenceVerdict:
     if seq == 0 and behind > 1:
         # Counters restart at 0: going back to it is a reboot, even early on
         # (queue redeliveries are caught by envelope id before this).
-        counters = replace(c, received=c.received + 1, resets=c.resets + 1)
-        return SequenceVerdict(Verdict.RESET, 0, SequenceState(seq, 0, counters))
+        return SequenceVerdict(Verdict.RESET, 0, SequenceState(seq, 0, _reset(c)))
     if behind <= WINDOW:
         bit = 1 << (behind - 1)
         if state.window & bit:
             return _duplicate(state)
-        counters = replace(c, received=c.received + 1, lost=max(0, c.lost - 1))
-        return SequenceVerdict(Verdict.LATE, -1, replace(state, window=state.window | bit,
-                                                          counters=counters))
-    counters = replace(c, received=c.received + 1, resets=c.resets + 1)
-    return SequenceVerdict(Verdict.RESET, 0, SequenceState(seq, 0, counters))
+        counters = DeviceCounters(c.received + 1, c.duplicates, max(0, c.lost - 1), c.resets,
+                                  c.unsequenced)
+        return SequenceVerdict(Verdict.LATE, -1,
+                               SequenceState(state.last_seq, state.window | bit, counters))
+    return SequenceVerdict(Verdict.RESET, 0, SequenceState(seq, 0, _reset(c)))
+
+
+def _reset(c: DeviceCounters) -> DeviceCounters:
+    return DeviceCounters(c.received + 1, c.duplicates, c.lost, c.resets + 1, c.unsequenced)
 
 
 def _duplicate(state: SequenceState) -> SequenceVerdict:
     c = state.counters
+    counters = DeviceCounters(c.received, c.duplicates + 1, c.lost, c.resets, c.unsequenced)
     return SequenceVerdict(Verdict.DUPLICATE, 0,
-                           replace(state, counters=replace(c, duplicates=c.duplicates + 1)))
+                           SequenceState(state.last_seq, state.window, counters))

@@ -3,7 +3,7 @@
 Runs in roles ``all`` and ``processor``. Each round receives up to
 ``processor.batch_size`` messages, processes them on the worker's own
 thread (registry and sinks block), deletes what was written or was a
-duplicate, and gives failed messages back to the queue with an
+duplicate (while the next batch, already received, is processed), and gives failed messages back to the queue with an
 exponential delay (``retry_base`` doubled per receive, at most
 ``retry_max``); after ``queue.max_receives`` receives they go to the dead
 letters with their last reason. An empty queue is polled every
@@ -39,6 +39,8 @@ class ProcessorService(Service):
         self._pool: ThreadPool | None = None
         self._round: defer.Deferred | None = None
         self._sleep: defer.Deferred | None = None
+        #: the deletes of the last batch, still being written
+        self._settling: defer.Deferred | None = None
         self.counts = {outcome: 0 for outcome in Outcome}
 
     def startService(self) -> None:
@@ -56,9 +58,21 @@ class ProcessorService(Service):
 
     @defer.inlineCallbacks
     def _run(self):
-        while self.running:
+        # While one batch is processed on the worker's thread, the next is
+        # already being received on the queue's, and the previous one's
+        # deletes are written: the two threads overlap, and the processor
+        # never waits for the queue when there is work. Batches are still
+        # processed one at a time, in queue order.
+        prefetched = None
+        while self.running or prefetched is not None:
             try:
-                busy = yield self.process_round()
+                if prefetched is not None:
+                    messages, prefetched = (yield prefetched), None
+                else:
+                    messages = yield self.queue.receive(self.batch_size)
+                if messages and len(messages) == self.batch_size and self.running:
+                    prefetched = self.queue.receive(self.batch_size)
+                busy = yield self.process_messages(messages)
             except Exception:
                 log.failure("processing round failed")
                 busy = False
@@ -67,14 +81,20 @@ class ProcessorService(Service):
                 try:
                     yield self._sleep
                 except defer.CancelledError:
-                    break
+                    continue  # stopping: settle a prefetched batch, if any
                 finally:
                     self._sleep = None
+        yield self._settled()
 
-    @defer.inlineCallbacks
     def process_round(self):
         """Receive, process, settle one batch; fires True if there was work."""
-        messages = yield self.queue.receive(self.batch_size)
+        return self.queue.receive(self.batch_size).addCallback(self.process_messages)
+
+    @defer.inlineCallbacks
+    def process_messages(self, messages):
+        """Process one received batch. Fires True if there was work, once
+        the batch is processed; its deletes may still be under way (see
+        :attr:`_settling`), which the next batch's processing overlaps."""
         if not messages:
             return False  # (a long-polling queue has already waited)
         envelopes = [m.envelope for m in messages]
@@ -83,22 +103,33 @@ class ProcessorService(Service):
         except RegistryUnavailable as e:
             log.warn("registry unavailable, batch of {count} retried: {reason}",
                      count=len(messages), reason=str(e))
+            yield self._settled()
             for message in messages:
                 yield self.queue.release(message.receipt, str(e), self._delay(message))
             return False
         done = []
+        failed = []
         for message, result in zip(messages, results):
             self.counts[result.outcome] += 1
             if result.outcome is Outcome.FAILED:
                 log.info("{device} seq {seq} not written, retried: {reason}",
                          device=message.envelope.device, seq=message.envelope.seq,
                          reason=result.reason)
-                yield self.queue.release(message.receipt, result.reason, self._delay(message))
+                failed.append((message, result.reason))
             else:
                 done.append(message.receipt)
+        yield self._settled()
+        for message, reason in failed:
+            yield self.queue.release(message.receipt, reason, self._delay(message))
         if done:
-            yield self.queue.delete(done)
+            self._settling = self.queue.delete(done)
+            self._settling.addErrback(lambda f: log.failure("deleting processed messages failed", f))
         return True
+
+    def _settled(self) -> defer.Deferred:
+        """Fires when the last batch's deletes are written."""
+        settling, self._settling = self._settling, None
+        return settling if settling is not None else defer.succeed(None)
 
     def _delay(self, message) -> float:
         return min(self.retry_max, self.retry_base * 2 ** (message.receive_count - 1))

@@ -238,3 +238,41 @@ class AgainstTheGateway(TestCase):
         self.assertTrue(doc["all_queryable"])
         self.assertEqual(doc["processor"]["written"], 600)
         self.assertGreater(doc["processor"]["readings_per_s"], 0)
+
+
+class FasterLineProtocol(TestCase):
+    """The InfluxDB sink encodes line protocol itself for speed (the
+    processor's share of ``--end-to-end``); it must write exactly what
+    influxdb-client's ``Point`` would."""
+
+    def test_same_lines_as_influxdb_client(self):
+        from influxdb_client import Point
+
+        from sense_gateway.config import InfluxConfig
+        from sense_gateway.sinks import MetricPoint
+        from sense_gateway.sinks.influxdb import InfluxSink
+
+        points = [
+            MetricPoint("sense", {"device": "node 7", "room": "a,b=c", "z": "end\\", "e": ""},
+                        {"t": 21.0, "h": 21.5, "big": 1e21, "neg": -0.0, "nan": float("nan"),
+                         "on": True, "off": False, "s": 'say "hi" \\ there', "n": 3,
+                         "x y=z,": 1.25e-7}, 1764300000123456789),
+            MetricPoint("sense_device", {"device": "d"}, {"received": 5, "lost": 0}, 1),
+            MetricPoint("m eas,ure", {}, {"v": float("inf")}, 5),  # no field left: no line
+            MetricPoint("m", {}, {"v": 1.0}, 5),
+        ]
+        for precision, divisor in (("ns", 1), ("ms", 10**6), ("s", 10**9)):
+            sink = InfluxSink(InfluxConfig(url="http://127.0.0.1:9", precision=precision))
+            self.addCleanup(sink.close)
+            expected = []
+            for point in points:
+                p = Point(point.measurement)
+                for key, value in point.tags.items():
+                    p.tag(key, value)
+                for key, value in point.fields.items():
+                    p.field(key, value)
+                p.time(point.time_ns // divisor, sink.precision)
+                if line := p.to_line_protocol():
+                    expected.append(line)
+            self.assertEqual(sink.lines(points), expected, precision)
+            self.assertEqual(len(expected), 3)

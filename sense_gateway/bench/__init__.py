@@ -51,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--format", choices=FORMATS, default="json")
     load.add_argument("--path", help="request path (default: /data, /temperature for text)")
     load.add_argument("--non", action="store_true", help="non-confirmable requests")
-    load.add_argument("--sockets", type=int, default=1,
-                      help="UDP sockets (source ports) the devices share; text: one per device")
+    load.add_argument("--sockets", type=int, default=32,
+                      help="UDP sockets (source ports) the devices share, each with its own "
+                           "message ids (default 32); text: one per device")
     load.add_argument("--ack-timeout", type=float, default=2.0, help="RFC 7252 ACK_TIMEOUT")
     load.add_argument("--ack-random-factor", type=float, default=1.5)
     load.add_argument("--max-retransmit", type=int, default=4)
@@ -181,6 +182,10 @@ def format_summary(summary: dict, load: dict) -> str:
     if summary.get("duplicate_responses") or summary.get("unexpected"):
         lines.append(f"other         {summary['duplicate_responses']} duplicate responses, "
                      f"{summary['unexpected']} unexpected datagrams")
+    if summary.get("mid_reuses"):
+        lines.append(f"message ids   {summary['mid_reuses']} requests reused a message id of "
+                     "their socket: a server may answer them from its dedup cache; "
+                     "use more --sockets")
     if summary.get("late_sends"):
         lines.append(f"late sends    {summary['late_sends']} (the generator fell behind its rate)")
     if summary.get("server_rss_mb") is not None:

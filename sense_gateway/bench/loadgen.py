@@ -45,7 +45,11 @@ class LoadSettings:
     ack_random_factor: float = 1.5
     max_retransmit: int = 4
     non_timeout: float = 5.0
-    sockets: int = 1
+    #: source ports; device i always sends from socket i % sockets. Each
+    #: has its own message ids: one socket reuses an id after 65,536
+    #: requests, which a server still remembering the old exchange answers
+    #: with the old response (RFC 7252 4.5), so fast runs need several.
+    sockets: int = 32
     #: first sequence number of every device
     first_seq: int = 1
     seed: int | None = None
@@ -67,6 +71,9 @@ class LoadResult:
     unexpected: int = 0
     #: open loop: transmissions that left later than 1 ms after their time
     late_sends: int = 0
+    #: requests sent with a message id its socket had used before in this
+    #: run (more than 65,536 from one socket): see ``LoadSettings.sockets``
+    mid_reuses: int = 0
     elapsed: float = 0.0
     latencies: list = field(default_factory=list)
 
@@ -96,6 +103,7 @@ class LoadResult:
             "duplicate_responses": self.duplicate_responses,
             "unexpected": self.unexpected,
             "late_sends": self.late_sends,
+            "mid_reuses": self.mid_reuses,
             "elapsed_s": round(self.elapsed, 4),
             "rate": round(self.answered / elapsed, 1),
             "ok_rate": round(self.ok / elapsed, 1),
@@ -113,6 +121,7 @@ class _Pending:
                  "scheduled")
 
     def __init__(self, token, mid, sock, datagram, first, timeout, scheduled):
+        #: mid is (socket number, message id): message ids are per endpoint
         self.token, self.mid, self.sock, self.datagram = token, mid, sock, datagram
         self.first, self.attempt, self.timeout = first, 0, timeout
         self.acked = False
@@ -136,7 +145,7 @@ class LoadGenerator:
         info = socket.getaddrinfo(self.s.host, self.s.port, type=socket.SOCK_DGRAM)[0]
         count = self.s.workload.devices if self.s.workload.format == "text" else self.s.sockets
         out = []
-        for _ in range(max(1, count)):
+        for _ in range(max(1, min(count, self.s.workload.devices))):
             sock = socket.socket(info[0], socket.SOCK_DGRAM)
             sock.setblocking(False)
             for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
@@ -160,7 +169,7 @@ class LoadGenerator:
         text = s.workload.format == "text"
         seqs = [s.first_seq] * ndev
         by_token: dict[bytes, _Pending] = {}
-        by_mid: dict[int, _Pending] = {}
+        by_mid: dict[tuple[int, int], _Pending] = {}
         timers: list = []  # (deadline, serial, pending, attempt)
         mtype = CON if s.confirmable else NON
         latencies = r.latencies
@@ -168,7 +177,9 @@ class LoadGenerator:
         rand = self.random.random
         perf = time.perf_counter
         token_counter = self.random.getrandbits(32)
-        mid_counter = self.random.getrandbits(16)
+        mid_counters = [self.random.getrandbits(16) for _ in sockets]
+        sent_on = [0] * len(sockets)
+        socket_number = {sock.fileno(): n for n, sock in enumerate(sockets)}
         serial = 0
         next_device = 0
         outstanding = 0  # requests without their final answer
@@ -195,24 +206,26 @@ class LoadGenerator:
                 codes[_code_text(code) if code >= 0 else "RST"] += 1
 
         def send_one(now: float, scheduled: float) -> None:
-            nonlocal token_counter, mid_counter, next_device, outstanding, serial
+            nonlocal token_counter, next_device, outstanding, serial
             device = next_device
             next_device = (next_device + 1) % ndev
             seq = seqs[device]
             seqs[device] = (seq + 1) & 0xFFFFFFFF
             token_counter = (token_counter + 1) & 0xFFFFFFFF
-            mid_counter = (mid_counter + 1) & 0xFFFF
+            n = device % len(sockets)
+            mid = mid_counters[n] = (mid_counters[n] + 1) & 0xFFFF
+            sent_on[n] += 1
             token = token_counter.to_bytes(4, "big")
-            datagram = header(mtype, POST, mid_counter, token) + builders[device](seq)
-            sock = sockets[device % len(sockets)] if text or len(sockets) > 1 else sockets[0]
+            datagram = header(mtype, POST, mid, token) + builders[device](seq)
+            sock = sockets[n]
             if s.confirmable:
                 timeout = s.ack_timeout * (1 + (s.ack_random_factor - 1) * rand())
             else:
                 timeout = s.non_timeout
-            p = _Pending(token, mid_counter, sock, datagram, now, timeout, scheduled)
+            p = _Pending(token, (n, mid), sock, datagram, now, timeout, scheduled)
             by_token[token] = p
             if s.confirmable:
-                by_mid[mid_counter] = p
+                by_mid[n, mid] = p
             outstanding += 1
             r.sent += 1
             r.transmissions += 1
@@ -295,7 +308,8 @@ class LoadGenerator:
                     tkl = data[0] & 0x0F
                     code = data[1]
                     if t == RST or (t == ACK and code == 0):
-                        p = by_mid.get(int.from_bytes(data[2:4], "big"))
+                        p = by_mid.get((socket_number[sock.fileno()],
+                                        int.from_bytes(data[2:4], "big")))
                         if p is None:
                             r.duplicate_responses += 1
                         elif t == RST:
@@ -325,6 +339,7 @@ class LoadGenerator:
                 if self.sample is not None:
                     self.sample()
         r.elapsed = perf() - start
+        r.mid_reuses = max(0, max(sent_on) - 65536)
         for sock in sockets:
             selector.unregister(sock)
             sock.close()

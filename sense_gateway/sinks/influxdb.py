@@ -30,11 +30,12 @@ retries, then the batch goes back to the queue.
 
 from __future__ import annotations
 
+import math
 import time
 from urllib.parse import urlencode
 
 import urllib3
-from influxdb_client import InfluxDBClient, Point, WritePrecision
+from influxdb_client import InfluxDBClient, WritePrecision
 from influxdb_client.client.write_api import SYNCHRONOUS
 from influxdb_client.rest import ApiException
 
@@ -43,6 +44,57 @@ from sense_gateway.sinks import MetricPoint, MetricSink, SinkError
 
 _PRECISION = {"ns": (WritePrecision.NS, 1), "ms": (WritePrecision.MS, 1_000_000),
               "s": (WritePrecision.S, 1_000_000_000)}
+
+
+_ESCAPE_MEASUREMENT = str.maketrans({",": r"\,", " ": r"\ ", "\n": r"\n", "\t": r"\t",
+                                     "\r": r"\r"})
+_ESCAPE_KEY = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\n": r"\n", "\t": r"\t",
+                             "\r": r"\r"})
+_ESCAPE_STRING = str.maketrans({'"': r'\"', "\\": r"\\"})
+_isfinite = math.isfinite
+
+
+def _measurement(name: str) -> str:
+    return name.translate(_ESCAPE_MEASUREMENT)
+
+
+def _tags(tags: dict[str, str]) -> str:
+    out = ""
+    for key in sorted(tags):
+        value = tags[key]
+        if value is None:
+            continue
+        key = str(key).translate(_ESCAPE_KEY)
+        value = str(value).translate(_ESCAPE_KEY)
+        if value.endswith("\\"):
+            value += " "
+        if key and value:
+            out += f",{key}={value}"
+    return out
+
+
+def _fields(fields: dict) -> str:
+    parts = []
+    for key in sorted(fields):
+        value = fields[key]
+        name = str(key).translate(_ESCAPE_KEY)
+        kind = type(value)
+        if kind is float:
+            if not _isfinite(value):
+                continue
+            text = str(value)
+            parts.append(f"{name}={text[:-2] if text.endswith('.0') else text}")
+        elif kind is bool:
+            parts.append(f"{name}={'true' if value else 'false'}")
+        elif kind is int:
+            parts.append(f"{name}={value}i")
+        elif kind is str:
+            parts.append(f'{name}="{value.translate(_ESCAPE_STRING)}"')
+        elif value is None:
+            continue
+        else:
+            raise ValueError(f'Type: "{kind}" of field: "{key}" is not supported.')
+    return ",".join(parts)
 
 
 def _retryable(status: int | None) -> bool:
@@ -71,15 +123,18 @@ class InfluxSink(MetricSink):
             self.write_url = f"{settings.url.rstrip('/')}/write?{urlencode(query)}"
 
     def lines(self, points: list[MetricPoint]) -> list[str]:
+        """Line protocol, the same text influxdb-client's ``Point`` makes
+        (sorted tags and fields, floats without a trailing ``.0``,
+        non-finite floats and empty tags left out), at a fraction of its
+        cost: a batch of thousands of points is encoded per request."""
+        divisor = self.divisor
         out = []
         for point in points:
-            p = Point(point.measurement)
-            for key, value in point.tags.items():
-                p.tag(key, value)
-            for key, value in point.fields.items():
-                p.field(key, value)
-            p.time(point.time_ns // self.divisor, self.precision)
-            out.append(p.to_line_protocol())
+            fields = _fields(point.fields)
+            if not fields:
+                continue
+            out.append(f"{_measurement(point.measurement)}{_tags(point.tags)} {fields} "
+                       f"{point.time_ns // divisor}")
         return out
 
     def write(self, points: list[MetricPoint]) -> None:
