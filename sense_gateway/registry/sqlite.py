@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
@@ -57,49 +58,110 @@ def _row(record: DeviceRecord) -> tuple:
             c.unsequenced, orjson.dumps(list(record.recent)).decode())
 
 
+#: records kept in memory between batches (about 2 KB each)
+CACHE_ENTRIES = 10_000
+
+_INSERT = (f"INSERT OR IGNORE INTO devices ({_COLUMNS}) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)")
+_UPDATE = ("UPDATE devices SET first_seen = ?, last_seen = ?, last_source = ?, "
+           "last_seq = ?, window = ?, received = ?, duplicates = ?, lost = ?, "
+           "resets = ?, unsequenced = ?, recent = ?, version = version + 1 "
+           "WHERE id = ? AND version = ?")
+
+
 class SQLiteRegistry(DeviceRegistry):
-    def __init__(self, path: str | Path):
+    """The registry file. Records this object committed are kept in memory
+    (at most ``cache_entries``) and used again while the stored version is
+    still theirs: a batch then reads one small column per device instead
+    of whole rows, and another writer of the same file is still noticed."""
+
+    def __init__(self, path: str | Path, cache_entries: int = CACHE_ENTRIES):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.execute(_SCHEMA)
+        self.cache_entries = cache_entries
+        self._cache: dict[str, DeviceRecord] = {}
 
     def load(self, device_ids: Iterable[str]) -> dict[str, DeviceRecord]:
         ids = list(device_ids)
         records = {}
+        cache = self._cache
         for start in range(0, len(ids), 500):
             chunk = ids[start:start + 500]
-            rows = self.db.execute(
-                f"SELECT {_COLUMNS} FROM devices WHERE id IN ({','.join('?' * len(chunk))})", chunk)
-            records.update((row[0], _record(row)) for row in rows)
+            marks = ",".join("?" * len(chunk))
+            stale = []
+            for device, version in self.db.execute(
+                    f"SELECT id, version FROM devices WHERE id IN ({marks})", chunk):
+                cached = cache.get(device)
+                if cached is not None and cached.version == version:
+                    records[device] = cached
+                else:
+                    stale.append(device)
+            for begin in range(0, len(stale), 500):
+                part = stale[begin:begin + 500]
+                rows = self.db.execute(
+                    f"SELECT {_COLUMNS} FROM devices WHERE id IN ({','.join('?' * len(part))})",
+                    part)
+                records.update((row[0], _record(row)) for row in rows)
         return records
 
     def commit(self, records: list[DeviceRecord]) -> set[str]:
+        new = [r for r in records if r.version == 0]
+        old = [r for r in records if r.version != 0]
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            # Most batches conflict with nobody: one statement for all, and
+            # row by row only if the total says some record lost.
+            lost = set()
+            for records_, sql, args in (
+                    (new, _INSERT, lambda r: (r.id, *_row(r))),
+                    (old, _UPDATE, lambda r: (*_row(r), r.id, r.version))):
+                if not records_:
+                    continue
+                rows = [args(r) for r in records_]
+                if self.db.executemany(sql, rows).rowcount != len(rows):
+                    self.db.execute("ROLLBACK")
+                    return self._commit_one_by_one(records)
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+        self._remember(records, lost)
+        return lost
+
+    def _commit_one_by_one(self, records: list[DeviceRecord]) -> set[str]:
         lost = set()
         self.db.execute("BEGIN IMMEDIATE")
         try:
             for record in records:
                 if record.version == 0:
-                    cursor = self.db.execute(
-                        f"INSERT OR IGNORE INTO devices ({_COLUMNS}) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
-                        (record.id, *_row(record)))
+                    cursor = self.db.execute(_INSERT, (record.id, *_row(record)))
                 else:
-                    cursor = self.db.execute(
-                        "UPDATE devices SET first_seen = ?, last_seen = ?, last_source = ?, "
-                        "last_seq = ?, window = ?, received = ?, duplicates = ?, lost = ?, "
-                        "resets = ?, unsequenced = ?, recent = ?, version = version + 1 "
-                        "WHERE id = ? AND version = ?",
-                        (*_row(record), record.id, record.version))
+                    cursor = self.db.execute(_UPDATE, (*_row(record), record.id, record.version))
                 if cursor.rowcount != 1:
                     lost.add(record.id)
             self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
             raise
+        self._remember(records, lost)
         return lost
+
+    def _remember(self, records: list[DeviceRecord], lost: set[str]) -> None:
+        cache = self._cache
+        for record in records:
+            if record.id in lost:
+                cache.pop(record.id, None)
+            else:
+                cache.pop(record.id, None)  # re-inserted: newest last
+                cache[record.id] = replace(record, version=record.version + 1)
+        while len(cache) > self.cache_entries:
+            del cache[next(iter(cache))]
 
     def devices(self) -> list[DeviceRecord]:
         return [_record(row) for row in
