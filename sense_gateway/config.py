@@ -64,7 +64,10 @@ class ValidationConfig:
 
 @dataclass(frozen=True)
 class ProcessorConfig:
-    batch_size: int = 10
+    #: envelopes per round of the in-process worker; an SQS queue gives at
+    #: most 10 per receive whatever this says, and a Lambda function gets
+    #: the batch size of its event source mapping
+    batch_size: int = 1000
     poll_interval: float = 1.0
     retry_base: float = 2.0
     retry_max: float = 300.0

@@ -276,3 +276,36 @@ class FasterLineProtocol(TestCase):
                     expected.append(line)
             self.assertEqual(sink.lines(points), expected, precision)
             self.assertEqual(len(expected), 3)
+
+
+class RegistryReuseBetweenBatches(TestCase):
+    """The SQLite registry keeps records it committed for the next batch
+    (part of the processor's speed); another writer of the same file must
+    still be seen, and a stale record must still lose its commit."""
+
+    def test_a_record_changed_by_another_writer_is_read_again(self):
+        from dataclasses import replace
+
+        from sense_gateway.registry import DeviceRecord
+        from sense_gateway.registry.sqlite import SQLiteRegistry
+        from sense_gateway.sequence import judge
+
+        path = Path(self.mktemp()).resolve() / "registry.sqlite3"
+        first, second = SQLiteRegistry(path), SQLiteRegistry(path)
+        self.addCleanup(first.close)
+        self.addCleanup(second.close)
+
+        def advance(record, seq):
+            return replace(record, state=judge(record.state, seq).state)
+
+        self.assertEqual(first.commit([advance(DeviceRecord("node-1", 1.0, 1.0, "[::1]:1"), 1)]),
+                         set())
+        self.assertEqual(first.load(["node-1"])["node-1"].state.last_seq, 1)
+
+        self.assertEqual(second.commit([advance(second.load(["node-1"])["node-1"], 2)]), set())
+        seen = first.load(["node-1"])["node-1"]
+        self.assertEqual((seen.state.last_seq, seen.version), (2, 2))
+
+        self.assertEqual(first.commit([advance(replace(seen, version=1), 3)]), {"node-1"})
+        self.assertEqual(second.load(["node-1"])["node-1"].state.last_seq, 2)
+        self.assertEqual(first.load(["node-1"])["node-1"].state.last_seq, 2)

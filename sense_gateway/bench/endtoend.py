@@ -17,6 +17,7 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -63,6 +64,9 @@ def run_end_to_end(args) -> int:
             f"{'role gateway' if args.split else 'role all'} ...")
         rss = RssSampler(gateway.pid)
         bar = Progress(load, args.progress, "send")
+        # The processor's progress, from its own counters, all along (in
+        # role all it works while the readings arrive).
+        samples = _Samples(gateway)
         started = time.monotonic()
         try:
             result = LoadGenerator(load, progress=bar, sample=rss).run()
@@ -73,6 +77,7 @@ def run_end_to_end(args) -> int:
         ingest["server_rss_mb"] = rss.peak_mb
 
         if args.split:
+            samples.stop()
             gateway.stop()
             processes.remove(gateway)
             log("draining the queue with role processor ...")
@@ -80,21 +85,15 @@ def run_end_to_end(args) -> int:
             gateway = Gateway(data_dir, role="processor", settings=settings)
             processes.append(gateway)
             processor_ready = time.monotonic()
+            samples = _Samples(gateway)
         else:
             processor_started = processor_ready = started
 
-        # The processor's progress from its own counters, then the points
-        # themselves from VictoriaMetrics.
-        samples = []
         deadline = time.monotonic() + max(120.0, readings / 1000)
-        while True:
-            written = _written(gateway)
-            now = time.monotonic()
-            samples.append((now, written))
-            if written >= ingest["ok"] or now > deadline:
-                break
-            time.sleep(0.1)
-        all_written = time.monotonic()
+        while samples.written < ingest["ok"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        samples.stop()
+        all_written = samples.reached(ingest["ok"]) or time.monotonic()
         queryable = vm.count(METRIC)
         while queryable < ingest["ok"] and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -102,9 +101,9 @@ def run_end_to_end(args) -> int:
         done = time.monotonic()
         rss()
 
-        first = next((t for t, w in samples if w > 0), all_written)
+        first = samples.first_write() or all_written
         busy_from = processor_ready if args.split else first
-        processor_rate = samples[-1][1] / max(all_written - busy_from, 1e-9)
+        processor_rate = samples.written / max(all_written - busy_from, 1e-9)
         document = {
             "machine": machine(),
             "load": {**describe_load(load), "readings": readings,
@@ -117,7 +116,8 @@ def run_end_to_end(args) -> int:
             "time_to_queryable_s": round(done - started, 3),
             "after_last_ack_s": round(done - sent_at, 3),
             "processor": {
-                "written": samples[-1][1],
+                "written": samples.written,
+                "kept_pace": not args.split and all_written - sent_at < 1.0,
                 "start_s": round(processor_ready - processor_started, 3),
                 "busy_s": round(all_written - busy_from, 3),
                 "readings_per_s": round(processor_rate, 1),
@@ -134,6 +134,38 @@ def run_end_to_end(args) -> int:
     else:
         print(format_end_to_end(document))
     return 0 if document["all_queryable"] else 1
+
+
+class _Samples:
+    """Samples the processor's written count (``/api/stats``) every 0.1 s on
+    a thread of its own, so the load generator's loop is not held up."""
+
+    def __init__(self, gateway: Gateway, interval: float = 0.1):
+        self.gateway, self.interval = gateway, interval
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="stats-sampler")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic(), _written(self.gateway)))
+            self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append((time.monotonic(), _written(self.gateway)))
+
+    @property
+    def written(self) -> int:
+        return max((w for _, w in self.samples), default=0)
+
+    def first_write(self) -> float | None:
+        return next((t for t, w in self.samples if w > 0), None)
+
+    def reached(self, count: int) -> float | None:
+        return next((t for t, w in self.samples if w >= count), None)
 
 
 def _written(gateway: Gateway) -> int:
@@ -158,6 +190,7 @@ def format_end_to_end(d: dict) -> str:
         f"{d['time_to_queryable_s']:.2f} s after the first send "
         f"({d['after_last_ack_s']:.2f} s after the last acknowledgement)",
         f"processor     {proc['written']} written in {proc['busy_s']:.2f} s: "
-        f"{proc['readings_per_s']:,.0f} readings/s",
+        f"{proc['readings_per_s']:,.0f} readings/s"
+        + (" (kept pace with the ingest)" if proc.get("kept_pace") else ""),
         f"server RSS    {d['server_rss_mb']} MB peak",
     ])
