@@ -9,10 +9,12 @@ envelope is durable.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from functools import partial
 
-from prometheus_client import Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
@@ -34,6 +36,31 @@ log = Logger()
 
 def _describe_format(cf: int | None) -> str:
     return "none" if cf is None else str(cf)
+
+
+class LatencyHistogram:
+    """A Prometheus histogram for the reactor thread alone: ``observe`` is a
+    bisection and an increment (prometheus_client's takes a lock and walks
+    the buckets, a noticeable share of the hot path), ``collect`` gives the
+    same metric family a registry would."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...]):
+        self.name, self.documentation = name, documentation
+        self.bounds = list(buckets)
+        self.counts = [0] * (len(buckets) + 1)  # the last: above every bound
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def collect(self):
+        cumulative, buckets = 0, []
+        for bound, count in zip([*self.bounds, float("inf")], self.counts):
+            cumulative += count
+            buckets.append((floatToGoString(bound), cumulative))
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets,
+                                    sum_value=self.sum)
 
 
 class IngestPipeline:
@@ -62,10 +89,10 @@ class IngestPipeline:
         self._clock = clock
         self._put_then = (None, None)
         #: seconds from a request's arrival to its envelope being durable
-        self.enqueue_latency = Histogram(
+        self.enqueue_latency = LatencyHistogram(
             "sense_enqueue_latency_seconds", "Time from a request's arrival to its envelope "
-            "being stored", registry=None,
-            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0))
+            "being stored",
+            (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0))
 
     def paths(self) -> list[str]:
         return sorted(self._routes)
