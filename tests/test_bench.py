@@ -260,6 +260,10 @@ class FasterLineProtocol(TestCase):
             MetricPoint("sense_device", {"device": "d"}, {"received": 5, "lost": 0}, 1),
             MetricPoint("m eas,ure", {}, {"v": float("inf")}, 5),  # no field left: no line
             MetricPoint("m", {}, {"v": 1.0}, 5),
+            MetricPoint("m", {"room": "a"}, {"v": 2.0}, 6),
+            MetricPoint("m", {"room": "b"}, {"v": 2.0}, 6),
+            MetricPoint("m", {"device": "node 7"}, {"v": 3.0}, 7),
+            MetricPoint("sense", {"device": "node 7"}, {"v": 3.0}, 7),
         ]
         for precision, divisor in (("ns", 1), ("ms", 10**6), ("s", 10**9)):
             sink = InfluxSink(InfluxConfig(url="http://127.0.0.1:9", precision=precision))
@@ -275,7 +279,7 @@ class FasterLineProtocol(TestCase):
                 if line := p.to_line_protocol():
                     expected.append(line)
             self.assertEqual(sink.lines(points), expected, precision)
-            self.assertEqual(len(expected), 3)
+            self.assertEqual(len(expected), 7)
 
 
 class RegistryReuseBetweenBatches(TestCase):

@@ -81,7 +81,7 @@ def format_table(document: dict) -> str:
         f"load: {load['type']} POST {load['format']}, {load['mode']}, {load['devices']} devices, "
         f"{load['duration_s'] or load['count']} {'s' if load['duration_s'] else 'requests'} each",
         "",
-        "| server | 2.xx/s | gateway ratio | p50 ms | p99 ms | lost | retransmissions | peak RSS MB |",
+        "| server | 2.xx/s | our gateway / this | p50 ms | p99 ms | lost | retransmissions | peak RSS MB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in document["results"]:

@@ -140,7 +140,7 @@ class _Samples:
     """Samples the processor's written count (``/api/stats``) every 0.1 s on
     a thread of its own, so the load generator's loop is not held up."""
 
-    def __init__(self, gateway: Gateway, interval: float = 0.1):
+    def __init__(self, gateway: Gateway, interval: float = 0.5):
         self.gateway, self.interval = gateway, interval
         self.samples: list[tuple[float, int]] = []
         self._stop = threading.Event()
