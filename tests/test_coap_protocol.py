@@ -201,6 +201,13 @@ class MalformedTests(EndpointTestCase):
         self.assertIn(b"2049", response.payload)
         self.assertEqual(self.queue.envelopes, [])
 
+    def test_non_request_with_unknown_critical_option_is_rejected(self):
+        datagram = request_datagram(payload=b"1", mtype=coap.NON,
+                                    options=[coap.OpaqueOption(2049, b"x")])
+        reset = self.only(datagram)
+        self.assertEqual((reset.mtype, reset.mid, reset.code), (coap.RST, 0x1234, coap.EMPTY))
+        self.assertEqual(self.queue.envelopes, [])
+
     def test_unknown_elective_option_is_ignored(self):
         datagram = request_datagram(payload=b"1", options=[coap.OpaqueOption(2048, b"x")])
         self.assertEqual(self.only(datagram).code, coap.CHANGED)

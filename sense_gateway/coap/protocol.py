@@ -179,6 +179,13 @@ class GatewayProtocol(coap.Coap):
             return
         except BadOption as e:
             message = e.message
+            if message.mtype != coap.CON:
+                # RFC 7252 5.4.1: a non-confirmable message with an unknown
+                # critical option is rejected (4.3), not answered with 4.02.
+                self.malformed += 1
+                if message.mtype == coap.NON:
+                    self._send_reset(message.mid, (host, port))
+                return
             if not self.deduplicateMessage(message):
                 code = coap.PROXYING_NOT_SUPPORTED if e.number in (
                     coap.PROXY_URI, coap.PROXY_SCHEME) else coap.BAD_OPTION
