@@ -257,6 +257,27 @@ class RequestErrorTests(EndpointTestCase):
         self.assertEqual(self.only(last).code, coap.CHANGED)
         self.assertEqual(self.queue.envelopes[0].readings[0].fields["value"], 1234567812345678.5)
 
+    def test_blockwise_upload_to_unknown_path_is_not_found_before_assembly(self):
+        first = request_datagram(path="nowhere", payload=b"1" * 16,
+                                 options=[coap.BlockOption(coap.BLOCK1, (0, True, 0))])
+        self.assertEqual(self.only(first).code, coap.NOT_FOUND)
+        self.assertEqual(len(self.protocol.incoming_requests), 0)
+
+    def test_one_source_cannot_take_every_blockwise_slot(self):
+        from sense_gateway.coap.protocol import MAX_ASSEMBLIES_PER_SOURCE
+
+        def start(peer, mid):
+            return self.only(request_datagram(payload=b"1" * 16, mid=mid, options=[
+                coap.BlockOption(coap.BLOCK1, (0, True, 0))]), peer=peer)
+        # One address, many ports: the ports do not multiply its share.
+        for n in range(MAX_ASSEMBLIES_PER_SOURCE):
+            self.assertEqual(start(("10.0.0.9", 40000 + n), n).code, coap.CONTINUE)
+        refused = start(("10.0.0.9", 50000), 100)
+        self.assertEqual((refused.code, refused.payload),
+                         (coap.SERVICE_UNAVAILABLE, b"too many block-wise transfers from this address"))
+        self.assertEqual(refused.opt.getOption(coap.MAX_AGE)[0].value, 10)
+        self.assertEqual(start(("10.0.0.10", 40000), 101).code, coap.CONTINUE)
+
     def test_full_queue_is_service_unavailable_with_max_age(self):
         from sense_gateway.errors import Unavailable
 

@@ -10,6 +10,8 @@ client resets or stops answering), and per-datagram logging.
 
 from __future__ import annotations
 
+import copy
+
 import gc
 import socket
 from collections import Counter, deque
@@ -32,8 +34,10 @@ log = Logger()
 #: transfers; the receive buffer only needs to hold whole datagrams.
 MAX_DATAGRAM = 8192
 
-#: Block-wise uploads assembled at once, across all peers.
+#: Block-wise uploads assembled at once, across all peers...
 MAX_ASSEMBLIES = 1024
+#: ...and from one source address (any port), so one peer cannot take them all.
+MAX_ASSEMBLIES_PER_SOURCE = 16
 
 
 class _Assemblies(dict):
@@ -393,14 +397,38 @@ class GatewayProtocol(coap.Coap):
         if ongoing is not None:
             self.incoming_requests.pop(key).handleNextRequest(request)
             return
-        if (block1 is not None or request.code == coap.GET) and (
-                len(self.incoming_requests) >= MAX_ASSEMBLIES):
+        if block1 is not None or request.code == coap.GET:
             # Requests that may start a block-wise transfer are limited in
-            # number; single-datagram uploads never are.
-            self.respond_directly(request, coap.SERVICE_UNAVAILABLE,
-                                  "too many block-wise transfers", max_age=10)
-            return
+            # number, overall and per source; single-datagram uploads never are.
+            if self._refuse_transfer(request, key, block1):
+                return
         GatewayResponder(self, request)
+
+    def _refuse_transfer(self, request, key, block1) -> bool:
+        """Answer and return True when a block-wise transfer may not start."""
+        if block1 is not None and self._missing_resource(request):
+            # Known before the first block is kept: nothing to assemble for.
+            self.respond_directly(request, coap.NOT_FOUND, "no such resource")
+            return True
+        source = key[1][0]
+        if len(self.incoming_requests) >= MAX_ASSEMBLIES:
+            reason = "too many block-wise transfers"
+        elif sum(1 for _, remote in self.incoming_requests
+                 if remote[0] == source) >= MAX_ASSEMBLIES_PER_SOURCE:
+            reason = "too many block-wise transfers from this address"
+        else:
+            return False
+        self.respond_directly(request, coap.SERVICE_UNAVAILABLE, reason, max_age=10)
+        return True
+
+    def _missing_resource(self, request) -> bool:
+        probe = copy.copy(request)  # the lookup consumes the path it walks
+        probe.prepath, probe.postpath = [], list(request.opt.uri_path)
+        try:
+            self.endpoint.getResourceFor(probe)
+        except txerror.NoResource:
+            return True
+        return False
 
     def processEmpty(self, message) -> None:
         exchange = self.active_exchanges.get(message.mid)
