@@ -38,7 +38,7 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
-from twisted.web import resource, server, static
+from twisted.web import pages, resource, server, static
 
 from sense_gateway.errors import code_text
 
@@ -179,6 +179,13 @@ class _Page(static.File):
         return super().render_GET(request)
 
 
+class _Folder(resource.Resource):
+    """A path segment with fixed children; anything else is a plain 404."""
+
+    def getChild(self, path, request):
+        return pages.notFound()
+
+
 class _Missing(resource.Resource):
     isLeaf = True
 
@@ -204,7 +211,7 @@ def find_node_modules(configured: str) -> Path | None:
 
 def vendor_resource(node_modules: Path | None) -> resource.Resource:
     """``/vendor/``: only the files of uPlot the page uses, from npm's install."""
-    vendor = resource.Resource()
+    vendor = _Folder()
     for name, relative in UPLOT_FILES.items():
         path = node_modules / relative if node_modules is not None else None
         vendor.putChild(name, _Page(str(path)) if path is not None and path.is_file()
@@ -283,7 +290,7 @@ class WebService(MultiService):
         super().__init__()
         self.gateway, self.backends, self.reactor = gateway, backends, reactor
         self._pool: ThreadPool | None = None
-        root = resource.Resource()
+        root = _Folder()
         root.putChild(b"healthz", HealthResource(self))
         root.putChild(b"metrics", MetricsResource(self))
         if backends is not None:
@@ -296,12 +303,12 @@ class WebService(MultiService):
     def _add_readers(self, root, node_modules):
         """The dashboard and the API, which read the registry and the store."""
         root.putChild(b"", _Page(str(STATIC / "index.html")))
-        assets = resource.Resource()
+        assets = _Folder()
         for name in ("dashboard.js", "dashboard.css"):
             assets.putChild(name.encode(), _Page(str(STATIC / name)))
         root.putChild(b"static", assets)
         root.putChild(b"vendor", vendor_resource(node_modules))
-        api = resource.Resource()
+        api = _Folder()
         root.putChild(b"api", api)
         api.putChild(b"devices", DevicesResource(self))
         api.putChild(b"readings", ReadingsResource(self))
