@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from sense_gateway.envelope import Envelope
 from sense_gateway.registry import RECENT_ENVELOPES, DeviceRecord, DeviceRegistry, RegistryUnavailable
@@ -88,8 +88,9 @@ class BatchProcessor:
                 points.extend(reading_points(envelope))
             else:
                 results[i] = Result(Outcome.DUPLICATE, f"sequence number {envelope.seq} seen before")
-        updated = {device: replace(record, state=state, last_seen=last_seen,
-                                   last_source=last_source, recent=tuple(recent))
+        # Built field by field: dataclasses.replace costs several times more.
+        updated = {device: DeviceRecord(record.id, record.first_seen, last_seen, last_source,
+                                        state, tuple(recent), record.version)
                    for device, (record, state, last_seen, last_source, recent) in touched.items()}
 
         now = self.clock()

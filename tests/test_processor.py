@@ -162,3 +162,33 @@ class InfluxRetryTests(TestCase):
         # Not the data's fault: the batch waits in the queue, not in dead letters.
         self.assertEqual((error.retryable, slept), (True, [0.25, 0.5, 1.0]))
         self.assertIn("404", str(error))
+
+
+class ReadingPointTests(TestCase):
+    """The points a batch becomes, built on the processor's hot path."""
+
+    def test_fields_become_floats_and_the_device_joins_the_tags(self):
+        from sense_gateway.sinks import MetricPoint, reading_points
+
+        e = Envelope(new_envelope_id(), "node 7", 1, 1764300000.0, "[::1]:1", "coap", None,
+                     "/data", 50, [Reading({"t": 21.5}, 1764300000.25),
+                                   Reading({"n": 3, "on": True, "s": "x"}, 1.0000001, "m",
+                                           {"room": "a"})])
+        self.assertEqual(reading_points(e), [
+            MetricPoint("sense", {"device": "node 7"}, {"t": 21.5}, 1764300000250000000),
+            MetricPoint("m", {"room": "a", "device": "node 7"},
+                        {"n": 3.0, "on": True, "s": "x"}, 1000000000),  # whole microseconds
+        ])
+        self.assertIs(type(reading_points(e)[1].fields["n"]), float)
+
+    def test_line_heads_kept_between_batches_are_the_same_text(self):
+        from sense_gateway.sinks import MetricPoint
+
+        sink = InfluxSink(InfluxConfig(url="http://127.0.0.1:9"))
+        self.addCleanup(sink.close)
+        points = [MetricPoint("sense", {"device": "node 7,a=b"}, {"t": 1.5}, 1),
+                  MetricPoint("sense_device", {"device": "node 7,a=b"}, {"received": 1}, 2)]
+        first = sink.lines(points)
+        self.assertEqual(first, [r"sense,device=node\ 7\,a\=b t=1.5 1",
+                                 r"sense_device,device=node\ 7\,a\=b received=1i 2"])
+        self.assertEqual(sink.lines(points), first)

@@ -156,6 +156,22 @@ class StoreTests(SynchronousTestCase):
         self.assertEqual(letter.body, b"{not json")
         self.assertTrue(letter.reason.startswith("undecodable envelope"), letter.reason)
 
+    def test_a_body_that_is_not_utf8_is_dead_lettered_intact(self):
+        self.store.put_many([b"\xff\xfe{"])
+        self.assertEqual([m.envelope.seq for m in self.store.receive(10)], [1, 2])
+        [letter] = self.store.dead_letters()
+        self.assertEqual(letter.body, b"\xff\xfe{")
+        self.assertTrue(letter.reason.startswith("undecodable envelope"), letter.reason)
+
+    def test_large_batch_received_in_order_and_deleted_at_once(self):
+        self.store.put_many([envelope(seq).to_json() for seq in range(3, 2503)])
+        received = self.store.receive(1000)
+        self.assertEqual([m.envelope.seq for m in received], list(range(1, 1001)))
+        self.assertEqual(len({m.receipt for m in received}), 1000)
+        self.assertEqual([m.envelope.seq for m in self.store.receive(2)], [1001, 1002])
+        self.assertEqual(self.store.delete([m.receipt for m in received[:-1]] + ["1:junk"]), 999)
+        self.assertEqual(self.store.depth(), {"visible": 1500, "in_flight": 3, "dead": 0})
+
     def test_put_many_is_one_transaction(self):
         # A body that breaks NOT NULL half-way leaves none of the batch.
         with self.assertRaises(sqlite3.IntegrityError):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable
-from dataclasses import replace
 from pathlib import Path
 
 import orjson
@@ -55,7 +54,7 @@ def _row(record: DeviceRecord) -> tuple:
     # The window is 64 unsigned bits; SQLite integers are signed, so hex.
     return (record.first_seen, record.last_seen, record.last_source, record.state.last_seq,
             format(record.state.window, "x"), c.received, c.duplicates, c.lost, c.resets,
-            c.unsequenced, orjson.dumps(list(record.recent)).decode())
+            c.unsequenced, orjson.dumps(record.recent).decode())
 
 
 #: records kept in memory between batches (about 2 KB each)
@@ -159,7 +158,9 @@ class SQLiteRegistry(DeviceRegistry):
                 cache.pop(record.id, None)
             else:
                 cache.pop(record.id, None)  # re-inserted: newest last
-                cache[record.id] = replace(record, version=record.version + 1)
+                cache[record.id] = DeviceRecord(record.id, record.first_seen, record.last_seen,
+                                                record.last_source, record.state, record.recent,
+                                                record.version + 1)
         while len(cache) > self.cache_entries:
             del cache[next(iter(cache))]
 

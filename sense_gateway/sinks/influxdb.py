@@ -75,6 +75,9 @@ def _tags(tags: dict[str, str]) -> str:
 
 _FIELD_NAMES: dict[str, str] = {}
 
+#: line heads (measurement and device tag) an InfluxSink keeps escaped
+HEADS_CACHED = 20_000
+
 
 def _fields(fields: dict) -> str:
     parts = []
@@ -116,6 +119,8 @@ class InfluxSink(MetricSink):
         self.settings = settings
         self.sleep = sleep
         self.precision, self.divisor = _PRECISION[settings.precision]
+        #: (measurement, device) -> its line's escaped head
+        self._heads: dict[tuple[str, str], str] = {}
         timeout_ms = int(settings.timeout * 1000)
         if settings.api == "v2":
             self.client = InfluxDBClient(url=settings.url, token=settings.token or "unused",
@@ -134,10 +139,10 @@ class InfluxSink(MetricSink):
         (sorted tags and fields, floats without a trailing ``.0``,
         non-finite floats and empty tags left out), at a fraction of its
         cost: a batch of thousands of points is encoded per request.
-        Measurement and tag texts repeat from point to point and are
-        escaped once per batch."""
+        Measurement and tag texts repeat from point to point and batch to
+        batch: each device's is escaped once (up to ``HEADS_CACHED``)."""
         divisor = self.divisor
-        heads: dict = {}
+        heads = self._heads
         out = []
         for point in points:
             fields = _fields(point.fields)
@@ -150,7 +155,7 @@ class InfluxSink(MetricSink):
             head = heads.get(key) if key is not None else None
             if head is None:
                 head = f"{_measurement(point.measurement)}{_tags(tags)} "
-                if key is not None:
+                if key is not None and len(heads) < HEADS_CACHED:
                     heads[key] = head
             out.append(f"{head}{fields} {point.time_ns // divisor}")
         return out
