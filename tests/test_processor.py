@@ -192,3 +192,44 @@ class ReadingPointTests(TestCase):
         self.assertEqual(first, [r"sense,device=node\ 7\,a\=b t=1.5 1",
                                  r"sense_device,device=node\ 7\,a\=b received=1i 2"])
         self.assertEqual(sink.lines(points), first)
+
+
+class RefusingSink:
+    """A sink whose server refuses any batch holding a string field."""
+
+    name = "refusing"
+
+    def __init__(self):
+        self.writes = 0
+        self.points = []
+
+    def write(self, points):
+        from sense_gateway.sinks import SinkError
+
+        self.writes += 1
+        if any(isinstance(v, str) for p in points for v in p.fields.values()):
+            raise SinkError("refusing: HTTP 400: field type conflict", retryable=False)
+        self.points.extend(points)
+
+    def close(self):
+        pass
+
+
+class PoisonSplitTests(TestCase):
+    def test_a_refused_message_in_a_large_batch_is_found_by_halving(self):
+        registry = SQLiteRegistry(Path(self.mktemp()).resolve() / "registry.sqlite3")
+        sink = RefusingSink()
+        processor = BatchProcessor(registry, [sink], clock=lambda: T0 + 60)
+        self.addCleanup(processor.close)
+        batch = [envelope(f"node-{i % 7}", seq=i // 7 + 1, ts=T0 + i, t=float(i))
+                 for i in range(1024)]
+        batch[300] = envelope("node-300", seq=1, ts=T0, t="warm")
+        results = processor.process_batch(batch)
+        self.assertEqual([i for i, r in enumerate(results) if r.outcome is not Outcome.WRITTEN],
+                         [300])
+        self.assertEqual((results[300].outcome, results[300].retryable), (Outcome.FAILED, False))
+        self.assertLessEqual(sink.writes, 2 * 10 + 1)
+        readings = [p for p in sink.points if p.measurement == "sense"]
+        self.assertEqual(len(readings), 1023)
+        self.assertEqual(registry.load(["node-0"])["node-0"].state.counters.received, 147)
+        self.assertNotIn("node-300", registry.load(["node-300"]))
