@@ -93,6 +93,7 @@ class GatewayToLambdaTests(CloudTestCase):
         devices = {r.id: r for r in registry.devices()}
         self.assertEqual({d: (r.state.last_seq, r.state.counters.received) for d, r in devices.items()},
                          {"node-1": (2, 2), "node-2": (9, 1)})
+        self.assertEqual(registry.count(), 2)
 
     def test_poison_record_alone_is_reported(self):
         good = {"v": 1, "id": "e1", "device": "node-3", "seq": 1, "received": NOW, "source": "x",

@@ -50,5 +50,10 @@ class DeviceRegistry:
         """Every device, ordered by id."""
         raise NotImplementedError
 
+    def count(self) -> int:
+        """How many devices there are (backends that can, count without
+        reading the records)."""
+        return len(self.devices())
+
     def close(self) -> None:
         pass

@@ -102,6 +102,15 @@ class DynamoDBRegistry(DeviceRegistry):
             kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
         return sorted((_record(i) for i in items), key=lambda r: r.id)
 
+    def count(self) -> int:
+        total, kwargs = 0, {"Select": "COUNT"}
+        while True:
+            response = self.table.scan(**kwargs)
+            total += response["Count"]
+            if "LastEvaluatedKey" not in response:
+                return total
+            kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+
 
 @hookimpl
 def sense_register_registries():

@@ -168,6 +168,9 @@ class SQLiteRegistry(DeviceRegistry):
         return [_record(row) for row in
                 self.db.execute(f"SELECT {_COLUMNS} FROM devices ORDER BY id")]
 
+    def count(self) -> int:
+        return self.db.execute("SELECT count(*) FROM devices").fetchone()[0]
+
     def close(self) -> None:
         self.db.close()
 

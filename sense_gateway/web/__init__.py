@@ -79,6 +79,11 @@ class Backends:
             self.registry = self._make_registry()
         return self.registry.devices()
 
+    def count_devices(self):
+        if self.registry is None:
+            self.registry = self._make_registry()
+        return self.registry.count()
+
     def readings(self, device, field, since_ns):
         if self.store is None:
             self.store = self._make_store()
@@ -334,7 +339,7 @@ class WebService(MultiService):
             out["processor"] = {o.value: n for o, n in gateway.worker.counts.items()}
         out["queue"] = yield gateway.queue.depth()
         if self.backends is not None:
-            out["devices"] = len((yield self.in_thread(self.backends.devices)))
+            out["devices"] = yield self.in_thread(self.backends.count_devices)
         return out
 
     @defer.inlineCallbacks
@@ -342,7 +347,7 @@ class WebService(MultiService):
         failing = {}
         checks = [("queue", self.gateway.queue.depth)]
         if self.backends is not None:
-            checks += [("registry", lambda: self.in_thread(self.backends.devices)),
+            checks += [("registry", lambda: self.in_thread(self.backends.count_devices)),
                        ("sinks", lambda: self.in_thread(self.backends.check_sinks))]
         for part, check in checks:
             try:
