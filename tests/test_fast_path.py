@@ -206,6 +206,25 @@ class HotPathTests(HotPathTestCase):
         self.assertEqual(len(self.written()), sent)
         self.assertEqual(len(self.queue.stored), 1)
 
+    def test_another_address_cannot_cancel_a_separate_response(self):
+        self.send(request_datagram(payload=b"1", mid=12, token=b"t2"))
+        self.clock.advance(coap.EMPTY_ACK_DELAY)
+        self.queue.commit()
+        separate = parse(self.written()[-1])
+        self.assertEqual((separate.mtype, separate.code), (coap.CON, coap.CHANGED))
+        forged = bytes([0x60, 0x00]) + separate.mid.to_bytes(2, "big")
+        self.send(forged, peer=("::2", 40000))
+        self.send(bytes([0x70, 0x00]) + separate.mid.to_bytes(2, "big"), peer=("::2", 40000))
+        # Still retransmitted to the device, until the device itself answers.
+        sent = len(self.written())
+        self.clock.advance(coap.ACK_TIMEOUT * coap.ACK_RANDOM_FACTOR)
+        self.assertEqual(len(self.written()), sent + 1)
+        self.assertEqual(parse(self.written()[-1]).mid, separate.mid)
+        self.send(forged)
+        sent = len(self.written())
+        self.clock.advance(60)
+        self.assertEqual(len(self.written()), sent)
+
     def test_one_timer_serves_every_waiting_request(self):
         for mid in range(3):
             self.send(request_datagram(payload=b"1", mid=mid))

@@ -432,6 +432,10 @@ class GatewayProtocol(coap.Coap):
 
     def processEmpty(self, message) -> None:
         exchange = self.active_exchanges.get(message.mid)
+        if exchange is not None and exchange[0].remote != message.remote:
+            # Only the peer the message went to may acknowledge or reset it;
+            # txthings would let anyone cancel its retransmissions.
+            return
         if message.mtype == coap.RST and exchange is not None and exchange[0].remote == message.remote:
             # A reset answering a notification cancels the observation
             # (RFC 7641 3.6); txthings would keep notifying forever.
