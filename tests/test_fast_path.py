@@ -206,6 +206,19 @@ class HotPathTests(HotPathTestCase):
         self.assertEqual(len(self.written()), sent)
         self.assertEqual(len(self.queue.stored), 1)
 
+    def test_retransmission_while_storing_is_stored_once_even_after_eviction(self):
+        datagram = request_datagram(payload=b"1", mid=1, token=b"t1")
+        self.send(datagram)
+        # Enough other requests to push mid 1 out of the bounded cache (100).
+        for n in range(150):
+            self.send(request_datagram(payload=b"2", mid=1000 + n), peer=("::3", 41000))
+        self.assertGreater(self.protocol.exchanges.evicted, 0)
+        self.assertEqual(self.send(datagram), [])
+        self.clock.advance(coap.EMPTY_ACK_DELAY)
+        self.assertEqual(self.send(datagram), [bytes([0x60, 0x00, 0x00, 1])])  # the empty ACK again
+        self.queue.commit()
+        self.assertEqual(len(self.queue.stored), 151)
+
     def test_another_address_cannot_cancel_a_separate_response(self):
         self.send(request_datagram(payload=b"1", mid=12, token=b"t2"))
         self.clock.advance(coap.EMPTY_ACK_DELAY)

@@ -155,6 +155,9 @@ class GatewayProtocol(coap.Coap):
         self.hot_path = 0
         #: hot-path requests waiting for their commit
         self.in_flight = 0
+        #: hot-path requests waiting for their commit, by exchange key: the
+        #: bounded exchange cache may drop a key under load, this may not
+        self._pending: dict = {}
         # Confirmable hot-path requests in arrival order, for the empty ACK
         # of those still waiting after EMPTY_ACK_DELAY: one timer for all.
         self._waiting: deque[_InFlight] = deque()
@@ -240,6 +243,13 @@ class GatewayProtocol(coap.Coap):
             # same path ends that upload: txthings' rules.
             return False
         key = (mid, addr[0], addr[1])
+        waiting = self._pending.get(key)
+        if waiting is not None:
+            # A retransmission while the first copy is being stored.
+            self.duplicates += 1
+            if mtype == coap.CON and waiting.state == _EMPTY_ACK_SENT:
+                self._send_to(bytes((0x60, 0x00, mid >> 8, mid & 0xFF)), addr)
+            return True
         exchanges = self.exchanges
         if exchanges.seen(key):
             self.duplicates += 1
@@ -253,6 +263,7 @@ class GatewayProtocol(coap.Coap):
         pending = _InFlight(self, key, mtype, mid, token, addr, remote, received)
         # Counted until answered, exactly once, whichever way.
         self.in_flight += 1
+        self._pending[key] = pending
         if self.in_flight > self.max_in_flight:
             self._answer_error(pending, Unavailable("too many requests in flight", max_age=1))
             return True
@@ -287,6 +298,7 @@ class GatewayProtocol(coap.Coap):
             return
         pending.state = _ANSWERED
         self.in_flight -= 1
+        self._pending.pop(pending.key, None)
         if state == _WAITING:
             token, mid = pending.token, pending.mid
             if pending.mtype == coap.CON:
@@ -309,6 +321,7 @@ class GatewayProtocol(coap.Coap):
             return
         pending.state = _ANSWERED
         self.in_flight -= 1
+        self._pending.pop(pending.key, None)
         if error is None:
             response = coap.Message(code=coap.INTERNAL_SERVER_ERROR, payload=b"internal error")
         else:
@@ -451,6 +464,7 @@ class GatewayProtocol(coap.Coap):
                 self._empty_ack_timer.cancel()
             self._empty_ack_timer = None
         self._waiting.clear()
+        self._pending.clear()
         for key in list(self.incoming_requests):
             self._end_transfer(key)
         for _, retransmission in self.active_exchanges.values():
