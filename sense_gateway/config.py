@@ -316,33 +316,30 @@ def validate(config: Config) -> None:
         ipaddress.ip_address(config.coap.bind)
     except ValueError:
         raise ConfigError(f"coap.bind: not an IP address: {config.coap.bind!r}") from None
-    if not 0 <= config.coap.port <= 65535:
-        raise ConfigError(f"coap.port: out of range: {config.coap.port}")
+    for key, port in (("coap.port", config.coap.port), ("web.port", config.web.port)):
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{key}: out of range: {port}")
+    # Zero is not "off" for these: a zero visibility timeout, say, hands the
+    # same message to the next receive.
     positive = {
         "coap.max_payload": config.coap.max_payload,
         "coap.dedup_entries": config.coap.dedup_entries,
         "coap.max_observers": config.coap.max_observers,
+        "coap.time_interval": config.coap.time_interval,
+        "coap.exchange_lifetime": config.coap.exchange_lifetime,
         "queue.max_receives": config.queue.max_receives,
         "queue.max_pending": config.queue.max_pending,
         "queue.max_batch": config.queue.max_batch,
+        "queue.visibility_timeout": config.queue.visibility_timeout,
         "validation.max_readings": config.validation.max_readings,
         "validation.max_fields": config.validation.max_fields,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}: must be positive, got {value}")
-    # Zero durations are not "off": a zero visibility timeout hands the same
-    # message to the next receive.
-    durations = {
-        "coap.time_interval": config.coap.time_interval,
-        "coap.exchange_lifetime": config.coap.exchange_lifetime,
-        "queue.visibility_timeout": config.queue.visibility_timeout,
+        "processor.batch_size": config.processor.batch_size,
         "processor.retry_base": config.processor.retry_base,
         "processor.retry_max": config.processor.retry_max,
         "influxdb.timeout": config.influxdb.timeout,
         "store.retention_days": config.store.retention_days,
     }
-    for key, value in durations.items():
+    for key, value in positive.items():
         if not value > 0:  # NaN too
             raise ConfigError(f"{key}: must be positive, got {value}")
     at_least_zero = {
@@ -358,14 +355,10 @@ def validate(config: Config) -> None:
     if config.processor.retry_max < config.processor.retry_base:
         raise ConfigError(f"processor.retry_max: must be at least processor.retry_base "
                           f"({config.processor.retry_base}), got {config.processor.retry_max}")
-    if not 0 <= config.web.port <= 65535:
-        raise ConfigError(f"web.port: out of range: {config.web.port}")
     if config.influxdb.api not in ("v1", "v2"):
         raise ConfigError(f"influxdb.api: must be 'v1' or 'v2', got {config.influxdb.api!r}")
     if config.influxdb.precision not in ("ns", "ms", "s"):
         raise ConfigError(f"influxdb.precision: must be 'ns', 'ms' or 's', got {config.influxdb.precision!r}")
-    if config.processor.batch_size <= 0:
-        raise ConfigError(f"processor.batch_size: must be positive, got {config.processor.batch_size}")
     if config.queue.synchronous not in ("full", "normal"):
         raise ConfigError(
             f"queue.synchronous: must be 'full' or 'normal', got {config.queue.synchronous!r}"

@@ -21,7 +21,10 @@ from pathlib import Path
 from twisted.internet import defer, reactor, utils
 from txthings import coap
 
+from sense_gateway.coap.message import decode
 from sense_gateway.config import load_config
+from sense_gateway.envelope import Decoded, Reading
+from sense_gateway.errors import DecodeError
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -180,6 +183,20 @@ def eventually(predicate, timeout: float = 20.0, interval: float = 0.05):
 def deferLater(seconds: float):
     from twisted.internet import task
     return task.deferLater(reactor, seconds, lambda: None)
+
+
+def decode_number(payload, context):
+    """A test format: the payload is one number, from device ``dev-1``."""
+    try:
+        value = float(payload)
+    except ValueError:
+        raise DecodeError("not a number") from None
+    return Decoded(readings=[Reading(fields={"value": value})], device="dev-1", seq=None)
+
+
+def parse(datagram: bytes) -> coap.Message:
+    """A datagram the gateway sent, as a txthings message."""
+    return decode(datagram, "::1", 5683, None)
 
 
 def request_datagram(code=coap.POST, path="data", payload=b"", content_format=None,

@@ -10,31 +10,16 @@ from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase
 from txthings import coap, resource as txresource
 
-from sense_gateway.coap.message import decode
 from sense_gateway.coap.protocol import GatewayProtocol
 from sense_gateway.coap.resources import build_tree
 from sense_gateway.coap.time import TimeResource
 from sense_gateway.config import load_config
-from sense_gateway.envelope import Decoded, Reading
-from sense_gateway.errors import DecodeError
 from sense_gateway.formats import Format
 from sense_gateway.pipeline import IngestPipeline
-from tests.support import request_datagram
+from tests.support import decode_number, parse, request_datagram
 
 PEER = ("::1", 40000)
 OTHER_PEER = ("2001:db8::7", 40000)
-
-
-def decode_number(payload, context):
-    try:
-        value = float(payload)
-    except ValueError:
-        raise DecodeError("not a number") from None
-    return Decoded(readings=[Reading(fields={"value": value})], device="dev-1", seq=None)
-
-
-def parse(datagram: bytes) -> coap.Message:
-    return decode(datagram, "::1", 5683, None)
 
 
 class MemoryQueue:

@@ -15,30 +15,18 @@ from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from txthings import coap, resource as txresource
 
-from sense_gateway.coap.message import decode, parse_simple_post
+from sense_gateway.coap.message import parse_simple_post
 from sense_gateway.coap.protocol import GatewayProtocol
 from sense_gateway.coap.resources import IngestResource, build_tree
 from sense_gateway.coap.time import TimeResource
 from sense_gateway.config import load_config
-from sense_gateway.envelope import Decoded, Reading
-from sense_gateway.errors import DecodeError, Unavailable
+from sense_gateway.errors import Unavailable
 from sense_gateway.formats import Format
 from sense_gateway.pipeline import IngestPipeline
-from tests.support import RawCoapPeer, queued, request_datagram, start_gateway
+from tests.support import (RawCoapPeer, decode_number, parse, queued, request_datagram,
+                           start_gateway)
 
 PEER = ("::1", 40000)
-
-
-def decode_number(payload, context):
-    try:
-        value = float(payload)
-    except ValueError:
-        raise DecodeError("not a number") from None
-    return Decoded(readings=[Reading(fields={"value": value})], device="dev-1", seq=None)
-
-
-def parse(datagram: bytes) -> coap.Message:
-    return decode(datagram, "::1", 5683, None)
 
 
 class GroupCommitQueue:

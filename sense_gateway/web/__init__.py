@@ -74,25 +74,27 @@ class Backends:
         self._make_registry, self._make_store, self._make_sinks = make_registry, make_store, make_sinks
         self.registry = self.store = self.sinks = None
 
-    def devices(self):
+    def _registry(self):
         if self.registry is None:
             self.registry = self._make_registry()
-        return self.registry.devices()
+        return self.registry
+
+    def _store(self):
+        if self.store is None:
+            self.store = self._make_store()
+        return self.store
+
+    def devices(self):
+        return self._registry().devices()
 
     def count_devices(self):
-        if self.registry is None:
-            self.registry = self._make_registry()
-        return self.registry.count()
+        return self._registry().count()
 
     def readings(self, device, field, since_ns):
-        if self.store is None:
-            self.store = self._make_store()
-        return self.store.query(device, field, since_ns)
+        return self._store().query(device, field, since_ns)
 
     def series(self, device, since_ns):
-        if self.store is None:
-            self.store = self._make_store()
-        return self.store.series(device, since_ns)
+        return self._store().series(device, since_ns)
 
     def check_sinks(self):
         if self.sinks is None:
