@@ -31,12 +31,11 @@ class CoapConfig:
     port: int = 5683
     max_payload: int = 1024
     dedup_entries: int = 65536
+    #: of those, at most this many for one source address (docs/coap.md)
+    dedup_per_source: int = 4096
     exchange_lifetime: float = 247.0
     time_interval: float = 60.0
     max_observers: int = 256
-    #: serve single-datagram POSTs to ingest paths without txthings'
-    #: per-request machinery (docs/coap.md); false to compare
-    fast_path: bool = True
 
 
 @dataclass(frozen=True)
@@ -324,6 +323,7 @@ def validate(config: Config) -> None:
     positive = {
         "coap.max_payload": config.coap.max_payload,
         "coap.dedup_entries": config.coap.dedup_entries,
+        "coap.dedup_per_source": config.coap.dedup_per_source,
         "coap.max_observers": config.coap.max_observers,
         "coap.time_interval": config.coap.time_interval,
         "coap.exchange_lifetime": config.coap.exchange_lifetime,

@@ -3,8 +3,7 @@
 :class:`IngestPipeline` knows nothing about CoAP or UDP. It gets a payload
 and a :class:`~sense_gateway.envelope.RequestContext`, and either raises a
 :class:`~sense_gateway.errors.RequestError` at once (the device gets the
-error's code) or returns the queue's Deferred, which fires once the
-envelope is durable.
+error's code) or calls back once the envelope is durable.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from functools import partial
 
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from sense_gateway.config import Config
@@ -100,20 +98,15 @@ class IngestPipeline:
     def content_formats(self, path: str) -> list[int | None]:
         return list(self._routes.get(path, {}))
 
-    def accept(self, payload: bytes, context: RequestContext) -> Deferred:
-        """Turn one request into a queued envelope, or raise why not."""
-        stored = self.queue.put([self.prepare(payload, context)])
-        if self._clock is not None:
-            stored.addCallback(self._observe, context.received)
-        return stored
-
     def submit(self, payload: bytes, context: RequestContext,
                done: Callable[[BaseException | None], object]) -> None:
-        """:meth:`accept` without a Deferred, for the CoAP hot path.
+        """Turn one request into a queued envelope.
 
-        Raises a :class:`RequestError` at once like :meth:`accept`; otherwise
-        calls ``done(None)`` once the envelope is durable, or ``done(error)``
-        (possibly before returning) when the queue cannot take it.
+        Raises a :class:`RequestError` at once for a request refused as it
+        is (undecodable, invalid, too large...); otherwise calls
+        ``done(None)`` once the envelope is durable, or ``done(error)``
+        (possibly before returning) when the queue cannot take it. No
+        Deferred per request: the CoAP layer answers from *done*.
         """
         envelope = self.prepare(payload, context)
         queue = self.queue
@@ -178,7 +171,3 @@ class IngestPipeline:
             if problems:
                 raise ValidationError(problems[0])
         return envelope
-
-    def _observe(self, result, received: float):
-        self.enqueue_latency.observe(self._clock.seconds() - received)
-        return result

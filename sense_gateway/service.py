@@ -17,11 +17,15 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from txthings import resource as txresource
 
-from sense_gateway.coap.protocol import CoapServer, GatewayProtocol
-from sense_gateway.coap.resources import build_tree, walk
+from sense_gateway.coap.blockwise import Uploads
+from sense_gateway.coap.dispatch import Dispatcher
+from sense_gateway.coap.layer import MessageLayer, MonotonicClock
+from sense_gateway.coap.resources import build_tree
+from sense_gateway.coap.transport import CoapServer, UDPTransport
+from sense_gateway.coap.tree import ResourceTree
 from sense_gateway.config import Config
 from sense_gateway.backends import choose, named_factories, processor_factory
-from sense_gateway.errors import PluginLoadError
+from sense_gateway.errors import PluginLoadError, code_text
 from sense_gateway.pipeline import IngestPipeline
 from sense_gateway.plugins import call_collecting, make_plugin_manager
 from sense_gateway.web import make_web
@@ -38,7 +42,9 @@ class GatewayService(MultiService):
         self.config = config
         self.plugin_manager = pm
         self.queue = queue
-        self.pipeline = self.protocol = self.coap_server = self.worker = self.web = None
+        self.pipeline = self.dispatcher = self.coap_server = self.worker = self.web = None
+        #: one message layer per CoAP transport
+        self.layers: list[MessageLayer] = []
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -58,26 +64,42 @@ class GatewayService(MultiService):
                 log.failure("{service} did not stop cleanly", service=type(child).__name__)
 
     def add_gateway(self, parts: GatewayParts) -> None:
-        self.pipeline, self.protocol, self.coap_server = parts.pipeline, parts.protocol, parts.coap_server
-        for child in (*parts.services, self.coap_server):
+        self.pipeline, self.dispatcher = parts.pipeline, parts.dispatcher
+        self.layers, self.coap_server = parts.layers, parts.servers[0]
+        for child in (*parts.services, *parts.servers):
             child.setServiceParent(self)
+
+    def coap_counters(self) -> dict | None:
+        """What the CoAP layers counted, summed over transports (``None``
+        without a CoAP side); the same names in /metrics, /api/stats and
+        the log."""
+        if not self.layers:
+            return None
+        responses: dict[int, int] = {}
+        totals = dict.fromkeys(("requests", "retransmissions", "malformed", "exchanges"), 0)
+        for layer in self.layers:
+            totals["requests"] += layer.requests
+            totals["retransmissions"] += layer.retransmissions
+            totals["malformed"] += layer.malformed
+            totals["exchanges"] += len(layer.exchanges)
+            for code, count in layer.responses.items():
+                responses[code] = responses.get(code, 0) + count
+        return {"responses": dict(sorted(responses.items())), **totals}
 
     def log_stats(self) -> None:
         try:
             if self.worker is not None:
                 log.info("processor: {counts}",
                          counts={o.value: n for o, n in self.worker.counts.items()})
-            protocol = self.protocol
-            if protocol is None:
+            counters = self.coap_counters()
+            if counters is None:
                 return
             log.info(
-                "coap: {responses} responses by code, {duplicates} retransmissions, "
-                "{malformed} malformed, {exchanges} exchanges remembered",
-                responses=dict(sorted((f"{c >> 5}.{c & 31:02d}", n)
-                                      for c, n in protocol.responses.items())),
-                duplicates=protocol.duplicates,
-                malformed=protocol.malformed,
-                exchanges=len(protocol.exchanges),
+                "coap: {requests} requests, responses by code {responses}, "
+                "{retransmissions} retransmissions, {malformed} malformed, "
+                "{exchanges} exchanges remembered",
+                **{**counters, "responses": {code_text(c): n
+                                             for c, n in counters["responses"].items()}},
             )
         except Exception:
             # TimerService stops for good after one exception.
@@ -111,9 +133,11 @@ def make_service(config: Config, reactor=None) -> GatewayService:
 @dataclass
 class GatewayParts:
     pipeline: IngestPipeline
-    protocol: GatewayProtocol
-    coap_server: CoapServer
-    #: plugin resources that are services too (started before the listener)
+    dispatcher: Dispatcher
+    layers: list
+    #: the listeners, plain CoAP first
+    servers: list
+    #: plugin resources that are services too (started before the listeners)
     services: list
 
 
@@ -130,20 +154,21 @@ def _make_gateway(config, pm, queue, reactor) -> GatewayParts:
                 raise PluginLoadError(f"{pm.origin(plugin)}: CoAP resource {path} registered twice")
             extra[path] = res
     try:
-        root = build_tree(pipeline, reactor, extra)
+        root = build_tree(pipeline, extra)
     except ValueError as e:
         raise PluginLoadError(str(e)) from None
 
-    protocol = GatewayProtocol(
-        txresource.Endpoint(root),
-        clock=reactor,
-        exchange_lifetime=config.coap.exchange_lifetime,
-        max_exchanges=config.coap.dedup_entries,
-        max_payload=config.coap.max_payload,
-        fast_path=config.coap.fast_path,
-    )
-    protocol.observable_resources = [r for _, r in walk(root) if getattr(r, "observable", False)]
-    coap_server = CoapServer(protocol, config.coap.bind, config.coap.port, reactor)
+    clock = MonotonicClock(reactor)
+    tree = ResourceTree(txresource.Endpoint(root), max_observers=config.coap.max_observers)
+    dispatcher = Dispatcher(pipeline, tree, Uploads(config.coap.max_payload, clock),
+                            wall_clock=reactor)
+    transport = UDPTransport()
+    layer = MessageLayer(transport, dispatcher, clock,
+                         exchange_lifetime=config.coap.exchange_lifetime,
+                         max_exchanges=config.coap.dedup_entries,
+                         exchanges_per_source=config.coap.dedup_per_source)
+    transport.attach(layer)
+    coap_server = CoapServer(transport, config.coap.bind, config.coap.port, reactor)
 
     services = [res for res in extra.values() if IService.providedBy(res)]
-    return GatewayParts(pipeline, protocol, coap_server, services)
+    return GatewayParts(pipeline, dispatcher, [layer], [coap_server], services)

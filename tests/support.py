@@ -21,7 +21,7 @@ from pathlib import Path
 from twisted.internet import defer, reactor, utils
 from txthings import coap
 
-from sense_gateway.coap.message import decode
+from sense_gateway.coap.message import Message, parse
 from sense_gateway.config import load_config
 from sense_gateway.envelope import Decoded, Reading
 from sense_gateway.errors import DecodeError
@@ -83,8 +83,10 @@ def queued(service_or_path) -> list:
 
 
 class CoapClientResult:
-    def __init__(self, code: str, payload: bytes, out: bytes, err: bytes):
+    def __init__(self, code: str, payload: bytes, out: bytes, err: bytes,
+                 content_format: int | None = None):
         self.code, self.payload, self.out, self.err = code, payload, out, err
+        self.content_format = content_format
 
     def __repr__(self):
         return f"<coap-client {self.code} {self.payload!r}>"
@@ -116,24 +118,30 @@ def libcoap_request(method: str, url: str, payload: bytes | None = None,
         shutil.rmtree(scratch)
     codes = re.findall(rb"process incoming (\d\.\d\d) response", out)
     code = codes[-1].decode() if codes else None
+    # libcoap logs each PDU it receives: "v:1 t:ACK c:2.05 i:... [ options ] ...".
+    pdus = re.findall(rb"v:1 t:\w+ c:\d\.\d\d .*", out)
     if body is None:
         # libcoap prints "4.00 <payload>\n" for an error response.
         body = err[len(code) + 1:].removesuffix(b"\n") if code and err.startswith(code.encode()) else b""
-    return CoapClientResult(code, body, out, err)
+    result = CoapClientResult(code, body, out, err)
+    result.response_pdu = pdus[-1].decode(errors="replace") if pdus else ""
+    return result
 
 
 @defer.inlineCallbacks
 def aiocoap_request(method: str, url: str, payload: bytes | None = None,
-                    content_format: int | None = None):
+                    content_format: int | None = None, accept: int | None = None):
     """Run a small aiocoap client in a subprocess (it needs its own asyncio loop)."""
     script = REPO / "tests" / "aiocoap_request.py"
     args = [str(script), method, url, payload.hex() if payload is not None else "-",
-            str(content_format) if content_format is not None else "-"]
+            str(content_format) if content_format is not None else "-",
+            str(accept) if accept is not None else "-"]
     out, err, status = yield utils.getProcessOutputAndValue(sys.executable, args, env=os.environ)
     if status != 0:
         raise RuntimeError(f"aiocoap client failed: {err.decode()[-400:]}")
-    code, _, payload_hex = out.decode().strip().partition(" ")
-    return CoapClientResult(code, bytes.fromhex(payload_hex), out, err)
+    code, payload_hex, response_format = out.decode().split()
+    return CoapClientResult(code, bytes.fromhex(payload_hex.strip("-")), out, err,
+                            None if response_format == "-" else int(response_format))
 
 
 class RawCoapPeer:
@@ -165,9 +173,10 @@ class RawCoapPeer:
 
     @defer.inlineCallbacks
     def request(self, datagram: bytes, port: int, timeout: float = 5.0):
+        """Send *datagram* and return the next datagram back, parsed."""
         self.send(datagram, port)
         data = yield self.receive(timeout)
-        return coap.Message.decode(data)
+        return parse(data)
 
 
 @defer.inlineCallbacks
@@ -194,14 +203,11 @@ def decode_number(payload, context):
     return Decoded(readings=[Reading(fields={"value": value})], device="dev-1", seq=None)
 
 
-def parse(datagram: bytes) -> coap.Message:
-    """A datagram the gateway sent, as a txthings message."""
-    return decode(datagram, "::1", 5683, None)
-
-
 def request_datagram(code=coap.POST, path="data", payload=b"", content_format=None,
                      mtype=coap.CON, mid=0x1234, token=b"\x01\x02", options=()) -> bytes:
-    """A request as bytes, built with txthings' encoder."""
+    """A request as bytes, built with txthings' encoder (not ours, so the
+    gateway's parser is checked against another implementation);
+    *options* are txthings option objects."""
     message = coap.Message(mtype=mtype, mid=mid, code=code, payload=payload, token=token)
     for segment in path.split("/"):
         if segment:
@@ -280,3 +286,106 @@ class GatewayProcess:
         stop_process(self.process, grace=10)
         if self.process.stdout:
             self.process.stdout.close()
+
+
+# -- the CoAP side in memory: datagram in, datagram out, on a controlled clock
+
+PEER = ("::1", 40000)
+
+
+class FakeQueue:
+    """A queue that commits when the test says so (or at once with
+    ``auto_commit``), or refuses every put with ``refuse``."""
+
+    def __init__(self, auto_commit: bool = False):
+        self.auto_commit = auto_commit
+        self.envelopes = []  # every envelope put
+        self.stored = []  # those committed
+        self.waiting = []
+        self.refuse = None
+        self.puts = 0
+
+    def put_then(self, envelopes, done):
+        self.puts += 1
+        if self.refuse is not None:
+            done(self.refuse)
+            return
+        self.envelopes.extend(envelopes)
+        self.waiting.append((envelopes, done))
+        if self.auto_commit:
+            self.commit()
+
+    def commit(self, error=None):
+        """Finish every waiting put, as one group commit would."""
+        waiting, self.waiting = self.waiting, []
+        for envelopes, done in waiting:
+            if error is None:
+                self.stored.extend(envelopes)
+            done(error)
+
+
+class DatagramTransport:
+    """A transport that records what the message layer sends."""
+
+    name = "coap"
+
+    def __init__(self):
+        self.sent: list[tuple[bytes, tuple]] = []
+
+    def send(self, datagram, addr):
+        self.sent.append((datagram, addr))
+
+
+class CoapEndpoint:
+    """The gateway's CoAP side assembled as the service assembles it (the
+    real pipeline, resource tree, dispatcher and message layer) over a
+    :class:`DatagramTransport`, a ``task.Clock`` and a :class:`FakeQueue`;
+    ``/data`` takes the one-number test format, ``/time`` is the real
+    time resource."""
+
+    def __init__(self, testcase, *, queue=None, max_payload=64, max_exchanges=100,
+                 per_source=None, max_observers=2, resources=None, transport=None):
+        from twisted.internet import task
+        from txthings import resource as txresource
+
+        from sense_gateway.coap.blockwise import Uploads
+        from sense_gateway.coap.dispatch import Dispatcher
+        from sense_gateway.coap.layer import MessageLayer
+        from sense_gateway.coap.resources import build_tree
+        from sense_gateway.coap.time import TimeResource
+        from sense_gateway.coap.tree import ResourceTree
+        from sense_gateway.formats import Format
+        from sense_gateway.pipeline import IngestPipeline
+
+        self.clock = task.Clock()
+        self.clock.advance(1_800_000_000)
+        self.queue = queue if queue is not None else FakeQueue(auto_commit=True)
+        config = load_config(environ={}, overrides={"coap.max_payload": max_payload})
+        fmt = Format("number", content_formats=(0, None), paths=("/data",), decode=decode_number)
+        self.pipeline = IngestPipeline([fmt], lambda **kw: [], self.queue, config)
+        self.time = TimeResource(self.clock, interval=60, max_observers=max_observers)
+        self.root = build_tree(self.pipeline, {"/time": self.time, **(resources or {})})
+        self.tree = ResourceTree(txresource.Endpoint(self.root), max_observers=max_observers)
+        self.dispatcher = Dispatcher(self.pipeline, self.tree, Uploads(max_payload, self.clock),
+                                     wall_clock=self.clock)
+        self.transport = transport or DatagramTransport()
+        self.layer = MessageLayer(self.transport, self.dispatcher, self.clock,
+                                  exchange_lifetime=247, max_exchanges=max_exchanges,
+                                  exchanges_per_source=per_source or max_exchanges)
+        testcase.addCleanup(self.layer.stop)
+
+    def send(self, datagram: bytes, peer=PEER, identity=None) -> list[bytes]:
+        """Deliver one datagram; the datagrams sent in answer, at once."""
+        before = len(self.transport.sent)
+        self.layer.datagram_received(datagram, peer, identity)
+        return [d for d, _ in self.transport.sent[before:]]
+
+    def only(self, datagram: bytes, peer=PEER, identity=None) -> Message:
+        """Deliver one datagram that must be answered at once by one message."""
+        sent = self.send(datagram, peer, identity)
+        if len(sent) != 1:
+            raise AssertionError(f"expected one datagram back, got {sent}")
+        return parse(sent[0])
+
+    def written(self) -> list[bytes]:
+        return [d for d, _ in self.transport.sent]

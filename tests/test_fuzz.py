@@ -18,8 +18,7 @@ from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 from txthings import coap
 
-from sense_gateway.coap.message import decode
-from sense_gateway.coap.protocol import MAX_ASSEMBLIES
+from sense_gateway.coap.message import parse
 from tests.support import GatewayProcess, RawCoapPeer, deferLater, request_datagram, start_gateway
 
 VALID = request_datagram(payload=orjson.dumps({"id": "fuzz-ok", "seq": 1, "data": {"t": 1.5}}),
@@ -100,7 +99,7 @@ def still_answers(testcase, peer: RawCoapPeer, port: int):
             break
     peer.send(VALID, port)
     while True:
-        response = decode((yield peer.receive(timeout=5)), "::1", 0, None)
+        response = parse((yield peer.receive(timeout=5)))
         if response.token == b"ok":
             testcase.assertEqual(response.code, coap.CHANGED)
             return
@@ -115,12 +114,13 @@ class FuzzInProcessTests(TestCase):
         peer = RawCoapPeer(self)
         yield blast(peer, gateway.port, datagrams(seed=20261128, count=4000))
         yield still_answers(self, peer, gateway.port)
-        protocol = gateway.protocol
-        self.assertGreater(protocol.malformed, 100)
-        self.assertLessEqual(len(protocol.exchanges), 500)
-        self.assertGreater(protocol.exchanges.evicted, 0)
-        self.assertLessEqual(len(protocol.incoming_requests), MAX_ASSEMBLIES)
-        time_resource = protocol.observable_resources[0]
+        [layer] = gateway.layers
+        self.assertGreater(layer.malformed, 100)
+        self.assertLessEqual(len(layer.exchanges), 500)
+        self.assertGreater(layer.exchanges.evicted_from_source, 0)
+        uploads = gateway.dispatcher.uploads
+        self.assertLessEqual(len(uploads), uploads.max_per_source)  # one source sent them all
+        time_resource = gateway.dispatcher.tree.find((b"time",))
         self.assertLessEqual(len(time_resource.observers), 8)
         self.assertEqual(self.flushLoggedErrors(), [])
 

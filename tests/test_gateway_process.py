@@ -12,7 +12,7 @@ from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 from txthings import coap
 
-from sense_gateway.coap.message import decode
+from sense_gateway.coap.message import parse
 from sense_gateway.registry.sqlite import SQLiteRegistry
 from tests.support import (BIN, GatewayProcess, RawCoapPeer, coap_url, libcoap_request,
                            eventually, queued, request_datagram)
@@ -66,7 +66,7 @@ class GatewayProcessTests(TestCase):
             body = orjson.dumps({"id": "node-k", "seq": seq, "data": {"t": seq}})
             peer.send(request_datagram(payload=body, content_format=50, mid=seq), gateway.port)
         while len(acknowledged) < 200:
-            response = decode((yield peer.receive()), "::1", 0, None)
+            response = parse((yield peer.receive()))
             self.assertEqual(response.code, coap.CHANGED)
             acknowledged.append(response.mid)
         # Kill the moment the last ACK is in: no chance to flush anything.

@@ -1,10 +1,12 @@
-"""CoAP for the gateway: txthings, adapted where it falls short.
+"""CoAP for the gateway, in layers (docs/coap.md):
 
-This package speaks CoAP and nothing else: it turns datagrams into
-requests for resources and sends back what the resources answer. The
-pipeline behind the ingest resources knows nothing about UDP.
+- ``message``: the one parser and encoder of CoAP messages;
+- ``layer``: the message layer (types, ids, retransmissions, one ``answer()``);
+- ``transport``: where datagrams come from (plain UDP here; DTLS plugs in
+  the same way);
+- ``dispatch``: readings to the pipeline, anything else to the resource
+  tree (``tree``, over txthings' resources), uploads assembled by
+  ``blockwise``.
+
+The pipeline behind the dispatcher knows nothing about CoAP or UDP.
 """
-
-from sense_gateway.coap import _txthings_log
-
-_txthings_log.install()

@@ -1,255 +1,321 @@
-"""Strict parsing of CoAP datagrams (RFC 7252 section 3) into txthings messages.
+"""CoAP messages (RFC 7252 section 3): the one parser and the one encoder.
 
-txthings' ``Message.decode`` trusts its input: a truncated option, a token
-length over 8 or a payload marker with nothing after it come out as a
-half-built message (or an exception deep inside the protocol), and a
-message without payload gets ``''`` (str) as payload. We check the
-structure first and only hand well-formed datagrams to txthings.
+Every datagram the gateway receives, on any transport, is parsed here once,
+strictly, into a :class:`Message` that every later stage uses. Options are
+typed from the registries of RFC 7252, 7641 (Observe), 7959 (block-wise)
+and 7967 (No-Response): integers for uint options, bytes for string and
+opaque ones, :class:`Block` for Block1/Block2. Options the registry does
+not know, or known ones with an impossible length or repeated where they
+may not be, are dropped when elective and recorded as the message's
+``problem`` when critical (RFC 7252 5.4.1, 5.4.3, 5.4.5), so the message
+layer can answer 4.02 or reject the message.
 """
 
 from __future__ import annotations
 
-from ipaddress import ip_address
+from typing import NamedTuple
 
-from txthings import coap
+# Message types.
+CON, NON, ACK, RST = range(4)
 
-# Options the gateway understands (RFC 7252, 7641, 7959, 7967 No-Response).
-KNOWN_OPTIONS = frozenset(coap.options) | {258}
+# Codes as the single byte on the wire (class << 5 | detail).
+EMPTY = 0x00
+GET, POST, PUT, DELETE, FETCH, PATCH, IPATCH = 1, 2, 3, 4, 5, 6, 7
+CHANGED = 0x44  # 2.04
+CONTENT = 0x45  # 2.05
+CONTINUE = 0x5F  # 2.31
+BAD_REQUEST = 0x80  # 4.00
+UNAUTHORIZED = 0x81  # 4.01
+BAD_OPTION = 0x82  # 4.02
+FORBIDDEN = 0x83  # 4.03
+NOT_FOUND = 0x84  # 4.04
+METHOD_NOT_ALLOWED = 0x85  # 4.05
+NOT_ACCEPTABLE = 0x86  # 4.06
+REQUEST_ENTITY_INCOMPLETE = 0x88  # 4.08
+REQUEST_ENTITY_TOO_LARGE = 0x8D  # 4.13
+UNSUPPORTED_CONTENT_FORMAT = 0x8F  # 4.15
+TOO_MANY_REQUESTS = 0x9D  # 4.29 (RFC 8516)
+INTERNAL_SERVER_ERROR = 0xA0  # 5.00
+SERVICE_UNAVAILABLE = 0xA3  # 5.03
+PROXYING_NOT_SUPPORTED = 0xA5  # 5.05
 
-# Lengths allowed for the options whose format fixes them (RFC 7252 5.10).
-_OPTION_LENGTHS = {
-    coap.IF_MATCH: (0, 8),
-    coap.URI_HOST: (1, 255),
-    coap.ETAG: (1, 8),
-    coap.IF_NONE_MATCH: (0, 0),
-    coap.OBSERVE: (0, 3),
-    coap.URI_PORT: (0, 2),
-    coap.LOCATION_PATH: (0, 255),
-    coap.URI_PATH: (0, 255),
-    coap.CONTENT_FORMAT: (0, 2),
-    coap.MAX_AGE: (0, 4),
-    coap.URI_QUERY: (0, 255),
-    coap.ACCEPT: (0, 2),
-    coap.LOCATION_QUERY: (0, 255),
-    coap.BLOCK2: (0, 3),
-    coap.BLOCK1: (0, 3),
-    coap.SIZE2: (0, 4),
-    coap.PROXY_URI: (1, 1034),
-    coap.PROXY_SCHEME: (1, 255),
-    coap.SIZE1: (0, 4),
-}
+
+class Block(NamedTuple):
+    """A Block1 or Block2 value (RFC 7959 2.2)."""
+
+    number: int
+    more: bool
+    szx: int
+
+    @property
+    def size(self) -> int:
+        return 1 << (self.szx + 4)
+
+    @property
+    def offset(self) -> int:
+        return self.number << (self.szx + 4)
+
+
+# Option value formats (RFC 7252 3.2).
+UINT, STRING, OPAQUE, EMPTY_VALUE, BLOCK = range(5)
+
+
+class OptionSpec(NamedTuple):
+    number: int
+    name: str
+    format: int
+    min_length: int
+    max_length: int
+    repeatable: bool
+
+
+IF_MATCH, URI_HOST, ETAG, IF_NONE_MATCH, OBSERVE, URI_PORT, LOCATION_PATH = 1, 3, 4, 5, 6, 7, 8
+URI_PATH, CONTENT_FORMAT, MAX_AGE, URI_QUERY, ACCEPT, LOCATION_QUERY = 11, 12, 14, 15, 17, 20
+BLOCK2, BLOCK1, SIZE2, PROXY_URI, PROXY_SCHEME, SIZE1, NO_RESPONSE = 23, 27, 28, 35, 39, 60, 258
+
+#: The options the gateway understands, by number.
+OPTIONS: dict[int, OptionSpec] = {spec.number: spec for spec in (
+    OptionSpec(IF_MATCH, "If-Match", OPAQUE, 0, 8, True),
+    OptionSpec(URI_HOST, "Uri-Host", STRING, 1, 255, False),
+    OptionSpec(ETAG, "ETag", OPAQUE, 1, 8, True),
+    OptionSpec(IF_NONE_MATCH, "If-None-Match", EMPTY_VALUE, 0, 0, False),
+    OptionSpec(OBSERVE, "Observe", UINT, 0, 3, False),
+    OptionSpec(URI_PORT, "Uri-Port", UINT, 0, 2, False),
+    OptionSpec(LOCATION_PATH, "Location-Path", STRING, 0, 255, True),
+    OptionSpec(URI_PATH, "Uri-Path", STRING, 0, 255, True),
+    OptionSpec(CONTENT_FORMAT, "Content-Format", UINT, 0, 2, False),
+    OptionSpec(MAX_AGE, "Max-Age", UINT, 0, 4, False),
+    OptionSpec(URI_QUERY, "Uri-Query", STRING, 0, 255, True),
+    OptionSpec(ACCEPT, "Accept", UINT, 0, 2, False),
+    OptionSpec(LOCATION_QUERY, "Location-Query", STRING, 0, 255, True),
+    OptionSpec(BLOCK2, "Block2", BLOCK, 0, 3, False),
+    OptionSpec(BLOCK1, "Block1", BLOCK, 0, 3, False),
+    OptionSpec(SIZE2, "Size2", UINT, 0, 4, False),
+    OptionSpec(PROXY_URI, "Proxy-Uri", STRING, 1, 1034, False),
+    OptionSpec(PROXY_SCHEME, "Proxy-Scheme", STRING, 1, 255, False),
+    OptionSpec(SIZE1, "Size1", UINT, 0, 4, False),
+    OptionSpec(NO_RESPONSE, "No-Response", UINT, 0, 1, False),
+)}
+
+_UINT_OPTIONS = frozenset(n for n, s in OPTIONS.items() if s.format == UINT)
 
 
 class MalformedMessage(Exception):
-    """The datagram is not a well-formed CoAP message.
+    """The datagram is not a well-formed CoAP message (a message format
+    error, RFC 7252 4.2/4.3).
 
-    ``message_id`` and ``mtype`` are set when the header could be read, so
-    a confirmable message can be rejected with a Reset (RFC 7252 4.2).
+    ``mtype`` and ``mid`` are set when the header could be read, so a
+    confirmable message can be rejected with a Reset.
     """
 
-    def __init__(self, reason: str, mtype: int | None = None, message_id: int | None = None):
+    def __init__(self, reason: str, mtype: int | None = None, mid: int | None = None):
         super().__init__(reason)
         self.reason = reason
         self.mtype = mtype
-        self.message_id = message_id
+        self.mid = mid
 
 
-class BadOption(Exception):
-    """A well-formed request carries a critical option we cannot honour."""
+class Message:
+    """One parsed CoAP message.
 
-    def __init__(self, number: int, reason: str):
-        super().__init__(reason)
-        self.number = number
-        self.reason = reason
-
-
-def _extended(nibble: int, data: bytes, at: int, what: str, header):
-    """Read an option delta or length (RFC 7252 3.1); returns (value, next offset)."""
-    if nibble < 13:
-        return nibble, at
-    if nibble == 13:
-        if at + 1 > len(data):
-            raise MalformedMessage(f"truncated option {what}", *header)
-        return data[at] + 13, at + 1
-    if nibble == 14:
-        if at + 2 > len(data):
-            raise MalformedMessage(f"truncated option {what}", *header)
-        return int.from_bytes(data[at : at + 2], "big") + 269, at + 2
-    raise MalformedMessage(f"reserved option {what} 15", *header)
-
-
-def check_datagram(data: bytes) -> list[int]:
-    """Raise :class:`MalformedMessage` unless *data* is well-formed CoAP.
-
-    Returns the option numbers found, in order, so the caller can judge
-    critical options without decoding again.
+    ``options`` holds ``(number, value)`` pairs in wire order, typed;
+    ``path`` (the Uri-Path segments, bytes) and ``content_format`` are
+    taken out while parsing because every request needs them.
+    ``problem`` is ``None`` or ``(number, reason)`` for the first critical
+    option the gateway cannot honour.
     """
-    if len(data) < 4:
+
+    __slots__ = ("mtype", "code", "mid", "token", "options", "payload", "path",
+                 "content_format", "problem")
+
+    def __init__(self, mtype, code, mid, token=b"", options=(), payload=b"", path=(),
+                 content_format=None, problem=None):
+        self.mtype = mtype
+        self.code = code
+        self.mid = mid
+        self.token = token
+        self.options = options
+        self.payload = payload
+        self.path = path
+        self.content_format = content_format
+        self.problem = problem
+
+    def option(self, number: int, default=None):
+        """The (first) value of option *number*, or *default*."""
+        for n, value in self.options:
+            if n == number:
+                return value
+        return default
+
+    def values(self, number: int) -> list:
+        """Every value of a repeatable option, in order."""
+        return [value for n, value in self.options if n == number]
+
+    @property
+    def is_request(self) -> bool:
+        return 1 <= self.code < 32
+
+    def __repr__(self) -> str:
+        return (f"<Message {'CON NON ACK RST'.split()[self.mtype]} {code_text(self.code)} "
+                f"mid={self.mid} token={self.token.hex()} options={len(self.options)} "
+                f"payload={len(self.payload)} bytes>")
+
+
+def code_text(code: int) -> str:
+    """``0x84`` -> ``"4.04"``."""
+    return f"{code >> 5}.{code & 0x1F:02d}"
+
+
+def _typed(spec: OptionSpec, raw: bytes):
+    fmt = spec.format
+    if fmt == UINT:
+        return int.from_bytes(raw, "big")
+    if fmt == BLOCK:
+        value = int.from_bytes(raw, "big")
+        return Block(value >> 4, bool(value & 0x08), value & 0x07)
+    return raw
+
+
+def parse(data: bytes) -> Message:
+    """Parse one datagram, or raise :class:`MalformedMessage`."""
+    size = len(data)
+    if size < 4:
         raise MalformedMessage("shorter than the CoAP header")
     first = data[0]
-    mtype = (first >> 4) & 0x03
-    message_id = int.from_bytes(data[2:4], "big")
-    header = (mtype, message_id)
     if first >> 6 != 1:
         # RFC 7252 3: messages with unknown version numbers are silently ignored.
         raise MalformedMessage("unknown CoAP version")
+    mtype = (first >> 4) & 0x03
+    mid = (data[2] << 8) | data[3]
     token_length = first & 0x0F
     code = data[1]
     if token_length > 8:
-        raise MalformedMessage("token length over 8", *header)
-    if code == coap.EMPTY:
-        if len(data) != 4 or token_length:
-            raise MalformedMessage("empty message with content", *header)
-        return []
+        raise MalformedMessage("token length over 8", mtype, mid)
+    if code == EMPTY:
+        if size != 4 or token_length:
+            raise MalformedMessage("empty message with content", mtype, mid)
+        return Message(mtype, EMPTY, mid)
     code_class = code >> 5
     if code_class not in (0, 2, 4, 5):
-        raise MalformedMessage(f"reserved code class {code_class}", *header)
-    at = 4 + token_length
-    if at > len(data):
-        raise MalformedMessage("truncated token", *header)
-    numbers = []
-    number = 0
-    while at < len(data):
-        byte = data[at]
-        at += 1
-        if byte == 0xFF:
-            if at == len(data):
-                raise MalformedMessage("payload marker without payload", *header)
-            return numbers
-        delta, at = _extended(byte >> 4, data, at, "delta", header)
-        length, at = _extended(byte & 0x0F, data, at, "length", header)
-        if at + length > len(data):
-            raise MalformedMessage("truncated option value", *header)
-        number += delta
-        numbers.append((number, length))
-        at += length
-    return numbers
-
-
-def decode_request_options(numbers) -> None:
-    """Raise :class:`BadOption` for a critical option we do not know, or a
-    known one with an impossible length (RFC 7252 5.4.1 and 5.4.3)."""
-    for number, length in numbers:
-        critical = number & 1
-        if number in (coap.PROXY_URI, coap.PROXY_SCHEME):
-            raise BadOption(number, "proxying not supported")
-        if number not in KNOWN_OPTIONS:
-            if critical:
-                raise BadOption(number, f"unknown critical option {number}")
-            continue
-        bounds = _OPTION_LENGTHS.get(number)
-        if bounds and not bounds[0] <= length <= bounds[1] and critical:
-            raise BadOption(number, f"option {number}: bad length {length}")
-
-
-class Request(coap.Message):
-    """A received request.
-
-    txthings acknowledges each intermediate block of a block-wise upload
-    with 2.04 Changed; RFC 7959 2.3 asks for 2.31 Continue, and clients
-    such as libcoap take a 2.04 as the final answer.
-    """
-
-    def generateNextBlock1Response(self):
-        response = super().generateNextBlock1Response()
-        response.code = coap.CONTINUE
-        return response
-
-
-def decode(data: bytes, host: str, port: int, protocol, remote=None) -> coap.Message:
-    """Parse a datagram into a txthings :class:`~txthings.coap.Message`.
-
-    Raises :class:`MalformedMessage` for anything RFC 7252 calls a message
-    format error, and :class:`BadOption` for requests whose options we
-    must refuse; the message is attached to the latter as ``.message``.
-    *remote*, if given, is the ``(ip_address(host), port)`` to use.
-    """
-    numbers = check_datagram(data)
-    message = coap.Message.decode(data, remote or (ip_address(host), port), protocol)
-    if not isinstance(message.payload, bytes):
-        message.payload = b""
-    if coap.isRequest(message.code):
-        # txthings' decoder always builds a plain Message; a request is
-        # the same object with our Block1 behaviour.
-        message.__class__ = Request
-        try:
-            decode_request_options(numbers)
-        except BadOption as e:
-            e.message = message
-            raise
-    return message
-
-
-# Options a request may carry and still take the hot path, with the
-# lengths RFC 7252 5.10 allows them. Uri-Host and Uri-Port name this
-# server and change nothing.
-_INGEST_OPTIONS = {
-    coap.URI_HOST: (1, 255),
-    coap.URI_PORT: (0, 2),
-    coap.URI_PATH: (0, 255),
-    coap.CONTENT_FORMAT: (0, 2),
-}
-
-
-def parse_simple_post(data: bytes):
-    """The hot case, parsed in one pass: a well-formed CON or NON POST in one
-    datagram whose options are only Uri-Host, Uri-Port, Uri-Path and
-    Content-Format, each of a valid length.
-
-    Returns ``(mtype, message id, token, path segments, content format or
-    None, payload)``, or ``None`` for anything else (other codes or
-    options, Block1, Observe, anything malformed), which the caller hands
-    to the full path: that one parses again and answers exactly as it
-    always does.
-    """
-    size = len(data)
-    if size < 4:
-        return None
-    first = data[0]
-    token_length = first & 0x0F
-    # Version 1, CON (0) or NON (1), token length 0..8; code 0.02 POST.
-    if first & 0xE0 != 0x40 or token_length > 8 or data[1] != 2:
-        return None
+        raise MalformedMessage(f"reserved code class {code_class}", mtype, mid)
     at = 4 + token_length
     if at > size:
-        return None
-    segments = []
+        raise MalformedMessage("truncated token", mtype, mid)
+    token = data[4:at]
+    options = []
+    path = []
     content_format = None
-    number = 0
+    problem = None
+    number, last = 0, -1
     payload = b""
+    registry = OPTIONS
     while at < size:
         byte = data[at]
         at += 1
         if byte == 0xFF:
             if at == size:
-                return None  # payload marker without payload
+                raise MalformedMessage("payload marker without payload", mtype, mid)
             payload = data[at:]
             break
         delta = byte >> 4
         length = byte & 0x0F
-        if delta > 12 or length > 12:
-            # Extended deltas only reach options we leave to the full path
-            # (or reserved values); long values: only Uri-Host and Uri-Path
-            # may be that long, and rarely are.
-            if delta > 12:
-                return None
+        if delta > 12:
+            if delta == 13:
+                if at >= size:
+                    raise MalformedMessage("truncated option delta", mtype, mid)
+                delta = data[at] + 13
+                at += 1
+            elif delta == 14:
+                if at + 2 > size:
+                    raise MalformedMessage("truncated option delta", mtype, mid)
+                delta = ((data[at] << 8) | data[at + 1]) + 269
+                at += 2
+            else:
+                raise MalformedMessage("reserved option delta 15", mtype, mid)
+        if length > 12:
             if length == 13:
                 if at >= size:
-                    return None
+                    raise MalformedMessage("truncated option length", mtype, mid)
                 length = data[at] + 13
                 at += 1
+            elif length == 14:
+                if at + 2 > size:
+                    raise MalformedMessage("truncated option length", mtype, mid)
+                length = ((data[at] << 8) | data[at + 1]) + 269
+                at += 2
             else:
-                return None
+                raise MalformedMessage("reserved option length 15", mtype, mid)
+        end = at + length
+        if end > size:
+            raise MalformedMessage("truncated option value", mtype, mid)
         number += delta
-        bounds = _INGEST_OPTIONS.get(number)
-        if bounds is None or not bounds[0] <= length <= bounds[1] or at + length > size:
-            return None
-        if number == coap.URI_PATH:
-            segments.append(data[at:at + length])
-        elif number == coap.CONTENT_FORMAT:
-            if content_format is not None:
-                return None  # repeated: the full path decides
-            content_format = int.from_bytes(data[at:at + length], "big")
-        at += length
-    return (first >> 4) & 0x03, (data[2] << 8) | data[3], data[4:4 + token_length], \
-        tuple(segments), content_format, payload
+        raw = data[at:end]
+        at = end
+        spec = registry.get(number)
+        if spec is None:
+            reason = f"unknown critical option {number}"
+        elif not spec.min_length <= length <= spec.max_length:
+            reason = f"option {number}: bad length {length}"
+        elif number == last and not spec.repeatable:
+            reason = f"option {number} repeated"
+        else:
+            last = number
+            if number == URI_PATH:
+                path.append(raw)
+                options.append((number, raw))
+            elif number in _UINT_OPTIONS:
+                value = int.from_bytes(raw, "big")
+                if number == CONTENT_FORMAT:
+                    content_format = value
+                options.append((number, value))
+            else:
+                options.append((number, _typed(spec, raw)))
+            continue
+        # Not understood: elective options are ignored, the first critical
+        # one makes the message unacceptable.
+        if number & 1 and problem is None:
+            problem = (number, reason)
+    return Message(mtype, code, mid, token, options, payload, tuple(path), content_format, problem)
+
+
+def _option_value(number: int, value) -> bytes:
+    spec = OPTIONS.get(number)
+    fmt = spec.format if spec is not None else OPAQUE
+    if fmt == UINT:
+        return value.to_bytes((value.bit_length() + 7) // 8, "big")
+    if fmt == BLOCK:
+        number_, more, szx = value
+        as_int = (number_ << 4) | (0x08 if more else 0) | szx
+        return as_int.to_bytes((as_int.bit_length() + 7) // 8, "big")
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return bytes(value)
+
+
+def _extended(value: int) -> tuple[int, bytes]:
+    if value < 13:
+        return value, b""
+    if value < 269:
+        return 13, bytes((value - 13,))
+    return 14, (value - 269).to_bytes(2, "big")
+
+
+def encode(mtype: int, code: int, mid: int, token: bytes = b"", options=(),
+           payload: bytes = b"") -> bytes:
+    """One message as a datagram; *options* are ``(number, value)`` pairs,
+    typed as :func:`parse` gives them, in any order."""
+    head = bytes((0x40 | (mtype << 4) | len(token), code, mid >> 8, mid & 0xFF)) + token
+    if not options and not payload:
+        return head
+    parts = [head]
+    previous = 0
+    for number, value in sorted(options, key=lambda option: option[0]):
+        raw = _option_value(number, value)
+        delta, delta_ext = _extended(number - previous)
+        length, length_ext = _extended(len(raw))
+        parts.append(bytes(((delta << 4) | length,)) + delta_ext + length_ext + raw)
+        previous = number
+    if payload:
+        parts.append(b"\xff")
+        parts.append(payload)
+    return b"".join(parts)

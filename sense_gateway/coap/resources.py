@@ -3,8 +3,8 @@
 ``/.well-known/core`` lists every visible resource in the CoRE Link
 Format (RFC 6690) and honours filter queries; txthings' own listing joins
 ``bytes`` path segments to ``str`` and fails on Python 3, so we walk the
-tree ourselves. Ingest resources hand each POST to the pipeline and answer
-with what it decides.
+tree ourselves. Ingest resources only describe their paths: readings
+posted to them go from the dispatcher to the pipeline.
 """
 
 from __future__ import annotations
@@ -12,13 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 
 from twisted.internet import defer
-from twisted.logger import Logger
 from txthings import coap, resource
-
-from sense_gateway.errors import RequestError, Unavailable
-from sense_gateway.envelope import RequestContext
-
-log = Logger()
 
 LINK_FORMAT = 40
 
@@ -118,71 +112,23 @@ class WellKnownCore(resource.CoAPResource):
         return defer.succeed(response)
 
 
-def error_response(error: RequestError) -> coap.Message:
-    """The one place a :class:`RequestError` becomes a CoAP response."""
-    response = coap.Message(code=error.code, payload=error.payload)
-    if isinstance(error, Unavailable):
-        response.opt.addOption(coap.UintOption(coap.MAX_AGE, error.max_age))
-    return response
-
-
-def source_host(address) -> str:
-    """The peer's address as devices are named by it (IPv4 unmapped)."""
-    return str(getattr(address, "ipv4_mapped", None) or address)
-
-
 class IngestResource(GatewayResource):
-    """``POST`` readings to one path; the pipeline decides what they are."""
+    """An ingest path in the tree: it lists the path in
+    ``/.well-known/core`` and answers other methods with 4.05. POSTs to it
+    never reach it: the dispatcher hands them to the pipeline."""
 
-    def __init__(self, path: str, pipeline, clock):
+    def __init__(self, path: str, pipeline):
         super().__init__()
         self.path = path
-        self.pipeline = pipeline
-        self.clock = clock
         content_formats = sorted(cf for cf in pipeline.content_formats(path) if cf is not None)
         self.link_attributes = {"rt": "sense.readings", "if": "core.b", "ct": content_formats}
 
-    def render_POST(self, request):
-        host, port = request.remote
-        context = RequestContext(
-            path=self.path,
-            content_format=request.opt.content_format,
-            source_host=source_host(host),
-            source_port=port,
-            received=self.clock.seconds(),
-        )
-        try:
-            stored = self.pipeline.accept(request.payload, context)
-        except RequestError as e:
-            return defer.succeed(error_response(e))
-        return stored.addCallbacks(self._stored, self._not_stored)
 
-    def submit(self, payload: bytes, content_format: int | None, host: str, port: int,
-               received: float, done) -> None:
-        """The protocol's hot path: what :meth:`render_POST` does, with the
-        request already taken apart and *done* called once stored (see
-        :meth:`IngestPipeline.submit`). Raises a :class:`RequestError` for
-        a request refused at once."""
-        context = RequestContext(self.path, content_format, host, port, received)
-        self.pipeline.submit(payload, context, done)
-
-    @staticmethod
-    def _stored(_):
-        return coap.Message(code=coap.CHANGED)
-
-    @staticmethod
-    def _not_stored(failure):
-        if failure.check(RequestError):
-            return error_response(failure.value)
-        log.failure("enqueue failed", failure)
-        return error_response(Unavailable("queue error"))
-
-
-def build_tree(pipeline, clock, extra: Mapping[str, object]) -> resource.CoAPResource:
+def build_tree(pipeline, extra: Mapping[str, object]) -> resource.CoAPResource:
     """The root resource: well-known core, one ingest resource per format
     path, and the resources plugins contributed (``{"/path": resource}``)."""
     root = resource.CoAPResource()
-    resources = {path: IngestResource(path, pipeline, clock) for path in pipeline.paths()}
+    resources = {path: IngestResource(path, pipeline) for path in pipeline.paths()}
     for path, res in extra.items():
         if path in resources:
             raise ValueError(f"two resources claim {path}")

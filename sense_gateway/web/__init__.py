@@ -252,6 +252,14 @@ class MetricsResource(_Async):
         return generate_latest(registry)
 
 
+#: the message layers' counters as /metrics names them (``_total`` added)
+COAP_COUNTERS = {
+    "requests": "CoAP requests received (retransmissions not counted)",
+    "retransmissions": "Retransmitted CoAP requests recognised, answered again, not stored again",
+    "malformed": "Datagrams that are not acceptable CoAP messages",
+}
+
+
 class _StatsCollector:
     def __init__(self, stats, gateway):
         self.stats, self.gateway = stats, gateway
@@ -259,9 +267,15 @@ class _StatsCollector:
     def collect(self):
         responses = CounterMetricFamily("sense_coap_responses", "CoAP responses sent, by code",
                                         labels=["code"])
-        for code, count in self.stats.get("coap", {}).get("responses", {}).items():
+        coap = self.stats.get("coap", {})
+        for code, count in coap.get("responses", {}).items():
             responses.add_metric([code], count)
         yield responses
+        for name, documentation in COAP_COUNTERS.items():
+            if name in coap:
+                counter = CounterMetricFamily(f"sense_coap_{name}", documentation)
+                counter.add_metric([], coap[name])
+                yield counter
         pipeline = getattr(self.gateway, "pipeline", None)
         if pipeline is not None:
             yield from pipeline.enqueue_latency.collect()
@@ -333,10 +347,10 @@ class WebService(MultiService):
     def stats(self):
         gateway = self.gateway
         out = {}
-        if gateway.protocol is not None:
-            out["coap"] = {"responses": {code_text(c): n for c, n in gateway.protocol.responses.items()},
-                           "retransmissions": gateway.protocol.duplicates,
-                           "malformed": gateway.protocol.malformed}
+        coap = gateway.coap_counters()
+        if coap is not None:
+            out["coap"] = {**coap, "responses": {code_text(c): n
+                                                 for c, n in coap["responses"].items()}}
         if gateway.worker is not None:
             out["processor"] = {o.value: n for o, n in gateway.worker.counts.items()}
         out["queue"] = yield gateway.queue.depth()

@@ -1,0 +1,375 @@
+"""The CoAP message layer (RFC 7252 section 4): the one place that deals in
+message types and message ids.
+
+:class:`MessageLayer` takes datagrams from a transport (plain UDP, or DTLS
+which also names the authenticated peer), parses each once, answers pings
+and malformed messages, recognises retransmissions, and hands each new
+request to a handler (the dispatcher) as a :class:`Request`. Every
+response leaves through :meth:`MessageLayer.answer`, which decides between
+a piggybacked ACK, a separate confirmable response after an empty ACK, and
+a non-confirmable response, remembers what was sent so a retransmission
+gets the same bytes, and honours No-Response (RFC 7967). Confirmable
+messages of our own (separate responses, notifications) are retransmitted
+until the peer acknowledges them.
+
+Time comes from *clock*: its ``seconds()`` must be monotonic (the
+gateway's :class:`MonotonicClock`; ``task.Clock`` in tests).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter, OrderedDict, deque
+
+from twisted.logger import Logger
+
+from sense_gateway.coap.exchanges import ExchangeMemory
+from sense_gateway.coap.message import (
+    ACK, CON, EMPTY, INTERNAL_SERVER_ERROR, MAX_AGE, NO_RESPONSE, NON, RST,
+    SERVICE_UNAVAILABLE, BAD_OPTION, MalformedMessage, code_text, encode, parse,
+)
+
+log = Logger()
+
+# RFC 7252 4.8 transmission parameters.
+ACK_TIMEOUT = 2.0
+ACK_RANDOM_FACTOR = 1.5
+MAX_RETRANSMIT = 4
+#: a confirmable request still unanswered after this gets an empty ACK
+EMPTY_ACK_DELAY = 0.1
+
+#: requests received and not yet answered, at most; beyond that, 5.03
+MAX_IN_FLIGHT = 65536
+#: peers whose next message id is remembered (the oldest forgotten first)
+MAX_PEERS = 65536
+
+# States of a Request.
+WAITING, EMPTY_ACK_SENT, ANSWERED = range(3)
+
+# No-Response (RFC 7967 2.1): bit per response class to suppress.
+_NO_RESPONSE_BITS = {2: 0x02, 4: 0x08, 5: 0x10}
+
+
+class MonotonicClock:
+    """The reactor's timers with a monotonic ``seconds()``: lifetimes and
+    delays do not move when the wall clock is stepped."""
+
+    def __init__(self, reactor):
+        self.callLater = reactor.callLater
+
+    @staticmethod
+    def seconds() -> float:
+        return time.monotonic()
+
+
+class Request:
+    """A request received from a peer, until it is answered."""
+
+    __slots__ = ("message", "addr", "host", "port", "identity", "transport", "key", "received",
+                 "state")
+
+    def __init__(self, message, addr, identity, transport, key, received):
+        self.message = message
+        self.addr = addr
+        self.host = addr[0]
+        self.port = addr[1]
+        self.identity = identity
+        self.transport = transport
+        self.key = key
+        self.received = received
+        self.state = WAITING
+
+
+class _Outgoing:
+    """A confirmable message of ours, retransmitted until acknowledged."""
+
+    __slots__ = ("datagram", "addr", "timeout", "count", "timer", "on_end")
+
+    def __init__(self, datagram, addr, timeout, on_end):
+        self.datagram, self.addr, self.timeout, self.on_end = datagram, addr, timeout, on_end
+        self.count = 0
+        self.timer = None
+
+
+class MessageLayer:
+    """Message types and ids for one transport; see the module docstring.
+
+    *handler* has ``request(layer, request)``, called once per new request; it
+    must eventually call :meth:`answer` for it (or the peer retransmits in
+    vain). *transport* has ``send(datagram, addr)`` and a ``name``.
+    """
+
+    def __init__(self, transport, handler, clock, *, exchange_lifetime: float = 247.0,
+                 max_exchanges: int = 65536, exchanges_per_source: int = 4096,
+                 max_in_flight: int = MAX_IN_FLIGHT):
+        self.transport = transport
+        self.handler = handler
+        self.clock = clock
+        self.exchanges = ExchangeMemory(exchange_lifetime, max_exchanges, exchanges_per_source,
+                                        clock.seconds)
+        self.max_in_flight = max_in_flight
+        #: new requests handed to the handler
+        self.requests = 0
+        #: retransmitted requests recognised (answered again, not handled again)
+        self.retransmissions = 0
+        #: datagrams that are not well-formed CoAP, or not acceptable as sent
+        self.malformed = 0
+        #: responses sent, by code
+        self.responses: Counter[int] = Counter()
+        #: requests not answered yet
+        self.in_flight = 0
+        # Unanswered requests by exchange key: the bounded exchange memory
+        # may forget a key under load, this may not.
+        self._pending: dict = {}
+        # Confirmable requests in arrival order, for the empty ACK of those
+        # still waiting after EMPTY_ACK_DELAY: one timer for all.
+        self._waiting: deque[Request] = deque()
+        self._empty_ack_timer = None
+        # (mid, host, port) -> _Outgoing
+        self._outgoing: dict = {}
+        # (host, port) -> next message id for that peer (RFC 7252 4.4)
+        self._next_mid: OrderedDict = OrderedDict()
+        self._stopped = False
+
+    # -- receiving -----------------------------------------------------------
+
+    def datagram_received(self, data: bytes, addr, identity: str | None = None) -> None:
+        """One datagram from *addr*; *identity* is who the transport
+        authenticated the peer as (``None`` for plain UDP)."""
+        try:
+            message = parse(data)
+        except MalformedMessage as e:
+            self.malformed += 1
+            log.debug("malformed datagram from {host} port {port}: {reason}",
+                      host=addr[0], port=addr[1], reason=e.reason)
+            if e.mtype == CON and e.mid is not None:
+                self._send(encode(RST, EMPTY, e.mid), addr)
+            return
+        mtype = message.mtype
+        if message.code == EMPTY:
+            self._empty_received(message, addr)
+            return
+        if not message.is_request:
+            # We send no requests: a confirmable response is unexpected
+            # (reset), any other is ignored.
+            if mtype == CON:
+                self._send(encode(RST, EMPTY, message.mid), addr)
+            return
+        if mtype > NON:
+            self.malformed += 1  # a request must be CON or NON
+            return
+        key = (message.mid, addr[0], addr[1])
+        pending = self._pending.get(key)
+        if pending is not None:
+            # A retransmission while the first copy is still being handled.
+            self.retransmissions += 1
+            if mtype == CON and pending.state == EMPTY_ACK_SENT:
+                self._send(encode(ACK, EMPTY, message.mid), addr)
+            return
+        if self.exchanges.seen(key):
+            self.retransmissions += 1
+            if mtype == CON:
+                datagram = self.exchanges.response(key)
+                if datagram is not None:
+                    self._send(datagram, addr)
+            return
+        if message.problem is not None:
+            number, reason = message.problem
+            if mtype == NON:
+                # RFC 7252 5.4.1: a non-confirmable message with an unknown
+                # critical option is rejected (4.3), not answered 4.02.
+                self.malformed += 1
+                self._send(encode(RST, EMPTY, message.mid), addr)
+                return
+            request = Request(message, addr, identity, self.transport.name, key,
+                              self.clock.seconds())
+            self._start(request)
+            self.answer(request, BAD_OPTION, reason.encode())
+            return
+        request = Request(message, addr, identity, self.transport.name, key,
+                          self.clock.seconds())
+        self._start(request)
+        if self.in_flight > self.max_in_flight:
+            self.answer(request, SERVICE_UNAVAILABLE, b"too many requests in flight",
+                        ((MAX_AGE, 1),))
+            return
+        self.requests += 1
+        try:
+            self.handler.request(self, request)
+        except Exception:
+            log.failure("failed to handle a request from {host} port {port}",
+                        host=addr[0], port=addr[1])
+            self.answer(request, INTERNAL_SERVER_ERROR, b"internal error")
+            return
+        if request.state == WAITING and mtype == CON:
+            self._waiting.append(request)
+            if self._empty_ack_timer is None:
+                self._empty_ack_timer = self.clock.callLater(EMPTY_ACK_DELAY,
+                                                             self._send_empty_acks)
+
+    def _start(self, request: Request) -> None:
+        # Counted until answered, exactly once, whichever way.
+        self.in_flight += 1
+        self._pending[request.key] = request
+
+    def _empty_received(self, message, addr) -> None:
+        mtype = message.mtype
+        if mtype == CON:
+            self._send(encode(RST, EMPTY, message.mid), addr)  # a ping (RFC 7252 4.3)
+            return
+        if mtype == NON:
+            self.malformed += 1  # RFC 7252 4.3: a NON is never empty
+            return
+        # An ACK or Reset: only the peer a message went to may end it.
+        outgoing = self._outgoing.pop((message.mid, addr[0], addr[1]), None)
+        if outgoing is None:
+            return
+        if outgoing.timer is not None and outgoing.timer.active():
+            outgoing.timer.cancel()
+        if mtype == RST and outgoing.on_end is not None:
+            outgoing.on_end()
+
+    # -- answering -----------------------------------------------------------
+
+    def answer(self, request: Request, code: int, payload: bytes = b"", options=()) -> None:
+        """Send the response to *request* (once; later calls are ignored)."""
+        state = request.state
+        if state == ANSWERED:
+            return
+        request.state = ANSWERED
+        self.in_flight -= 1
+        self._pending.pop(request.key, None)
+        if self._stopped:
+            return
+        message = request.message
+        self.responses[code] += 1
+        if code >= 0x80:
+            log.info("rejected {source}: {code} {reason}", source=source_text(request.addr),
+                     code=code_text(code), reason=payload.decode("utf-8", "replace"))
+        if _suppressed(message, code):
+            # RFC 7967: the peer does not want this answer; a confirmable
+            # request still gets its (empty) acknowledgement.
+            if message.mtype == CON and state == WAITING:
+                datagram = encode(ACK, EMPTY, message.mid)
+                self.exchanges.record_response(request.key, datagram)
+                self._send(datagram, request.addr)
+            return
+        token, addr = message.token, request.addr
+        if state == EMPTY_ACK_SENT:
+            # The peer has its empty ACK: the answer goes separately, as a
+            # confirmable message, retransmitted until acknowledged.
+            self.send_confirmable(addr, code, token, options, payload)
+        elif message.mtype == CON:
+            datagram = encode(ACK, code, message.mid, token, options, payload)
+            self.exchanges.record_response(request.key, datagram)
+            self._send(datagram, addr)
+        else:
+            self._send(encode(NON, code, self.next_mid(addr), token, options, payload), addr)
+
+    def send_confirmable(self, addr, code: int, token: bytes, options=(), payload: bytes = b"",
+                         on_end=None) -> None:
+        """Send a confirmable response (a separate one, or a notification);
+        *on_end* is called if the peer resets it or never acknowledges it."""
+        if self._stopped:
+            return
+        mid = self.next_mid(addr)
+        datagram = encode(CON, code, mid, token, options, payload)
+        key = (mid, addr[0], addr[1])
+        outgoing = _Outgoing(datagram, addr,
+                             random.uniform(ACK_TIMEOUT, ACK_TIMEOUT * ACK_RANDOM_FACTOR), on_end)
+        old = self._outgoing.pop(key, None)
+        if old is not None and old.timer is not None and old.timer.active():
+            old.timer.cancel()
+        self._outgoing[key] = outgoing
+        outgoing.timer = self.clock.callLater(outgoing.timeout, self._retransmit, key, outgoing)
+        self._send(datagram, addr)
+
+    def _retransmit(self, key, outgoing: _Outgoing) -> None:
+        if self._outgoing.get(key) is not outgoing:
+            return
+        if outgoing.count >= MAX_RETRANSMIT:
+            del self._outgoing[key]
+            if outgoing.on_end is not None:
+                outgoing.on_end()
+            return
+        outgoing.count += 1
+        outgoing.timeout *= 2
+        outgoing.timer = self.clock.callLater(outgoing.timeout, self._retransmit, key, outgoing)
+        self._send(outgoing.datagram, outgoing.addr)
+
+    def next_mid(self, addr) -> int:
+        """A message id for a message of ours to *addr*: one sequence per
+        peer, starting at a random value (RFC 7252 4.4)."""
+        peer = (addr[0], addr[1])
+        table = self._next_mid
+        mid = table.get(peer)
+        if mid is None:
+            mid = random.randrange(0x10000)
+            if len(table) >= MAX_PEERS:
+                table.popitem(last=False)
+        table[peer] = (mid + 1) & 0xFFFF
+        return mid
+
+    def _send_empty_acks(self) -> None:
+        """Acknowledge, empty, every confirmable request still waiting after
+        EMPTY_ACK_DELAY, so the peer stops retransmitting (RFC 7252 5.2.2);
+        then wait for the next one to come due."""
+        self._empty_ack_timer = None
+        waiting = self._waiting
+        now = self.clock.seconds()
+        while waiting:
+            request = waiting[0]
+            if request.state != WAITING:
+                waiting.popleft()
+                continue
+            due = request.received + EMPTY_ACK_DELAY
+            if due > now:
+                self._empty_ack_timer = self.clock.callLater(due - now, self._send_empty_acks)
+                return
+            waiting.popleft()
+            request.state = EMPTY_ACK_SENT
+            datagram = encode(ACK, EMPTY, request.message.mid)
+            self.exchanges.record_response(request.key, datagram)
+            self._send(datagram, request.addr)
+
+    # -- sending and stopping ------------------------------------------------
+
+    def _send(self, datagram: bytes, addr) -> None:
+        if self._stopped:
+            return
+        try:
+            self.transport.send(datagram, addr)
+        except OSError as e:
+            # Full socket buffer or unreachable peer: like a lost datagram,
+            # the peer retransmits.
+            log.debug("cannot send to {source}: {error}", source=source_text(addr), error=e)
+
+    def stop(self) -> None:
+        """Send nothing more and leave no timer behind in the reactor."""
+        self._stopped = True
+        if self._empty_ack_timer is not None and self._empty_ack_timer.active():
+            self._empty_ack_timer.cancel()
+        self._empty_ack_timer = None
+        self._waiting.clear()
+        self._pending.clear()
+        for outgoing in self._outgoing.values():
+            if outgoing.timer is not None and outgoing.timer.active():
+                outgoing.timer.cancel()
+        self._outgoing.clear()
+
+
+def _suppressed(message, code: int) -> bool:
+    """Whether the request's No-Response option suppresses *code*."""
+    for number, value in message.options:
+        if number == NO_RESPONSE:
+            return bool(value & _NO_RESPONSE_BITS.get(code >> 5, 0))
+    return False
+
+
+def source_text(addr) -> str:
+    """``[::1]:5683`` or ``127.0.0.1:5683``, IPv4-mapped addresses unmapped."""
+    host, port = addr[0], addr[1]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
