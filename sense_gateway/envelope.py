@@ -19,8 +19,14 @@ ENVELOPE_VERSION = 1
 
 FieldValue = Union[float, int, bool, str]
 
+# These records are made several times per request on the reactor thread,
+# so they are plain (not frozen) slotted dataclasses: a frozen dataclass
+# sets every field through object.__setattr__, which made building one
+# about eight times slower (2.2 us against 0.25 us for seven fields here).
+# Nothing changes them once built; treat them as values.
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(slots=True)
 class Reading:
     """One point: a measurement with fields and tags at a time (epoch s)."""
 
@@ -30,7 +36,7 @@ class Reading:
     tags: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decoded:
     """What a decoder returns: readings and, if the payload says, who sent them."""
 
@@ -39,7 +45,7 @@ class Decoded:
     seq: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestContext:
     """What a decoder or validator may know about the request besides its payload."""
 
@@ -52,7 +58,7 @@ class RequestContext:
     identity: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Envelope:
     """An accepted request, as stored in the queue."""
 

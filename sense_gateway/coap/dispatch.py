@@ -72,23 +72,26 @@ class Dispatcher:
                 return
         path = message.path
         ingest = self.ingest_paths.get(path) if message.code == POST else None
-        if block1 is not None:
-            self._block(layer, request, block1, ingest)
-            return
-        uploads = self.uploads
-        if uploads:
-            # A plain request to the path of an upload from the same peer
-            # ends that upload.
-            uploads.discard((path, request.host, request.port, request.transport))
-        if ingest is not None:
-            self.submit(layer, request, ingest, message.payload, message.content_format)
+        if block1 is None:
+            payload, content_format, options = message.payload, message.content_format, ()
+            if self.uploads:
+                # A plain request to the path of an upload from the same
+                # peer ends that upload.
+                self.uploads.discard((path, request.host, request.port, request.transport))
+            if ingest is None:
+                self.tree.handle(layer, request)
+                return
         else:
-            self.tree.handle(layer, request)
-
-    def submit(self, layer, request, path: str, payload: bytes, content_format,
-               options=()) -> None:
-        """Hand readings to the pipeline; answer 2.04 once they are stored."""
-        context = RequestContext(path, content_format, device_host(request.host), request.port,
+            assembled = self._block(layer, request, block1, ingest)
+            if assembled is None:
+                return
+            payload, content_format, options = assembled
+            if ingest is None:
+                self.tree.handle(layer, request, payload, options)
+                return
+        # Readings: to the pipeline, answered 2.04 once they are stored.
+        addr = request.addr
+        context = RequestContext(ingest, content_format, device_host(addr[0]), addr[1],
                                  self.wall_clock.seconds(), request.transport, request.identity)
 
         def stored(error) -> None:
@@ -101,8 +104,10 @@ class Dispatcher:
         except RequestError as e:
             answer_error(layer, request, e)
 
-    def _block(self, layer, request, block: Block, ingest) -> None:
-        """One block of an upload (RFC 7959 2.3)."""
+    def _block(self, layer, request, block: Block, ingest):
+        """One block of an upload (RFC 7959 2.3): answered here unless it
+        completes the upload; then ``(payload, content format, options of
+        the final answer)``."""
         message = request.message
         key = (message.path, request.host, request.port, request.transport)
         if block.number == 0 and key not in self.uploads and ingest is None:
@@ -110,23 +115,19 @@ class Dispatcher:
             resource = self.tree.find(message.path)
             if resource is None:
                 layer.answer(request, NOT_FOUND, b"no such resource")
-                return
+                return None
             method = _METHODS.get(message.code)
             if method is None or not hasattr(resource, f"render_{method}"):
                 layer.answer(request, METHOD_NOT_ALLOWED, b"method not allowed")
-                return
+                return None
         try:
             complete = self.uploads.receive(key, block, message.payload, message.content_format,
                                             message.option(SIZE1))
         except BlockError as e:
             layer.answer(request, e.code, e.reason.encode(), e.options)
-            return
+            return None
         if complete is None:
             layer.answer(request, CONTINUE, b"", ((BLOCK1, Block(block.number, True, block.szx)),))
-            return
+            return None
         payload, content_format = complete
-        final = ((BLOCK1, Block(block.number, False, block.szx)),)
-        if ingest is not None:
-            self.submit(layer, request, ingest, payload, content_format, final)
-        else:
-            self.tree.handle(layer, request, payload, final)
+        return payload, content_format, ((BLOCK1, Block(block.number, False, block.szx)),)

@@ -66,19 +66,24 @@ class MonotonicClock:
 class Request:
     """A request received from a peer, until it is answered."""
 
-    __slots__ = ("message", "addr", "host", "port", "identity", "transport", "key", "received",
-                 "state")
+    __slots__ = ("message", "addr", "identity", "transport", "key", "received", "state")
 
     def __init__(self, message, addr, identity, transport, key, received):
         self.message = message
         self.addr = addr
-        self.host = addr[0]
-        self.port = addr[1]
         self.identity = identity
         self.transport = transport
         self.key = key
         self.received = received
         self.state = WAITING
+
+    @property
+    def host(self) -> str:
+        return self.addr[0]
+
+    @property
+    def port(self) -> int:
+        return self.addr[1]
 
 
 class _Outgoing:
@@ -106,6 +111,8 @@ class MessageLayer:
         self.transport = transport
         self.handler = handler
         self.clock = clock
+        self._seconds = clock.seconds
+        self._transport_name = transport.name
         self.exchanges = ExchangeMemory(exchange_lifetime, max_exchanges, exchanges_per_source,
                                         clock.seconds)
         self.max_in_flight = max_in_flight
@@ -146,11 +153,11 @@ class MessageLayer:
             if e.mtype == CON and e.mid is not None:
                 self._send(encode(RST, EMPTY, e.mid), addr)
             return
-        mtype = message.mtype
-        if message.code == EMPTY:
+        mtype, code = message.mtype, message.code
+        if code == EMPTY:
             self._empty_received(message, addr)
             return
-        if not message.is_request:
+        if code >= 32:
             # We send no requests: a confirmable response is unexpected
             # (reset), any other is ignored.
             if mtype == CON:
@@ -174,22 +181,20 @@ class MessageLayer:
                 if datagram is not None:
                     self._send(datagram, addr)
             return
-        if message.problem is not None:
-            number, reason = message.problem
-            if mtype == NON:
-                # RFC 7252 5.4.1: a non-confirmable message with an unknown
-                # critical option is rejected (4.3), not answered 4.02.
-                self.malformed += 1
-                self._send(encode(RST, EMPTY, message.mid), addr)
-                return
-            request = Request(message, addr, identity, self.transport.name, key,
-                              self.clock.seconds())
-            self._start(request)
-            self.answer(request, BAD_OPTION, reason.encode())
+        if message.problem is not None and mtype == NON:
+            # RFC 7252 5.4.1: a non-confirmable message with an unknown
+            # critical option is rejected (4.3), not answered 4.02.
+            self.malformed += 1
+            self._send(encode(RST, EMPTY, message.mid), addr)
             return
-        request = Request(message, addr, identity, self.transport.name, key,
-                          self.clock.seconds())
-        self._start(request)
+        request = Request(message, addr, identity, self._transport_name, key,
+                          self._seconds())
+        # Counted until answered, exactly once, whichever way.
+        self.in_flight += 1
+        self._pending[key] = request
+        if message.problem is not None:
+            self.answer(request, BAD_OPTION, message.problem[1].encode())
+            return
         if self.in_flight > self.max_in_flight:
             self.answer(request, SERVICE_UNAVAILABLE, b"too many requests in flight",
                         ((MAX_AGE, 1),))
@@ -207,11 +212,6 @@ class MessageLayer:
             if self._empty_ack_timer is None:
                 self._empty_ack_timer = self.clock.callLater(EMPTY_ACK_DELAY,
                                                              self._send_empty_acks)
-
-    def _start(self, request: Request) -> None:
-        # Counted until answered, exactly once, whichever way.
-        self.in_flight += 1
-        self._pending[request.key] = request
 
     def _empty_received(self, message, addr) -> None:
         mtype = message.mtype
@@ -247,7 +247,7 @@ class MessageLayer:
         if code >= 0x80:
             log.info("rejected {source}: {code} {reason}", source=source_text(request.addr),
                      code=code_text(code), reason=payload.decode("utf-8", "replace"))
-        if _suppressed(message, code):
+        if message.options and _suppressed(message, code):
             # RFC 7967: the peer does not want this answer; a confirmable
             # request still gets its (empty) acknowledgement.
             if message.mtype == CON and state == WAITING:

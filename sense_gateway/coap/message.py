@@ -118,9 +118,10 @@ class MalformedMessage(Exception):
 class Message:
     """One parsed CoAP message.
 
-    ``options`` holds ``(number, value)`` pairs in wire order, typed;
-    ``path`` (the Uri-Path segments, bytes) and ``content_format`` are
-    taken out while parsing because every request needs them.
+    ``path`` (the Uri-Path segments, bytes) and ``content_format`` (or
+    ``None``) are taken out while parsing, because every request needs
+    them; ``options`` holds every other option as ``(number, value)``
+    pairs in wire order, typed (for most readings it is empty).
     ``problem`` is ``None`` or ``(number, reason)`` for the first critical
     option the gateway cannot honour.
     """
@@ -142,6 +143,10 @@ class Message:
 
     def option(self, number: int, default=None):
         """The (first) value of option *number*, or *default*."""
+        if number == CONTENT_FORMAT:
+            return default if self.content_format is None else self.content_format
+        if number == URI_PATH:
+            return self.path[0] if self.path else default
         for n, value in self.options:
             if n == number:
                 return value
@@ -149,7 +154,16 @@ class Message:
 
     def values(self, number: int) -> list:
         """Every value of a repeatable option, in order."""
+        if number == URI_PATH:
+            return list(self.path)
         return [value for n, value in self.options if n == number]
+
+    def all_options(self) -> list:
+        """Every option, Uri-Path and Content-Format included, by number."""
+        options = [(URI_PATH, segment) for segment in self.path]
+        if self.content_format is not None:
+            options.append((CONTENT_FORMAT, self.content_format))
+        return sorted([*options, *self.options], key=lambda option: option[0])
 
     @property
     def is_request(self) -> bool:
@@ -262,12 +276,10 @@ def parse(data: bytes) -> Message:
             last = number
             if number == URI_PATH:
                 path.append(raw)
-                options.append((number, raw))
+            elif number == CONTENT_FORMAT:
+                content_format = int.from_bytes(raw, "big")
             elif number in _UINT_OPTIONS:
-                value = int.from_bytes(raw, "big")
-                if number == CONTENT_FORMAT:
-                    content_format = value
-                options.append((number, value))
+                options.append((number, int.from_bytes(raw, "big")))
             else:
                 options.append((number, _typed(spec, raw)))
             continue

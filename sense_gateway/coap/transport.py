@@ -35,7 +35,6 @@ class UDPTransport(DatagramProtocol):
 
     def __init__(self):
         self.layer = None
-        self._sendto = None
 
     def attach(self, layer) -> None:
         self.layer = layer
@@ -44,14 +43,14 @@ class UDPTransport(DatagramProtocol):
         self.datagramReceived = layer.datagram_received
 
     def makeConnection(self, transport) -> None:
-        # Straight to the socket: Twisted's Port.write checks the address
-        # (one from recvfrom, so a valid one) every time.
+        # send() is the socket's own sendto: Twisted's Port.write checks
+        # the address (one from recvfrom, so a valid one) every time.
         sock = getattr(transport, "socket", None)
-        self._sendto = sock.sendto if sock is not None else transport.write
+        self.send = sock.sendto if sock is not None else transport.write
         super().makeConnection(transport)
 
     def send(self, datagram: bytes, addr) -> None:
-        self._sendto(datagram, addr)
+        raise OSError("not listening")
 
     def stopProtocol(self) -> None:
         if self.layer is not None:

@@ -41,7 +41,7 @@ def txthings_request(request, payload: bytes | None = None) -> txcoap.Message:
     tx = txcoap.Message(mtype=message.mtype, mid=message.mid, code=message.code,
                         payload=message.payload if payload is None else payload,
                         token=message.token)
-    for number, value in message.options:
+    for number, value in message.all_options():
         fmt = OPTIONS[number].format
         if fmt == UINT:
             option = txcoap.UintOption(number, value)
