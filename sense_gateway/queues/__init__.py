@@ -75,7 +75,7 @@ class EnvelopeQueue(Service):
         """Store *envelopes* like :meth:`put`, then call ``done(None)``, or
         ``done(error)`` with the exception :meth:`put` would fail with.
 
-        For the gateway's hot path: no Deferred per request. *done* may be
+        For the gateway's CoAP layer: no Deferred per request. *done* may be
         called before this returns (a full queue says so at once). This
         default goes through :meth:`put`; a backend that groups puts can
         call *done* straight from its batch.

@@ -31,7 +31,7 @@ and go together in the next one, started the moment the current one
 commits. Under load one fsync acknowledges hundreds of messages; an idle
 gateway writes each put in the turn it arrives, with no added delay.
 :meth:`SQLiteQueue.put_then` reports each put to a plain callable from the
-transaction's completion, so the CoAP hot path needs no Deferred per
+transaction's completion, so the CoAP layer needs no Deferred per
 request.
 
 Threads: all SQLite work happens on one thread of the queue's own (never
