@@ -34,6 +34,14 @@ def registry_factory(config, pm: SensePluginManager) -> Callable:
                   config.registry.backend, "registry.backend")
 
 
+def credential_store_factory(config, pm: SensePluginManager) -> Callable | None:
+    """``factory(config)`` of the credential store that goes with the
+    registry ``registry.backend`` names, or ``None`` if that registry
+    brings none (then no device has a credential)."""
+    offered = named_factories(pm, "sense_register_credential_stores", "credential store")
+    return offered.get(config.registry.backend)
+
+
 def sink_factories(config, pm: SensePluginManager) -> list[Callable]:
     """``factory(config)`` of every sink ``sinks.enabled`` names, in order."""
     offered = named_factories(pm, "sense_register_sinks", "sink")

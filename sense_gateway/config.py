@@ -23,6 +23,7 @@ from typing import Any
 from sense_gateway.errors import ConfigError
 
 ROLES = ("all", "gateway", "processor")
+PLAIN_INGEST = ("open", "uncredentialed", "off")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,39 @@ class CoapConfig:
     exchange_lifetime: float = 247.0
     time_interval: float = 60.0
     max_observers: int = 256
+    #: requests per second one source address may send, on average (0: no
+    #: limit), and how many at once; beyond them 4.29 with Max-Age
+    rate_limit: float = 100.0
+    rate_burst: int = 200
+
+
+@dataclass(frozen=True)
+class CoapsConfig:
+    """CoAP over DTLS 1.2 with pre-shared keys (docs/security.md)."""
+
+    enabled: bool = True
+    bind: str = "::"
+    port: int = 5684
+    #: sessions at once, established or handshaking
+    max_sessions: int = 1000
+    handshake_timeout: float = 30.0
+    idle_timeout: float = 300.0
+    #: new handshakes one source address may start per second
+    handshakes_per_source: float = 5.0
+    #: a PSK identity hint to send (empty: none, RFC 7925)
+    identity_hint: str = ""
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """What plain CoAP may still do, and how fresh the gateway's view of
+    the credentials is (docs/security.md)."""
+
+    #: open: any device; uncredentialed: only devices without a credential;
+    #: off: no ingest over plain CoAP
+    plain_ingest: str = "open"
+    #: seconds between checks for new, rotated or revoked credentials
+    refresh_interval: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +111,16 @@ class RegistryConfig:
     backend: str = "sqlite"
     path: str = ""
     table: str = "sense-devices"
+    #: credentials (PSKs): the SQLite file (default <data_dir>/credentials.sqlite3)
+    #: or the DynamoDB table, by registry.backend
+    credentials_path: str = ""
+    credentials_table: str = "sense-credentials"
+    #: devices plain CoAP may create at most, and how many new ones one
+    #: source address may create per minute
+    max_devices: int = 100000
+    new_devices_per_minute: float = 60.0
+    #: seconds between reloads of the registered device ids (for those limits)
+    refresh_interval: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -131,6 +175,8 @@ class Config:
     stats_interval: float = 60.0
     disable_plugins: tuple[str, ...] = ()
     coap: CoapConfig = field(default_factory=CoapConfig)
+    coaps: CoapsConfig = field(default_factory=CoapsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     processor: ProcessorConfig = field(default_factory=ProcessorConfig)
@@ -157,11 +203,17 @@ class Config:
         return Path(self.registry.path or Path(self.data_dir) / "registry.sqlite3")
 
     @property
+    def credentials_path(self) -> Path:
+        return Path(self.registry.credentials_path
+                    or Path(self.data_dir) / "credentials.sqlite3")
+
+    @property
     def store_path(self) -> Path:
         return Path(self.store.path or Path(self.data_dir) / "readings.sqlite3")
 
 
-_TABLES = {"coap": CoapConfig, "queue": QueueConfig, "validation": ValidationConfig,
+_TABLES = {"coap": CoapConfig, "coaps": CoapsConfig, "security": SecurityConfig,
+           "queue": QueueConfig, "validation": ValidationConfig,
            "processor": ProcessorConfig, "registry": RegistryConfig, "sinks": SinksConfig,
            "influxdb": InfluxConfig, "store": StoreConfig, "aws": AwsConfig,
            "web": WebConfig}
@@ -311,11 +363,16 @@ def validate(config: Config) -> None:
     """Check values that have a type but not every value of it makes sense."""
     if config.role not in ROLES:
         raise ConfigError(f"role: must be one of {', '.join(ROLES)}, got {config.role!r}")
-    try:
-        ipaddress.ip_address(config.coap.bind)
-    except ValueError:
-        raise ConfigError(f"coap.bind: not an IP address: {config.coap.bind!r}") from None
-    for key, port in (("coap.port", config.coap.port), ("web.port", config.web.port)):
+    for key, bind in (("coap.bind", config.coap.bind), ("coaps.bind", config.coaps.bind)):
+        try:
+            ipaddress.ip_address(bind)
+        except ValueError:
+            raise ConfigError(f"{key}: not an IP address: {bind!r}") from None
+    if config.security.plain_ingest not in PLAIN_INGEST:
+        raise ConfigError(f"security.plain_ingest: must be one of {', '.join(PLAIN_INGEST)}, "
+                          f"got {config.security.plain_ingest!r}")
+    for key, port in (("coap.port", config.coap.port), ("coaps.port", config.coaps.port),
+                      ("web.port", config.web.port)):
         if not 0 <= port <= 65535:
             raise ConfigError(f"{key}: out of range: {port}")
     # Zero is not "off" for these: a zero visibility timeout, say, hands the
@@ -327,6 +384,15 @@ def validate(config: Config) -> None:
         "coap.max_observers": config.coap.max_observers,
         "coap.time_interval": config.coap.time_interval,
         "coap.exchange_lifetime": config.coap.exchange_lifetime,
+        "coap.rate_burst": config.coap.rate_burst,
+        "coaps.max_sessions": config.coaps.max_sessions,
+        "coaps.handshake_timeout": config.coaps.handshake_timeout,
+        "coaps.idle_timeout": config.coaps.idle_timeout,
+        "coaps.handshakes_per_source": config.coaps.handshakes_per_source,
+        "security.refresh_interval": config.security.refresh_interval,
+        "registry.max_devices": config.registry.max_devices,
+        "registry.new_devices_per_minute": config.registry.new_devices_per_minute,
+        "registry.refresh_interval": config.registry.refresh_interval,
         "queue.max_receives": config.queue.max_receives,
         "queue.max_pending": config.queue.max_pending,
         "queue.max_batch": config.queue.max_batch,
@@ -346,6 +412,8 @@ def validate(config: Config) -> None:
         # 0 polls SQS without waiting (short polling)
         "processor.poll_interval": config.processor.poll_interval,
         "queue.retry_after": config.queue.retry_after,
+        # 0: no rate limit
+        "coap.rate_limit": config.coap.rate_limit,
         "influxdb.retries": config.influxdb.retries,
         "validation.max_future": config.validation.max_future,
     }

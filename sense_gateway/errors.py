@@ -8,11 +8,14 @@ from __future__ import annotations
 
 # CoAP response codes as the single byte on the wire (class << 5 | detail).
 BAD_REQUEST = 0x80  # 4.00
+UNAUTHORIZED = 0x81  # 4.01
 BAD_OPTION = 0x82  # 4.02
+FORBIDDEN = 0x83  # 4.03
 NOT_FOUND = 0x84  # 4.04
 METHOD_NOT_ALLOWED = 0x85  # 4.05
 REQUEST_ENTITY_TOO_LARGE = 0x8D  # 4.13
 UNSUPPORTED_CONTENT_FORMAT = 0x8F  # 4.15
+TOO_MANY_REQUESTS = 0x9D  # 4.29 (RFC 8516)
 INTERNAL_SERVER_ERROR = 0xA0  # 5.00
 SERVICE_UNAVAILABLE = 0xA3  # 5.03
 
@@ -58,6 +61,19 @@ class TooLarge(RequestError):
     code = REQUEST_ENTITY_TOO_LARGE
 
 
+class Unauthorized(RequestError):
+    """The request needs an authenticated peer (a DTLS session) it has not."""
+
+    code = UNAUTHORIZED
+
+
+class Forbidden(RequestError):
+    """The peer may not do this: write as another device, or create more
+    devices than the limits allow."""
+
+    code = FORBIDDEN
+
+
 class Unavailable(RequestError):
     """The queue cannot take the message now; the device should retry."""
 
@@ -66,6 +82,13 @@ class Unavailable(RequestError):
     def __init__(self, diagnostic: str, max_age: int = 5):
         super().__init__(diagnostic)
         self.max_age = max_age
+
+
+class TooManyRequests(Unavailable):
+    """The source is over its request rate (RFC 8516); Max-Age says when to
+    try again."""
+
+    code = TOO_MANY_REQUESTS
 
 
 class ConfigError(Exception):

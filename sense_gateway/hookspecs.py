@@ -96,6 +96,27 @@ def sense_register_registries():
 
 
 @hookspec
+def sense_register_credential_stores():
+    """Return device credential backends by name: ``{name: factory}``.
+
+    Credentials live with the registry: the core picks the factory named
+    like ``registry.backend`` (a plugin registry brings its credential
+    store under the same name) and calls ``factory(config)`` on the thread
+    that will use it (the gateway's directory thread, or a ``sense
+    devices`` command). The factory returns a
+    :class:`sense_gateway.credentials.CredentialStore`: synchronous,
+    numbering every change with a store-wide serial. Keys must never
+    appear in logs, errors or reprs.
+
+    Example::
+
+        @hookimpl
+        def sense_register_credential_stores():
+            return {"vault": lambda config: VaultCredentialStore(config.section("vault"))}
+    """
+
+
+@hookspec
 def sense_register_sinks():
     """Return metric sinks by name: ``{name: factory}``.
 

@@ -64,10 +64,13 @@ class LatencyHistogram:
 class IngestPipeline:
     """Decodes and validates readings, then hands them to the queue."""
 
-    def __init__(self, formats: Iterable[Format], validate, queue, config: Config, clock=None):
+    def __init__(self, formats: Iterable[Format], validate, queue, config: Config, clock=None,
+                 policy=None):
         """
         *validate* is the ``sense_validate`` hook caller: called with
         ``envelope`` and ``config``, it returns one result per plugin.
+        *policy* (an :class:`~sense_gateway.admission.IngestPolicy`), if
+        given, decides who may write as which device.
         """
         self._routes: dict[str, dict[int | None, Format]] = {}
         for fmt in formats:
@@ -80,6 +83,7 @@ class IngestPipeline:
                             f"Content-Format {_describe_format(cf)} on {path}")
                     route[cf] = fmt
         self._validate = validate
+        self.policy = policy
         self.queue = queue
         self.config = config
         self._max_payload = config.coap.max_payload
@@ -153,10 +157,14 @@ class IngestPipeline:
             for r in decoded.readings
         ]
         host = context.source_host
+        device = decoded.device
+        if device is None:
+            # A format without a device id: over DTLS the identity names it.
+            device = context.identity or ""
         # Positional: this runs for every request.
         envelope = Envelope(
             new_envelope_id(),
-            decoded.device if decoded.device is not None else "",
+            device,
             decoded.seq,
             received,
             f"[{host}]:{context.source_port}" if ":" in host else f"{host}:{context.source_port}",
@@ -170,4 +178,6 @@ class IngestPipeline:
         for problems in self._validate(envelope=envelope, config=self.config):
             if problems:
                 raise ValidationError(problems[0])
+        if self.policy is not None:
+            self.policy.check(device, context)
         return envelope

@@ -37,6 +37,8 @@ DEFAULT_PLUGINS = (
     "sense_gateway.queues.sqlite",
     "sense_gateway.queues.sqs",
     *PROCESSOR_PLUGINS,
+    "sense_gateway.credentials.sqlite",
+    "sense_gateway.credentials.dynamodb",
     "sense_gateway.coap.time",
 )
 

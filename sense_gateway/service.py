@@ -21,10 +21,14 @@ from sense_gateway.coap.blockwise import Uploads
 from sense_gateway.coap.dispatch import Dispatcher
 from sense_gateway.coap.layer import MessageLayer, MonotonicClock
 from sense_gateway.coap.resources import build_tree
-from sense_gateway.coap.transport import CoapServer, UDPTransport
+from sense_gateway.coap.transport import CoapServer, DTLSTransport, UDPTransport
 from sense_gateway.coap.tree import ResourceTree
 from sense_gateway.config import Config
-from sense_gateway.backends import choose, named_factories, processor_factory
+from sense_gateway.admission import IngestPolicy
+from sense_gateway.backends import (choose, credential_store_factory, named_factories,
+                                    processor_factory, registry_factory)
+from sense_gateway.directory import DeviceDirectory, DirectoryService
+from sense_gateway.limits import TokenBuckets
 from sense_gateway.errors import PluginLoadError, code_text
 from sense_gateway.pipeline import IngestPipeline
 from sense_gateway.plugins import call_collecting, make_plugin_manager
@@ -43,6 +47,7 @@ class GatewayService(MultiService):
         self.plugin_manager = pm
         self.queue = queue
         self.pipeline = self.dispatcher = self.coap_server = self.worker = self.web = None
+        self.coaps_server = self.directory = self.policy = self.dtls = None
         #: one message layer per CoAP transport
         self.layers: list[MessageLayer] = []
 
@@ -66,6 +71,8 @@ class GatewayService(MultiService):
     def add_gateway(self, parts: GatewayParts) -> None:
         self.pipeline, self.dispatcher = parts.pipeline, parts.dispatcher
         self.layers, self.coap_server = parts.layers, parts.servers[0]
+        self.coaps_server = parts.servers[1] if len(parts.servers) > 1 else None
+        self.directory, self.policy, self.dtls = parts.directory, parts.policy, parts.dtls
         for child in (*parts.services, *parts.servers):
             child.setServiceParent(self)
 
@@ -137,14 +144,35 @@ class GatewayParts:
     layers: list
     #: the listeners, plain CoAP first
     servers: list
-    #: plugin resources that are services too (started before the listeners)
+    #: services started before the listeners (the directory, plugin resources)
     services: list
+    directory: DirectoryService
+    policy: IngestPolicy
+    #: the DTLS engine, if CoAPS is on
+    dtls: object = None
 
 
 def _make_gateway(config, pm, queue, reactor) -> GatewayParts:
-    """The CoAP side: formats and validators, resources, the listener."""
+    """The CoAP side: the device directory and ingest policy, formats and
+    validators, resources, the listeners (plain CoAP, and CoAPS)."""
+    clock = MonotonicClock(reactor)
+    directory = DeviceDirectory(clock.seconds, max_devices=config.registry.max_devices,
+                                new_devices_per_minute=config.registry.new_devices_per_minute)
+    open_store = credential_store_factory(config, pm)
+    if open_store is None:
+        log.warn("registry.backend {backend!r} keeps no credentials: no device can use "
+                 "CoAPS", backend=config.registry.backend)
+    open_registry = registry_factory(config, pm)
+    directory_service = DirectoryService(
+        directory, open_store and (lambda: open_store(config)), lambda: open_registry(config),
+        reactor,
+        interval=config.security.refresh_interval,
+        registry_interval=config.registry.refresh_interval)
+    policy = IngestPolicy(directory, config.security.plain_ingest)
+
     formats = [fmt for _, group in call_collecting(pm, "sense_register_formats", config=config) for fmt in group]
-    pipeline = IngestPipeline(formats, pm.hook.sense_validate, queue, config, clock=reactor)
+    pipeline = IngestPipeline(formats, pm.hook.sense_validate, queue, config, clock=reactor,
+                              policy=policy)
 
     extra = {}
     for plugin, resources in call_collecting(pm, "sense_coap_resources", config=config,
@@ -158,17 +186,42 @@ def _make_gateway(config, pm, queue, reactor) -> GatewayParts:
     except ValueError as e:
         raise PluginLoadError(str(e)) from None
 
-    clock = MonotonicClock(reactor)
     tree = ResourceTree(txresource.Endpoint(root), max_observers=config.coap.max_observers)
     dispatcher = Dispatcher(pipeline, tree, Uploads(config.coap.max_payload, clock),
                             wall_clock=reactor)
-    transport = UDPTransport()
-    layer = MessageLayer(transport, dispatcher, clock,
-                         exchange_lifetime=config.coap.exchange_lifetime,
-                         max_exchanges=config.coap.dedup_entries,
-                         exchanges_per_source=config.coap.dedup_per_source)
-    transport.attach(layer)
-    coap_server = CoapServer(transport, config.coap.bind, config.coap.port, reactor)
+    coap = config.coap
+    # One budget per source address, whichever port it uses.
+    rate_limit = TokenBuckets(coap.rate_limit, coap.rate_burst, clock.seconds) \
+        if coap.rate_limit > 0 else None
+    transports = [(UDPTransport(), coap.bind, coap.port, "CoAP")]
+    if config.coaps.enabled:
+        transports.append((_dtls_transport(config, directory, clock), config.coaps.bind,
+                           config.coaps.port, "CoAPS"))
+    layers, servers = [], []
+    for transport, bind, port, label in transports:
+        layer = MessageLayer(transport, dispatcher, clock,
+                             exchange_lifetime=coap.exchange_lifetime,
+                             max_exchanges=coap.dedup_entries,
+                             exchanges_per_source=coap.dedup_per_source, rate_limit=rate_limit)
+        transport.attach(layer)
+        layers.append(layer)
+        servers.append(CoapServer(transport, bind, port, reactor, label=label,
+                                  ready=directory_service.when_ready))
 
-    services = [res for res in extra.values() if IService.providedBy(res)]
-    return GatewayParts(pipeline, dispatcher, [layer], [coap_server], services)
+    services = [directory_service, *(res for res in extra.values() if IService.providedBy(res))]
+    return GatewayParts(pipeline, dispatcher, layers, servers, services, directory_service,
+                        policy, transports[1][0].engine if config.coaps.enabled else None)
+
+
+def _dtls_transport(config, directory, clock):
+    from sense_gateway.coap.dtls import DTLSServer
+
+    coaps = config.coaps
+    engine = DTLSServer(directory.psk_for, clock, max_sessions=coaps.max_sessions,
+                        handshake_timeout=coaps.handshake_timeout,
+                        idle_timeout=coaps.idle_timeout,
+                        handshakes_per_source=coaps.handshakes_per_source,
+                        identity_hint=coaps.identity_hint.encode() or None)
+    # A revoked or rotated key ends the sessions made with the old one.
+    directory.on_key_withdrawn = engine.end_sessions
+    return DTLSTransport(engine)

@@ -43,9 +43,11 @@ def coap_url(host: str, port: int, path: str) -> str:
     return f"coap://{host}:{port}{path}"
 
 
+@defer.inlineCallbacks
 def start_gateway(testcase, *, environ=None, **overrides):
     """Run a gateway in this process on the real reactor, on free ports,
-    with its data in a temporary directory; stopped when the test ends."""
+    with its data in a temporary directory; stopped when the test ends.
+    Fires with the service once its CoAP port is open."""
     from sense_gateway.service import make_service
 
     data_dir = Path(testcase.mktemp())
@@ -53,6 +55,7 @@ def start_gateway(testcase, *, environ=None, **overrides):
     settings = {
         "coap.bind": "::",
         "coap.port": 0,
+        "coaps.port": 0,
         "data_dir": str(data_dir),
         "plugins_dir": str(data_dir / "no-plugins"),
         "role": "gateway",
@@ -65,7 +68,10 @@ def start_gateway(testcase, *, environ=None, **overrides):
     # (a thread pool left running would keep the test process alive).
     testcase.addCleanup(service.stopService)
     service.startService()
-    service.port = service.coap_server.address[1]
+    if service.coap_server is not None:
+        # The listeners open once the device directory is loaded.
+        yield eventually(lambda: service.coap_server.port is not None, timeout=20)
+        service.port = service.coap_server.address[1]
     return service
 
 

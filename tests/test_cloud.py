@@ -74,7 +74,7 @@ class CloudTestCase(TestCase):
 class GatewayToLambdaTests(CloudTestCase):
     @defer.inlineCallbacks
     def test_gateway_sqs_lambda_dynamodb_victoriametrics(self):
-        gateway = start_gateway(self, **{"queue.backend": "sqs", "aws.queue_url": self.queue_url,
+        gateway = yield start_gateway(self, **{"queue.backend": "sqs", "aws.queue_url": self.queue_url,
                                          "aws.endpoint_url": self.moto.url})
         url = coap_url("::1", gateway.port, "/data")
         for device, seq in (("node-1", 1), ("node-1", 2), ("node-2", 9)):
@@ -163,7 +163,7 @@ class InProcessSQSTests(CloudTestCase):
 
     @defer.inlineCallbacks
     def test_worker_drains_sqs(self):
-        gateway = self.gateway()
+        gateway = yield self.gateway()
         response = yield libcoap_request("post", coap_url("127.0.0.1", gateway.port, "/data"),
                                          b'{"id": "node-s", "seq": 1, "ts": 1764300000, "data": {"t": 3}}', 50)
         self.assertEqual(response.code, "2.04")
@@ -174,7 +174,7 @@ class InProcessSQSTests(CloudTestCase):
     def test_failing_message_dead_lettered_with_reason_and_replayed(self):
         port, data = self.vm.port, self.vm.data
         self.vm.stop()
-        gateway = self.gateway(**{"queue.max_receives": 2})
+        gateway = yield self.gateway(**{"queue.max_receives": 2})
         response = yield libcoap_request("post", coap_url("::1", gateway.port, "/data"),
                                          b'{"id": "node-x", "seq": 1, "ts": 1764300000, "data": {"t": 1}}', 50)
         self.assertEqual(response.code, "2.04")

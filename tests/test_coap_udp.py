@@ -104,7 +104,7 @@ class GroupCommitOverUdpTests(TestCase):
 
     @defer.inlineCallbacks
     def test_acknowledged_envelope_is_in_the_queue_and_retransmission_replays(self):
-        gateway = start_gateway(self)
+        gateway = yield start_gateway(self)
         peer = RawCoapPeer(self)
         body = orjson.dumps({"id": "hot-1", "seq": 5, "data": {"temperature": 21.5}})
         datagram = request_datagram(payload=body, content_format=50, mid=0x4242, token=b"hot")

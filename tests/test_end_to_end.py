@@ -60,7 +60,7 @@ class EmbeddedEndToEndTests(TestCase):
 
     @defer.inlineCallbacks
     def test_three_devices_reach_store_and_victoriametrics(self):
-        gateway = self.gateway()
+        gateway = yield self.gateway()
         for seq in (1, 2, 3):
             yield self.post(gateway, "::1", "/data", orjson.dumps(
                 {"id": "node-a", "seq": seq, "ts": NOW + seq, "data": {"temperature": 20 + seq / 10}}), 50)
@@ -94,7 +94,7 @@ class EmbeddedEndToEndTests(TestCase):
 
     @defer.inlineCallbacks
     def test_metrics_server_down_loses_nothing(self):
-        gateway = self.gateway()
+        gateway = yield self.gateway()
         port, data = self.vm.port, self.vm.data
         self.vm.stop()
         for seq in range(1, 6):
@@ -114,7 +114,7 @@ class EmbeddedEndToEndTests(TestCase):
 
     @defer.inlineCallbacks
     def test_dead_letter_keeps_reason_and_replays(self):
-        gateway = self.gateway(**{"queue.max_receives": 2, "processor.retry_base": 0.05})
+        gateway = yield self.gateway(**{"queue.max_receives": 2, "processor.retry_base": 0.05})
         port, data = self.vm.port, self.vm.data
         self.vm.stop()
         yield self.post(gateway, "::1", "/data", orjson.dumps(
@@ -159,7 +159,7 @@ class StopDuringProcessingTests(TestCase):
             "def sense_register_sinks():\n"
             "    return {'slow': lambda config: Slow()}\n")
         SLOW_SINK[:] = [writing, release]
-        gateway = start_gateway(self, role="all", plugins_dir=str(plugins),
+        gateway = yield start_gateway(self, role="all", plugins_dir=str(plugins),
                                 **{"sinks.enabled": ("slow",), "processor.poll_interval": 0.05})
         yield libcoap_request("post", coap_url("::1", gateway.port, "/data"),
                               b'{"id": "n", "seq": 1, "data": {"t": 1}}', 50)
@@ -185,7 +185,7 @@ class CollectorThresholdTests(TestCase):
         from sense_gateway.worker import GC_THRESHOLD
 
         before = gc.get_threshold()
-        gateway = start_gateway(self, role="all")
+        gateway = yield start_gateway(self, role="all")
         self.assertEqual(gc.get_threshold(), (max(before[0], GC_THRESHOLD), *before[1:]))
         yield gateway.stopService()
         self.assertEqual(gc.get_threshold(), before)

@@ -110,7 +110,7 @@ class FuzzInProcessTests(TestCase):
 
     @defer.inlineCallbacks
     def test_noise_leaves_gateway_answering_within_bounds(self):
-        gateway = start_gateway(self, **{"coap.dedup_entries": 500, "coap.max_observers": 8})
+        gateway = yield start_gateway(self, **{"coap.dedup_entries": 500, "coap.max_observers": 8})
         peer = RawCoapPeer(self)
         yield blast(peer, gateway.port, datagrams(seed=20261128, count=4000))
         yield still_answers(self, peer, gateway.port)

@@ -70,8 +70,9 @@ CLIENTS = {"libcoap": libcoap_request, "aiocoap": aiocoap_request}
 class InteropBase(TestCase):
     timeout = 60
 
+    @defer.inlineCallbacks
     def setUp(self):
-        self.gateway = start_gateway(self)
+        self.gateway = yield start_gateway(self)
 
     @defer.inlineCallbacks
     def check(self, client, host, case):

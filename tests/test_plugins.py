@@ -159,7 +159,7 @@ class GatewayPluginTests(TestCase):
 
     @defer.inlineCallbacks
     def test_plugin_resource_is_served_and_listed(self):
-        gateway = start_gateway(self, plugins_dir=self.plugins_dir(version='''
+        gateway = yield start_gateway(self, plugins_dir=self.plugins_dir(version='''
             from twisted.internet import defer
             from txthings import coap
             from sense_gateway.coap.resources import GatewayResource
@@ -183,7 +183,7 @@ class GatewayPluginTests(TestCase):
 
     @defer.inlineCallbacks
     def test_plugin_queue_backend_is_chosen_by_name(self):
-        gateway = start_gateway(self, **{"queue.backend": "memory"}, plugins_dir=self.plugins_dir(
+        gateway = yield start_gateway(self, **{"queue.backend": "memory"}, plugins_dir=self.plugins_dir(
             memory_queue='''
             from twisted.internet import defer
             from sense_gateway.hookspecs import hookimpl
@@ -225,7 +225,7 @@ class GatewayPluginTests(TestCase):
 
     @defer.inlineCallbacks
     def test_plugin_validator_refuses_with_its_reason(self):
-        gateway = start_gateway(self, plugins_dir=self.plugins_dir(no_test_devices='''
+        gateway = yield start_gateway(self, plugins_dir=self.plugins_dir(no_test_devices='''
             from sense_gateway.hookspecs import hookimpl
 
             @hookimpl
@@ -243,7 +243,7 @@ class GatewayPluginTests(TestCase):
     @defer.inlineCallbacks
     def test_plugin_sink_and_registry_are_chosen_by_name(self):
         written = Path(self.mktemp()).resolve()
-        gateway = start_gateway(
+        gateway = yield start_gateway(
             self, role="all", **{"sinks.enabled": ("jsonl",), "registry.backend": "counting",
                                  "processor.poll_interval": 0.05},
             plugins_dir=self.plugins_dir(jsonl_sink=f'''

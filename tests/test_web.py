@@ -19,9 +19,10 @@ NOW = 1764300000
 class WebTests(TestCase):
     timeout = 60
 
+    @defer.inlineCallbacks
     def setUp(self):
         self.vm = VictoriaMetrics(self)
-        self.gateway = start_gateway(self, role="all", **{
+        self.gateway = yield start_gateway(self, role="all", **{
             "sinks.enabled": ("sqlite", "influxdb"), "influxdb.url": self.vm.url,
             "influxdb.retries": 0, "influxdb.timeout": 2.0, "processor.poll_interval": 0.05,
             "store.retention_days": 36500.0})
@@ -124,7 +125,7 @@ class GatewayRoleTests(TestCase):
 
     @defer.inlineCallbacks
     def test_healthz_and_metrics_but_no_dashboard(self):
-        gateway = start_gateway(self, role="gateway")
+        gateway = yield start_gateway(self, role="gateway")
         address = gateway.web.address
         base = f"http://{address.host}:{address.port}"
         yield libcoap_request("post", coap_url("::1", gateway.port, "/data"),
@@ -153,7 +154,7 @@ class MissingChartLibraryTests(TestCase):
 
     @defer.inlineCallbacks
     def test_missing_uplot_is_a_404_naming_the_fix(self):
-        gateway = start_gateway(self, role="all", **{"web.node_modules": self.mktemp()})
+        gateway = yield start_gateway(self, role="all", **{"web.node_modules": self.mktemp()})
         address = gateway.web.address
         response = yield treq.get(f"http://{address.host}:{address.port}/vendor/uPlot.iife.min.js",
                                   pool=HTTPConnectionPool(reactor, persistent=False))

@@ -18,6 +18,7 @@ gateway's :class:`MonotonicClock`; ``task.Clock`` in tests).
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections import Counter, OrderedDict, deque
@@ -27,7 +28,8 @@ from twisted.logger import Logger
 from sense_gateway.coap.exchanges import ExchangeMemory
 from sense_gateway.coap.message import (
     ACK, CON, EMPTY, INTERNAL_SERVER_ERROR, MAX_AGE, NO_RESPONSE, NON, RST,
-    SERVICE_UNAVAILABLE, BAD_OPTION, MalformedMessage, code_text, encode, parse,
+    SERVICE_UNAVAILABLE, BAD_OPTION, TOO_MANY_REQUESTS, MalformedMessage, code_text, encode,
+    parse,
 )
 
 log = Logger()
@@ -107,7 +109,10 @@ class MessageLayer:
 
     def __init__(self, transport, handler, clock, *, exchange_lifetime: float = 247.0,
                  max_exchanges: int = 65536, exchanges_per_source: int = 4096,
-                 max_in_flight: int = MAX_IN_FLIGHT):
+                 max_in_flight: int = MAX_IN_FLIGHT, rate_limit=None):
+        """*rate_limit*, if given, is a :class:`~sense_gateway.limits.TokenBuckets`
+        by source address (it may be shared by several layers): a request
+        over it gets 4.29 Too Many Requests with Max-Age (RFC 8516)."""
         self.transport = transport
         self.handler = handler
         self.clock = clock
@@ -116,6 +121,9 @@ class MessageLayer:
         self.exchanges = ExchangeMemory(exchange_lifetime, max_exchanges, exchanges_per_source,
                                         clock.seconds)
         self.max_in_flight = max_in_flight
+        self.rate_limit = rate_limit
+        #: requests refused 4.29 because their source was over its rate
+        self.rate_limited = 0
         #: new requests handed to the handler
         self.requests = 0
         #: retransmitted requests recognised (answered again, not handled again)
@@ -195,6 +203,13 @@ class MessageLayer:
         if message.problem is not None:
             self.answer(request, BAD_OPTION, message.problem[1].encode())
             return
+        if self.rate_limit is not None:
+            wait = self.rate_limit.take(addr[0])
+            if wait:
+                self.rate_limited += 1
+                self.answer(request, TOO_MANY_REQUESTS, b"too many requests",
+                            ((MAX_AGE, min(max(1, math.ceil(wait)), 3600)),))
+                return
         if self.in_flight > self.max_in_flight:
             self.answer(request, SERVICE_UNAVAILABLE, b"too many requests in flight",
                         ((MAX_AGE, 1),))
@@ -244,7 +259,7 @@ class MessageLayer:
             return
         message = request.message
         self.responses[code] += 1
-        if code >= 0x80:
+        if code >= 0x80 and code != TOO_MANY_REQUESTS:  # those are counted, not logged
             log.info("rejected {source}: {code} {reason}", source=source_text(request.addr),
                      code=code_text(code), reason=payload.decode("utf-8", "replace"))
         if message.options and _suppressed(message, code):

@@ -1,13 +1,15 @@
 """Transports under the message layer: where datagrams come from and go to.
 
+Two exist: :class:`UDPTransport` (plain CoAP, ``coap``, port 5683) and
+:class:`DTLSTransport` (CoAP over DTLS 1.2, ``coaps``, port 5684).
+
 A transport hands every datagram it receives to its message layer with the
 peer's address and, for a secure transport, the identity it authenticated
 (``MessageLayer.datagram_received(data, addr, identity)``), and sends what
 the layer gives it (``send(datagram, addr)``). Its ``name`` is what the
 envelope records as the transport (``coap``, ``coaps``).
 
-:class:`UDPTransport` is plain CoAP over UDP; :class:`CoapServer` is the
-service that binds its socket.
+:class:`CoapServer` is the service that binds a transport's socket.
 """
 
 from __future__ import annotations
@@ -57,6 +59,50 @@ class UDPTransport(DatagramProtocol):
             self.layer.stop()
 
 
+class DTLSTransport(DatagramProtocol):
+    """CoAP over DTLS (``coaps``): ciphertext from the socket goes to the
+    DTLS engine, each decrypted record to the message layer with the PSK
+    identity the session authenticated; what the layer sends is encrypted
+    on the peer's session (or dropped if it has none any more)."""
+
+    name = "coaps"
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.layer = None
+        self._sendto = None
+        engine.send = self._send_ciphertext
+        engine.deliver = self._deliver
+
+    def attach(self, layer) -> None:
+        self.layer = layer
+
+    def makeConnection(self, transport) -> None:
+        sock = getattr(transport, "socket", None)
+        self._sendto = sock.sendto if sock is not None else transport.write
+        super().makeConnection(transport)
+
+    def datagramReceived(self, data: bytes, addr) -> None:
+        self.engine.datagram_received(data, addr)
+
+    def _deliver(self, plaintext: bytes, addr, identity: str) -> None:
+        self.layer.datagram_received(plaintext, addr, identity)
+
+    def _send_ciphertext(self, datagram: bytes, addr) -> None:
+        try:
+            self._sendto(datagram, addr)
+        except OSError as e:
+            log.debug("cannot send to {source}: {error}", source=source_text(addr), error=e)
+
+    def send(self, datagram: bytes, addr) -> None:
+        self.engine.send_to(datagram, addr)
+
+    def stopProtocol(self) -> None:
+        if self.layer is not None:
+            self.layer.stop()
+        self.engine.stop()
+
+
 def bind_udp(reactor, protocol, bind: str, port: int, max_packet: int = MAX_DATAGRAM):
     """Listen on UDP *bind*:*port* with *protocol*; ``::`` serves IPv6 and
     IPv4 (as mapped addresses) on one socket, whatever the host's
@@ -80,17 +126,27 @@ def bind_udp(reactor, protocol, bind: str, port: int, max_packet: int = MAX_DATA
 class CoapServer(Service):
     """Listens on a UDP port with a transport (plain CoAP on 5683 by default)."""
 
-    def __init__(self, transport, bind: str, port: int, reactor, label: str = "CoAP"):
+    def __init__(self, transport, bind: str, port: int, reactor, label: str = "CoAP",
+                 ready=None):
+        """*ready*, if given, returns a Deferred that fires when the
+        gateway can judge requests: the socket opens only then."""
         self.transport = transport
         self.bind = bind
         self.port_number = port
         self.reactor = reactor
         self.label = label
+        self.ready = ready
         self.port = None
 
     def startService(self) -> None:
-        self.port = bind_udp(self.reactor, self.transport, self.bind, self.port_number)
         super().startService()
+        if self.ready is None:
+            self._listen()
+        else:
+            self.ready().addCallback(lambda _: self._listen() if self.running else None)
+
+    def _listen(self) -> None:
+        self.port = bind_udp(self.reactor, self.transport, self.bind, self.port_number)
         # What exists once the gateway is up (modules, plugins, resources)
         # lives as long as the process: out of the garbage collector's way,
         # so its full collections, which stop the reactor, scan only what

@@ -19,8 +19,8 @@ failed too) it is dropped. If every value is dropped the request gets
 
 Each reading has the field ``temperature`` in degrees Celsius (the value
 divided by 100) in the measurement ``sense``. There is no device id in
-the payload: the device is the sender's IP address (``2001:db8::7``, or
-``192.0.2.7`` for IPv4). Timestamps: the last value at the receive time,
+the payload: over DTLS the device is the PSK identity, over plain CoAP the
+sender's IP address (``2001:db8::7``, or ``192.0.2.7`` for IPv4). Timestamps: the last value at the receive time,
 each earlier one a second before the next.
 
 Diagnostics number the comma-separated items from 1:
@@ -104,7 +104,8 @@ def decode(payload: bytes, context: RequestContext) -> Decoded:
                                     ts=ts, measurement=MEASUREMENT))
     if not readings:
         raise DecodeError("no value passed its parity check")
-    return Decoded(readings=readings, device=context.source_host, seq=None)
+    # No id in the payload: the DTLS identity, or else the sender's address.
+    return Decoded(readings=readings, device=context.identity or context.source_host, seq=None)
 
 
 @hookimpl

@@ -50,6 +50,10 @@ class DeviceRegistry:
         """Every device, ordered by id."""
         raise NotImplementedError
 
+    def ids(self) -> list[str]:
+        """Every device id (backends that can, without reading the records)."""
+        return [record.id for record in self.devices()]
+
     def count(self) -> int:
         """How many devices there are (backends that can, count without
         reading the records)."""
