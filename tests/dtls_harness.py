@@ -45,32 +45,42 @@ class MemoryClient:
     """A DTLS 1.2 PSK client driven by hand: datagrams in, datagrams out."""
 
     def __init__(self, identity: bytes | str, key: bytes, ciphers: bytes = CIPHERS,
-                 max_version: int = DTLS_1_2, min_version: int | None = None):
+                 max_version: int = DTLS_1_2, min_version: int | None = None,
+                 resume: MemoryClient | None = None):
+        """``resume``: offer that client's session, to try an abbreviated handshake."""
         self.identity = identity.encode() if isinstance(identity, str) else identity
         self.key = key
-        context = SSL.Context(SSL.DTLS_CLIENT_METHOD)
-        context.set_cipher_list(ciphers)
-        context.set_max_proto_version(max_version)
-        if min_version is not None:
-            context.set_min_proto_version(min_version)
-        context.set_options(SSL.OP_NO_QUERY_MTU)
-        self._callback = ffi.callback(
-            "unsigned int(*)(SSL *, char *, char *, unsigned int, unsigned char *, unsigned int)",
-            self._psk)
-        lib.SSL_CTX_set_psk_client_callback(context._context, self._callback)
+        if resume is not None:
+            # A session resumes only with the context that made it (and its callback).
+            context = resume._context
+        else:
+            context = SSL.Context(SSL.DTLS_CLIENT_METHOD)
+            context.set_cipher_list(ciphers)
+            context.set_max_proto_version(max_version)
+            if min_version is not None:
+                context.set_min_proto_version(min_version)
+            context.set_options(SSL.OP_NO_QUERY_MTU)
+            self._callback = ffi.callback(
+                "unsigned int(*)(SSL *, char *, char *, unsigned int, unsigned char *, unsigned int)",
+                self._psk)
+            lib.SSL_CTX_set_psk_client_callback(context._context, self._callback)
         self._context = context
         self.conn = SSL.Connection(context, None)
         self.conn.set_ciphertext_mtu(1232)
         self.conn.set_connect_state()
+        if resume is not None:
+            self.conn.set_session(resume.conn.get_session())
         self.received: list[bytes] = []
         self.established = False
         self.closed_by_server = False
         self.error: Exception | None = None
+        self.hints_seen: list[bytes | None] = []
 
     def __repr__(self):
         return f"<MemoryClient {self.identity!r} established={self.established}>"
 
     def _psk(self, ssl, hint, identity, max_identity, psk, max_psk):
+        self.hints_seen.append(None if hint == ffi.NULL else ffi.string(hint))
         ffi.memmove(identity, self.identity + b"\0", len(self.identity) + 1)
         ffi.memmove(psk, self.key, len(self.key))
         return len(self.key)
