@@ -127,6 +127,11 @@ class MemoryClient:
         self.conn.send(plaintext)
         return self._output()
 
+    def close(self) -> list[bytes]:
+        """close_notify, as a client going away politely sends it."""
+        self.conn.shutdown()
+        return self._output()
+
     def renegotiate(self) -> list[bytes]:
         self.conn.renegotiate()
         self._step()
