@@ -9,8 +9,11 @@ drawn at run time.
 
 from __future__ import annotations
 
+import gc
 import random
 import secrets
+
+import psutil
 
 from twisted.internet import reactor, task
 from twisted.logger import formatEvent, globalLogPublisher
@@ -32,6 +35,13 @@ def coap_post(message_id: int = 0x1234, token: bytes = b"\x01\x02") -> bytes:
     """A CON POST /data with payload ``x``: enough CoAP for the engine's peers."""
     return (bytes((0x40 | len(token), 0x02)) + message_id.to_bytes(2, "big") + token
             + b"\xb4data" + b"\xffx")
+
+
+def record(content_type: int, body: bytes, epoch: int = 0, sequence: int = 0,
+           version: bytes = b"\xfe\xfd") -> bytes:
+    """One DTLS record, as anybody could write it."""
+    return (bytes((content_type,)) + version + epoch.to_bytes(2, "big") + sequence.to_bytes(6, "big")
+            + len(body).to_bytes(2, "big") + body)
 
 
 class Fixture:
@@ -280,8 +290,7 @@ class SameAddressTests(SynchronousTestCase):
     def test_spoofed_plaintext_alert_leaves_the_live_session_working(self):
         f = Fixture()
         client = f.connect(self.addr)
-        fatal_alert = b"\x15\xfe\xfd\x00\x00" + b"\x00\x00\x00\x00\x00\x09" + b"\x00\x02\x02\x28"
-        f.wire.to_server([fatal_alert], self.addr)
+        f.wire.to_server([record(21, b"\x02\x28", sequence=9)], self.addr)   # fatal handshake_failure
         self.assertTrue(f.works(client, self.addr))
 
     def test_replayed_cookie_exchange_without_the_key_does_not_end_the_session(self):
@@ -343,13 +352,12 @@ class SameAddressTests(SynchronousTestCase):
 
 class LimitTests(SynchronousTestCase):
 
-    def stalled_handshake(self, f: Fixture, addr) -> MemoryClient:
-        """A client that gets as far as the server's first flight and goes quiet."""
+    def stalled_handshake(self, f: Fixture, addr) -> tuple[MemoryClient, list[bytes]]:
+        """A client that gets as far as the server's first flight, which it never reads."""
         client = MemoryClient(IDENTITY, f.key)
         f.wire.to_server(client.start(), addr)
         f.wire.to_server(client.receive(f.wire.take(addr)), addr)
-        f.wire.take(addr)
-        return client
+        return client, f.wire.take(addr)
 
     def test_a_stalled_handshake_is_dropped_at_its_deadline(self):
         f = Fixture(handshake_timeout=20.0)
@@ -361,6 +369,27 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(f.server.handshake_count(), 0)
         self.assertEqual(f.server.counters["refused_timeout"], 1)
         self.assertEqual(f.clock.getDelayedCalls(), [])
+
+    def test_handshake_messages_a_psk_client_never_sends_do_not_reach_openssl(self):
+        # Fragments claiming 100 kB messages, ten future messages deep, and
+        # large records of the next epoch: OpenSSL would buffer all of it.
+        f = Fixture(max_sessions=200)
+        peers = [(f"198.51.100.{i}", 5000) for i in range(100)]
+        stalled = [self.stalled_handshake(f, addr) for addr in peers]
+        gc.collect()
+        before = psutil.Process().memory_info().rss
+        for addr in peers:
+            for seq in range(2, 12):
+                fragment = (b"\x10" + (100000).to_bytes(3, "big") + seq.to_bytes(2, "big")
+                            + bytes(3) + (1000).to_bytes(3, "big") + bytes(1000))
+                f.server.datagram_received(record(22, fragment, epoch=0, sequence=seq), addr)
+                f.server.datagram_received(record(22, bytes(16000), epoch=1, sequence=seq), addr)
+        grown = psutil.Process().memory_info().rss - before
+        self.assertEqual(f.server.counters["records_dropped"], 2000)
+        self.assertLess(grown, 8 << 20)
+        client, server_flight = stalled[0]
+        f.wire.exchange(client, client.receive(server_flight), peers[0])
+        self.assertTrue(client.established)
 
     def test_an_idle_session_expires_and_the_peer_is_told(self):
         f = Fixture(idle_timeout=60.0)
@@ -462,16 +491,14 @@ class RobustnessTests(SynchronousTestCase):
 
     def test_datagrams_that_are_not_dtls_cost_a_header_check(self):
         f = Fixture()
-        def record(content_type: int, version: bytes, body: bytes = b"\0" * 8) -> bytes:
-            return bytes((content_type,)) + version + bytes(8) + len(body).to_bytes(2, "big") + body
-
+        body = bytes(8)
         not_dtls = [
             b"", b"\x16\xfe\xfd", coap_post(),
-            record(24, b"\xfe\xfd"),                 # heartbeat: not a type we take
-            record(22, b"\x03\x03"),                 # TLS 1.2, not DTLS
-            record(23, b"\xfe\xfc"),                 # no such DTLS version
-            record(23, b"\xfe\xfd")[:-1],            # length beyond the datagram
-            record(23, b"\xfe\xfd") + b"\x17\xfe",   # trailing bytes that are no record
+            record(24, body),                            # heartbeat: not a type we take
+            record(22, body, version=b"\x03\x03"),       # TLS 1.2, not DTLS
+            record(23, body, version=b"\xfe\xfc"),       # no such DTLS version
+            record(23, body)[:-1],                       # length beyond the datagram
+            record(23, body) + b"\x17\xfe",               # trailing bytes that are no record
         ]
         for datagram in not_dtls:
             f.server.datagram_received(datagram, ("192.0.2.1", 5000))
@@ -480,8 +507,7 @@ class RobustnessTests(SynchronousTestCase):
 
     def test_records_without_a_session_are_dropped(self):
         f = Fixture()
-        record = b"\x17\xfe\xfd\x00\x05" + bytes(6) + b"\x00\x04" + b"data"
-        f.server.datagram_received(record, ("192.0.2.1", 5000))
+        f.server.datagram_received(record(23, b"data", epoch=5), ("192.0.2.1", 5000))
         self.assertEqual(f.server.counters["records_dropped"], 1)
         self.assertEqual(f.wire.outbox, {})
 

@@ -24,7 +24,8 @@ from twisted.logger import Logger
 from sense_gateway.coap.dtls_admission import CookieJar, SourceRateLimit
 from sense_gateway.coap.dtls_openssl import CIPHERS, DATAGRAM_MTU, MAX_PLAINTEXT, ServerContext, Session
 from sense_gateway.coap.dtls_records import (
-    APPLICATION_DATA, hello_verify_request, parse_client_hello, split_records,
+    APPLICATION_DATA, acceptable_during_handshake, hello_verify_request, parse_client_hello,
+    split_records,
 )
 
 __all__ = ["CIPHERS", "DATAGRAM_MTU", "MAX_PLAINTEXT", "DTLSServer"]
@@ -171,16 +172,23 @@ class DTLSServer:
         if current is None and successor is None:
             self.counters["records_dropped"] += len(records)
             return
+        delivered = False
         if successor is not None and (first.epoch == 0 or first.content_type != APPLICATION_DATA):
             # The new handshake's flights start in epoch 0; its Finished and
             # alerts share epoch 1 with the old session's records. A record
             # fed to the wrong one fails its MAC there and is dropped, so all
             # but application data goes to both.
-            self._drive(successor, data)
+            if acceptable_during_handshake(data, records):
+                self._drive(successor, data)
+                delivered = True
             if first.epoch == 0 or self._sessions.get(addr) is not current:
-                return
-        if current is not None and not current.closed:
+                current = None
+        if current is not None and not current.closed and (
+                current.established or acceptable_during_handshake(data, records)):
             self._drive(current, data)
+            delivered = True
+        if not delivered:
+            self.counters["records_dropped"] += len(records)
 
     def _client_hello(self, data: bytes, addr: tuple, hello) -> None:
         current = self._sessions.get(addr)

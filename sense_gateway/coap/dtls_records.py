@@ -93,6 +93,54 @@ def pack_datagrams(stream: bytes, mtu: int) -> list[bytes]:
     return datagrams
 
 
+#: What a PSK client sends in epoch 0 of a handshake: ClientHello (again,
+#: if our answer was lost) and ClientKeyExchange, whose PSK identity is
+#: at most 128 bytes. OpenSSL would allocate whatever length a fragment
+#: claims (up to 100 kB) and keep ten future messages, so a peer that only
+#: passed the cookie exchange could make each handshake hold a megabyte.
+CLIENT_HANDSHAKE_MESSAGES = frozenset((CLIENT_HELLO, 16))
+MAX_CLIENT_HANDSHAKE_MESSAGE = 2048
+#: Records of the next epoch are buffered during a handshake (up to 100);
+#: a PSK client's only one is its Finished (40 bytes with CCM), or an alert.
+MAX_HANDSHAKE_EPOCH_1_RECORD = 128
+
+
+def acceptable_during_handshake(datagram: bytes, records: list[Record]) -> bool:
+    """Whether the records are what a PSK client sends while it handshakes."""
+    for record in records:
+        length = record.end - record.start
+        if record.epoch == 1:
+            if record.content_type == APPLICATION_DATA or length > MAX_HANDSHAKE_EPOCH_1_RECORD:
+                return False
+        elif record.epoch != 0:
+            return False
+        elif record.content_type == CHANGE_CIPHER_SPEC:
+            if length != 1:
+                return False
+        elif record.content_type == ALERT:
+            if length != 2:
+                return False
+        elif record.content_type != HANDSHAKE:
+            return False
+        else:
+            # A record may carry several handshake fragments back to back.
+            offset = record.start
+            while offset < record.end:
+                if record.end - offset < HANDSHAKE_HEADER:
+                    return False
+                message_length = int.from_bytes(datagram[offset + 1:offset + 4], "big")
+                fragment_offset = int.from_bytes(datagram[offset + 6:offset + 9], "big")
+                fragment_length = int.from_bytes(datagram[offset + 9:offset + 12], "big")
+                if (datagram[offset] not in CLIENT_HANDSHAKE_MESSAGES
+                        or message_length > MAX_CLIENT_HANDSHAKE_MESSAGE
+                        or fragment_offset + fragment_length > message_length):
+                    return False
+                offset += HANDSHAKE_HEADER + fragment_length
+            if offset != record.end:
+                return False
+    return True
+
+
 class ClientHello(NamedTuple):
     """What the cookie exchange needs from a ClientHello."""
 
