@@ -235,10 +235,14 @@ class DTLSServer:
         self.counters["handshakes_started"] += 1
         self._drive(session)
 
-    def _refuse(self, reason: str, addr) -> None:
+    def _refuse(self, reason: str, addr, session: Session | None = None) -> None:
+        """Count a handshake refused before it started, or one that failed (with its session)."""
         self.counters["handshakes_refused"] += 1
         self.counters["refused_" + reason] += 1
-        log.debug("DTLS handshake from {peer} refused: {reason}", peer=_peer(addr), reason=reason)
+        log.debug("DTLS handshake from {peer} as {identity!r} refused: {reason}", peer=_peer(addr),
+                  identity=session.identity if session else None, reason=reason)
+        if session is not None:
+            self._remove(session)
 
     # -- one session -------------------------------------------------------------
 
@@ -268,7 +272,7 @@ class DTLSServer:
             if session.established:
                 self._end(session, "sessions_failed")
             else:
-                self._handshake_failed(session, session.refusal or "failed")
+                self._refuse(session.refusal or "failed", session.addr, session)
             return
         self._flush(session)
 
@@ -295,13 +299,6 @@ class DTLSServer:
         self.counters["handshakes_completed"] += 1
         log.info("DTLS session with {peer} as {identity!r}, {cipher}", peer=_peer(addr),
                  identity=session.identity, cipher=session.conn.get_cipher_name())
-
-    def _handshake_failed(self, session: Session, reason: str) -> None:
-        self.counters["handshakes_refused"] += 1
-        self.counters["refused_" + reason] += 1
-        log.debug("DTLS handshake from {peer} as {identity!r} failed: {reason}",
-                  peer=_peer(session.addr), identity=session.identity, reason=reason)
-        self._remove(session)
 
     def _touch(self, session: Session) -> None:
         session.last_active = self._clock.seconds()
@@ -401,13 +398,13 @@ class DTLSServer:
 
     def _handshake_due(self, session: Session, now: float) -> None:
         if now >= session.deadline:
-            self._handshake_failed(session, "timeout")
+            self._refuse("timeout", session.addr, session)
             return
         try:
             session.handle_timeout()
         except SSL.Error:
             self._flush(session)
-            self._handshake_failed(session, "failed")
+            self._refuse("failed", session.addr, session)
             return
         self._flush(session)
         self._arm(session)
