@@ -179,9 +179,22 @@ class HandshakeTests(SynchronousTestCase):
         addr = ("192.0.2.1", 5000)
         client = f.connect(addr)
         f.wire.to_server(client.renegotiate(), addr)
-        answer = [record for datagram in f.wire.take(addr) for record in records_of(datagram)]
-        self.assertEqual([(kind, epoch) for kind, epoch, _ in answer], [(21, 1)])
+        answer = f.wire.take(addr)
+        records = [record for datagram in answer for record in records_of(datagram)]
+        self.assertEqual([(kind, epoch) for kind, epoch, _ in records], [(21, 1)])
         self.assertEqual(f.server.counters["handshakes_started"], 1)
+
+    def test_a_fatal_alert_ends_that_session_only(self):
+        f = Fixture()
+        addr, bystander_addr = ("192.0.2.1", 5000), ("192.0.2.2", 5000)
+        client, bystander = f.connect(addr), f.connect(bystander_addr)
+        f.wire.to_server(client.renegotiate(), addr)
+        # OpenSSL's client gives up on the refusal with a fatal alert.
+        f.wire.to_server(client.receive(f.wire.take(addr)), addr)
+        self.assertEqual(f.server.counters["sessions_failed"], 1)
+        self.assertFalse(f.server.send_to(b"gone", addr))
+        self.assertEqual(f.server.session_count(), 1)
+        self.assertTrue(f.works(bystander, bystander_addr))
 
 
 class CookieExchangeTests(SynchronousTestCase):
