@@ -352,6 +352,18 @@ class SameAddressTests(SynchronousTestCase):
         self.assertTrue(new.established)
         self.assertTrue(f.works(new, self.addr))
 
+    def test_a_new_client_hello_replaces_a_handshake_in_progress(self):
+        # The device restarted before its handshake finished.
+        f = Fixture()
+        first = MemoryClient(IDENTITY, f.key)
+        f.wire.to_server(first.start(), self.addr)
+        f.wire.to_server(first.receive(f.wire.take(self.addr)), self.addr)
+        f.wire.take(self.addr)
+        again = f.connect(self.addr)
+        self.assertTrue(again.established)
+        self.assertEqual(f.server.counters["handshakes_abandoned"], 1)
+        self.assertEqual((f.server.session_count(), f.server.handshake_count()), (1, 0))
+
     def test_an_alert_for_the_old_session_reaches_it_while_a_reconnect_is_pending(self):
         f = Fixture()
         old = f.connect(self.addr)
@@ -361,6 +373,35 @@ class SameAddressTests(SynchronousTestCase):
         f.wire.to_server(old.close(), self.addr)
         self.assertEqual(f.server.counters["sessions_closed_by_peer"], 1)
         self.assertEqual((f.server.session_count(), f.server.handshake_count()), (0, 1))
+
+
+class FailingCallbackTests(SynchronousTestCase):
+
+    def test_a_failing_deliver_is_counted_and_the_session_goes_on(self):
+        f = Fixture()
+        addr = ("192.0.2.1", 5000)
+        client = f.connect(addr)
+
+        def broken(plaintext, addr, identity):
+            raise ValueError("the message layer broke")
+
+        f.server.deliver = broken
+        f.wire.client_sends(client, coap_post(), addr)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertEqual(f.server.counters["deliver_errors"], 1)
+        f.server.deliver = lambda *received: f.wire.delivered.append(received)
+        self.assertTrue(f.works(client, addr))
+
+    def test_a_failing_send_is_counted_not_raised(self):
+        f = Fixture()
+
+        def unreachable(datagram, addr):
+            raise OSError("network is unreachable")
+
+        f.server.send = unreachable
+        f.server.datagram_received(MemoryClient(IDENTITY, f.key).start()[0], ("192.0.2.1", 5000))
+        self.assertEqual(f.server.counters["send_errors"], 1)
+        self.assertEqual(f.server.counters["internal_errors"], 0)
 
 
 class LimitTests(SynchronousTestCase):
