@@ -238,7 +238,6 @@ def main() -> None:
     if args.serve is not None:
         _serve(args.serve)
         return
-    # Memory first, while this process is still small (the server runs in its own).
     m = memory(args.sessions)
     rows = {"handshakes/s, both sides in process": [], "handshakes/s, server's share": [],
             "records/s in (decrypt + deliver)": [], "records/s out (send_to)": [],
