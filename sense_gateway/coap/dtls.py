@@ -1,0 +1,410 @@
+"""A DTLS 1.2 PSK server for many peers on one UDP socket, driven by datagrams.
+
+:class:`DTLSServer` sits between a UDP transport and the CoAP message
+layer: the transport hands it every datagram, it hands back one decrypted
+CoAP message at a time with the PSK identity that authenticated it, and it
+encrypts what the message layer sends. OpenSSL does the cryptography over
+memory BIOs (:mod:`~sense_gateway.coap.dtls_openssl`); this module decides
+which datagram goes where, when state may be created (after the stateless
+cookie exchange, :mod:`~sense_gateway.coap.dtls_admission`), the limits,
+and keeps one timer for every session. References: RFC 6347 (DTLS 1.2),
+RFC 7925 (its IoT profile), RFC 7252 section 9 (CoAP over DTLS).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import Counter, OrderedDict
+from typing import Callable
+
+from OpenSSL import SSL
+from twisted.logger import Logger
+
+from sense_gateway.coap.dtls_admission import CookieJar, SourceRateLimit
+from sense_gateway.coap.dtls_openssl import CIPHERS, DATAGRAM_MTU, MAX_PLAINTEXT, ServerContext, Session
+from sense_gateway.coap.dtls_records import (
+    APPLICATION_DATA, acceptable_during_handshake, hello_verify_request, parse_client_hello,
+    split_records,
+)
+
+__all__ = ["CIPHERS", "DATAGRAM_MTU", "MAX_PLAINTEXT", "DTLSServer"]
+
+log = Logger()
+
+#: Never wake up sooner than this for a retransmission OpenSSL says is due.
+_MIN_WAKEUP = 0.01
+
+
+def _peer(addr) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class DTLSServer:
+    """Sans-IO DTLS 1.2 server with pre-shared keys, for every peer of one socket.
+
+    Set :attr:`send` (write one datagram to an address) and :attr:`deliver`
+    (take one plaintext CoAP message, its address and PSK identity), then
+    feed every datagram to :meth:`datagram_received`. ``psk_for`` maps an
+    identity to its key (bytes) or None; OpenSSL calls it synchronously
+    during the handshake, so it must answer from memory.
+
+    Limits: ``max_sessions`` associations (established and in handshake)
+    at once; a handshake must finish within ``handshake_timeout`` seconds;
+    an established session without application data either way for
+    ``idle_timeout`` seconds is closed; each source host may start
+    ``handshakes_per_source`` handshakes a second. New handshakes past a
+    limit are refused and counted in :attr:`counters`; sessions in place
+    go on.
+    """
+
+    send: Callable[[bytes, tuple], None]
+    deliver: Callable[[bytes, tuple, str], None]
+
+    def __init__(self, psk_for: Callable[[str], bytes | None], clock, *,
+                 max_sessions: int = 1000, handshake_timeout: float = 30.0,
+                 idle_timeout: float = 300.0, handshakes_per_source: float = 5.0,
+                 identity_hint: bytes | None = None):
+        self._clock = clock
+        self.max_sessions = max_sessions
+        self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        self.counters: Counter = Counter()
+        self._openssl = ServerContext(psk_for, identity_hint)
+        self._cookies = CookieJar(clock)
+        self._rate = SourceRateLimit(clock, handshakes_per_source,
+                                     max_sources=max(4096, 4 * max_sessions))
+        # By peer address. A primary session is established or in handshake;
+        # a successor is a handshake from the address of an established
+        # session, which replaces it only once it completes (RFC 6347 4.2.8),
+        # so a replayed ClientHello cannot end a session.
+        self._sessions: dict[tuple, Session] = {}
+        self._successors: dict[tuple, Session] = {}
+        # Established sessions, least recently active first: the first is
+        # always the next to expire.
+        self._idle: OrderedDict[tuple, Session] = OrderedDict()
+        # Handshakes by next wake-up (retransmission or deadline); entries
+        # whose session has moved on are skipped when they come up.
+        self._wakeups: list = []
+        self._order = itertools.count()
+        self._timer = None
+        self._timer_at = 0.0
+        self._stopped = False
+
+    def __repr__(self):
+        return (f"<DTLSServer sessions={self.session_count()} "
+                f"handshakes={self.handshake_count()} max_sessions={self.max_sessions}>")
+
+    def session_count(self) -> int:
+        """Established sessions."""
+        return len(self._idle)
+
+    def handshake_count(self) -> int:
+        """Handshakes in progress (each passed the cookie exchange)."""
+        return len(self._sessions) - len(self._idle) + len(self._successors)
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        """Take one UDP datagram from ``addr``; never raises."""
+        if self._stopped:
+            return
+        try:
+            self._route(data, addr)
+        except Exception:
+            self.counters["internal_errors"] += 1
+            log.failure("DTLS datagram from {peer} not handled", peer=_peer(addr))
+        self._schedule()
+
+    def send_to(self, plaintext: bytes, addr: tuple) -> bool:
+        """Encrypt ``plaintext`` as one record to ``addr``; False if it has no session."""
+        if len(plaintext) > MAX_PLAINTEXT:
+            raise ValueError(f"a DTLS record holds at most {MAX_PLAINTEXT} bytes")
+        session = self._sessions.get(addr)
+        if session is None or not session.established or self._stopped:
+            return False
+        try:
+            session.encrypt(plaintext)
+        except SSL.Error:
+            self._flush(session)
+            self._end(session, "sessions_failed")
+            return False
+        self._flush(session)
+        self._touch(session)
+        self.counters["records_sent"] += 1
+        return True
+
+    def end_sessions(self, identity: str) -> int:
+        """Close every session and handshake of ``identity``; how many there were."""
+        ended = [s for s in itertools.chain(self._sessions.values(), self._successors.values())
+                 if s.identity == identity]
+        for session in ended:
+            self._close(session, "sessions_revoked")
+        if ended:
+            log.info("ended {count} DTLS sessions of {identity!r}", count=len(ended), identity=identity)
+            self._schedule()
+        return len(ended)
+
+    def stop(self) -> None:
+        """Close every session (telling established peers) and stop the timer."""
+        for session in list(itertools.chain(self._sessions.values(), self._successors.values())):
+            self._close(session, "sessions_stopped")
+        self._stopped = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._wakeups.clear()
+
+    # -- which datagram goes where ---------------------------------------------
+
+    def _route(self, data: bytes, addr: tuple) -> None:
+        records = split_records(data)
+        if records is None:
+            self.counters["datagrams_not_dtls"] += 1
+            return
+        first = records[0]
+        if len(records) == 1 and first.epoch == 0:
+            hello = parse_client_hello(data, first)
+            if hello is not None:
+                self._client_hello(data, addr, hello)
+                return
+        current = self._sessions.get(addr)
+        successor = self._successors.get(addr)
+        if current is None and successor is None:
+            self.counters["records_dropped"] += len(records)
+            return
+        delivered = False
+        if successor is not None and (first.epoch == 0 or first.content_type != APPLICATION_DATA):
+            # The new handshake's flights start in epoch 0; its Finished and
+            # alerts share epoch 1 with the old session's records. A record
+            # fed to the wrong one fails its MAC there and is dropped, so all
+            # but application data goes to both.
+            if acceptable_during_handshake(data, records):
+                self._drive(successor, data)
+                delivered = True
+            if first.epoch == 0 or self._sessions.get(addr) is not current:
+                current = None
+        if current is not None and not current.closed and (
+                current.established or acceptable_during_handshake(data, records)):
+            self._drive(current, data)
+            delivered = True
+        if not delivered:
+            self.counters["records_dropped"] += len(records)
+
+    def _client_hello(self, data: bytes, addr: tuple, hello) -> None:
+        current = self._sessions.get(addr)
+        pending = self._successors.get(addr)
+        if pending is None and current is not None and not current.established:
+            pending = current
+        for known in (pending, current):
+            if (known is not None and known.hello_random == hello.random
+                    and known.hello_cookie == hello.cookie):
+                if known.established:
+                    # A late copy of the ClientHello that made this session.
+                    self.counters["records_dropped"] += 1
+                else:
+                    # A retransmission: our answer was lost, OpenSSL resends it.
+                    self._drive(known, data)
+                return
+        if not self._cookies.valid(addr, hello):
+            self._send(hello_verify_request(hello, self._cookies.make(addr, hello)), addr)
+            self.counters["cookies_sent"] += 1
+            return
+        # The client can receive at addr. Another ClientHello from it means
+        # it started over (restarted, or gave up on the attempt in progress).
+        if pending is not None:
+            self._end(pending, "handshakes_abandoned")
+            current = self._sessions.get(addr)
+        if not self._rate.allow(addr[0]):
+            self._refuse("rate", addr)
+            return
+        if len(self._sessions) + len(self._successors) >= self.max_sessions:
+            self._refuse("full", addr)
+            return
+        session = Session(self._openssl, addr, hello, self._clock.seconds() + self.handshake_timeout)
+        try:
+            session.listen(data)
+        except SSL.Error:
+            # OpenSSL read the ClientHello differently from us.
+            self._flush(session)
+            self._refuse("failed", addr)
+            return
+        if current is not None and current.established:
+            self._successors[addr] = session
+        else:
+            self._sessions[addr] = session
+        self.counters["handshakes_started"] += 1
+        self._drive(session)
+
+    def _refuse(self, reason: str, addr, session: Session | None = None) -> None:
+        """Count a handshake refused before it started, or one that failed (with its session)."""
+        self.counters["handshakes_refused"] += 1
+        self.counters["refused_" + reason] += 1
+        log.debug("DTLS handshake from {peer} as {identity!r} refused: {reason}", peer=_peer(addr),
+                  identity=session.identity if session else None, reason=reason)
+        if session is not None:
+            self._remove(session)
+
+    # -- one session -------------------------------------------------------------
+
+    def _drive(self, session: Session, data: bytes | None = None) -> None:
+        """Give OpenSSL the datagram, then act on what it made of it."""
+        try:
+            if not session.established:
+                if not session.handshake(data):
+                    self._flush(session)
+                    self._arm(session)
+                    return
+                self._established(session)
+            elif data is not None:
+                session.write(data)
+            while not session.closed:
+                plaintext = session.read()
+                if plaintext is None:
+                    break
+                self._deliver(session, plaintext)
+        except SSL.ZeroReturnError:
+            self._flush(session)
+            self._end(session, "sessions_closed_by_peer")
+            return
+        except SSL.Error:
+            # A fatal alert, received or sent; OpenSSL's own alert goes out first.
+            self._flush(session)
+            if session.established:
+                self._end(session, "sessions_failed")
+            else:
+                self._refuse(session.refusal or "failed", session.addr, session)
+            return
+        self._flush(session)
+
+    def _deliver(self, session: Session, plaintext: bytes) -> None:
+        self.counters["records_delivered"] += 1
+        self._touch(session)
+        try:
+            self.deliver(plaintext, session.addr, session.identity)
+        except Exception:
+            self.counters["deliver_errors"] += 1
+            log.failure("delivering a DTLS record from {peer} failed", peer=_peer(session.addr))
+
+    def _established(self, session: Session) -> None:
+        addr = session.addr
+        if self._successors.get(addr) is session:
+            del self._successors[addr]
+            old = self._sessions.get(addr)
+            if old is not None:
+                self._end(old, "sessions_replaced")
+        session.established = True
+        self._sessions[addr] = session
+        self._idle[addr] = session
+        session.last_active = self._clock.seconds()
+        self.counters["handshakes_completed"] += 1
+        log.info("DTLS session with {peer} as {identity!r}, {cipher}", peer=_peer(addr),
+                 identity=session.identity, cipher=session.conn.get_cipher_name())
+
+    def _touch(self, session: Session) -> None:
+        session.last_active = self._clock.seconds()
+        if self._idle.get(session.addr) is session:
+            self._idle.move_to_end(session.addr)
+
+    def _close(self, session: Session, counter: str) -> None:
+        """End a session, telling an established peer with close_notify."""
+        if session.established and not session.closed:
+            session.close_notify()
+            self._flush(session)
+        self._end(session, counter)
+
+    def _end(self, session: Session, counter: str) -> None:
+        self.counters[counter] += 1
+        self._remove(session)
+
+    def _remove(self, session: Session) -> None:
+        session.closed = True
+        addr = session.addr
+        if self._sessions.get(addr) is session:
+            del self._sessions[addr]
+            self._idle.pop(addr, None)
+        if self._successors.get(addr) is session:
+            del self._successors[addr]
+
+    def _flush(self, session: Session) -> None:
+        for datagram in session.output():
+            self._send(datagram, session.addr)
+
+    def _send(self, datagram: bytes, addr) -> None:
+        try:
+            self.send(datagram, addr)
+        except Exception as e:
+            self.counters["send_errors"] += 1
+            log.debug("cannot send to {peer}: {error}", peer=_peer(addr), error=e)
+
+    # -- time ------------------------------------------------------------------------
+
+    def _arm(self, session: Session) -> None:
+        """Put a handshake on the heap for its next retransmission or its deadline."""
+        wakeup = session.deadline
+        retransmit = session.retransmit_in()
+        if retransmit is not None:
+            # OpenSSL keeps its retransmission timer on the wall clock; we ask
+            # how far off it is and come back then, by our own clock.
+            wakeup = min(wakeup, self._clock.seconds() + max(retransmit, _MIN_WAKEUP))
+        if wakeup != session.wakeup:
+            session.wakeup = wakeup
+            heapq.heappush(self._wakeups, (wakeup, next(self._order), session))
+
+    @staticmethod
+    def _stale(entry) -> bool:
+        wakeup, _, session = entry
+        return session.closed or session.established or session.wakeup != wakeup
+
+    def _schedule(self) -> None:
+        """Keep the one timer set for the soonest thing due."""
+        if self._stopped:
+            return
+        if len(self._wakeups) > 2 * self.handshake_count() + 64:
+            self._wakeups = [entry for entry in self._wakeups if not self._stale(entry)]
+            heapq.heapify(self._wakeups)
+        while self._wakeups and self._stale(self._wakeups[0]):
+            heapq.heappop(self._wakeups)
+        soonest = self._wakeups[0][0] if self._wakeups else None
+        if self._idle:
+            expiry = next(iter(self._idle.values())).last_active + self.idle_timeout
+            soonest = expiry if soonest is None else min(soonest, expiry)
+        timer = self._timer
+        if timer is not None and timer.active():
+            if soonest is not None and self._timer_at <= soonest:
+                return   # it fires early at worst, and looks again then
+            timer.cancel()
+        self._timer = None
+        if soonest is not None:
+            self._timer_at = soonest
+            self._timer = self._clock.callLater(max(0.0, soonest - self._clock.seconds()), self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        try:
+            now = self._clock.seconds()
+            while self._wakeups and self._wakeups[0][0] <= now:
+                entry = heapq.heappop(self._wakeups)
+                if not self._stale(entry):
+                    self._handshake_due(entry[2], now)
+            while self._idle:
+                oldest = next(iter(self._idle.values()))
+                if oldest.last_active + self.idle_timeout > now:
+                    break
+                self._close(oldest, "sessions_expired")
+        except Exception:
+            self.counters["internal_errors"] += 1
+            log.failure("DTLS timer failed")
+        self._schedule()
+
+    def _handshake_due(self, session: Session, now: float) -> None:
+        if now >= session.deadline:
+            self._refuse("timeout", session.addr, session)
+            return
+        try:
+            session.handle_timeout()
+        except SSL.Error:
+            self._flush(session)
+            self._refuse("failed", session.addr, session)
+            return
+        self._flush(session)
+        self._arm(session)

@@ -1,0 +1,259 @@
+"""Peers for the DTLS engine's tests.
+
+:class:`MemoryClient` is a second DTLS implementation in the same process
+(OpenSSL's client, through pyOpenSSL over memory BIOs), so a test can
+script a handshake datagram by datagram, drop or replay any of them, and
+pretend to be any address. :class:`Wire` carries datagrams between such
+clients and one :class:`DTLSServer`. :class:`UDPHarness` puts the server on
+a real loopback socket and answers CoAP requests, for libcoap's clients.
+
+Keys are made at run time (:func:`new_key`); none is written down here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+from collections import defaultdict
+
+from OpenSSL import SSL
+from OpenSSL._util import ffi, lib
+from twisted.internet import defer, protocol, reactor, utils
+
+from sense_gateway.coap.dtls import CIPHERS, DTLSServer
+from sense_gateway.coap.dtls_records import DTLS_1_2, split_records
+
+
+def new_key() -> bytes:
+    """A fresh PSK that libcoap's ``-k`` can take as it is: 32 hex digits."""
+    return secrets.token_hex(16).encode()
+
+
+def records_of(datagram: bytes) -> list[tuple[int, int, bytes]]:
+    """(content type, epoch, body) of each record in a datagram."""
+    return [(r.content_type, r.epoch, datagram[r.start:r.end]) for r in split_records(datagram)]
+
+
+def is_hello_verify_request(datagram: bytes) -> bool:
+    records = records_of(datagram)
+    return len(records) == 1 and records[0][0] == 22 and records[0][2][:1] == b"\x03"
+
+
+class MemoryClient:
+    """A DTLS 1.2 PSK client driven by hand: datagrams in, datagrams out."""
+
+    def __init__(self, identity: bytes | str, key: bytes, ciphers: bytes = CIPHERS,
+                 max_version: int = DTLS_1_2, min_version: int | None = None,
+                 resume: MemoryClient | None = None):
+        """``resume``: offer that client's session, to try an abbreviated handshake."""
+        self.identity = identity.encode() if isinstance(identity, str) else identity
+        self.key = key
+        if resume is not None:
+            # A session resumes only with the context that made it (and its callback).
+            context = resume._context
+        else:
+            context = SSL.Context(SSL.DTLS_CLIENT_METHOD)
+            context.set_cipher_list(ciphers)
+            context.set_max_proto_version(max_version)
+            if min_version is not None:
+                context.set_min_proto_version(min_version)
+            context.set_options(SSL.OP_NO_QUERY_MTU)
+            self._callback = ffi.callback(
+                "unsigned int(*)(SSL *, char *, char *, unsigned int, unsigned char *, unsigned int)",
+                self._psk)
+            lib.SSL_CTX_set_psk_client_callback(context._context, self._callback)
+        self._context = context
+        self.conn = SSL.Connection(context, None)
+        self.conn.set_ciphertext_mtu(1232)
+        self.conn.set_connect_state()
+        if resume is not None:
+            self.conn.set_session(resume.conn.get_session())
+        self.received: list[bytes] = []
+        self.established = False
+        self.closed_by_server = False
+        self.error: Exception | None = None
+        self.hints_seen: list[bytes | None] = []
+
+    def __repr__(self):
+        return f"<MemoryClient {self.identity!r} established={self.established}>"
+
+    def _psk(self, ssl, hint, identity, max_identity, psk, max_psk):
+        self.hints_seen.append(None if hint == ffi.NULL else ffi.string(hint))
+        ffi.memmove(identity, self.identity + b"\0", len(self.identity) + 1)
+        ffi.memmove(psk, self.key, len(self.key))
+        return len(self.key)
+
+    def _output(self) -> list[bytes]:
+        out = b""
+        while True:
+            try:
+                out += self.conn.bio_read(65536)
+            except SSL.WantReadError:
+                break
+        if not out:
+            return []
+        # One datagram per flight is what OpenSSL would have sent here too.
+        return [out]
+
+    def _step(self) -> None:
+        try:
+            if not self.established:
+                self.conn.do_handshake()
+                self.established = True
+            while True:
+                self.received.append(self.conn.recv(16384))
+        except SSL.WantReadError:
+            pass
+        except SSL.ZeroReturnError:
+            self.closed_by_server = True
+        except SSL.Error as e:
+            self.error = e
+
+    def start(self) -> list[bytes]:
+        """The first flight: a ClientHello without a cookie."""
+        self._step()
+        return self._output()
+
+    def receive(self, datagrams) -> list[bytes]:
+        """Take the server's datagrams; what the client sends in answer."""
+        for datagram in datagrams:
+            self.conn.bio_write(datagram)
+            self._step()
+        return self._output()
+
+    def send(self, plaintext: bytes) -> list[bytes]:
+        self.conn.send(plaintext)
+        return self._output()
+
+    def close(self) -> list[bytes]:
+        """close_notify, as a client going away politely sends it."""
+        self.conn.shutdown()
+        return self._output()
+
+    def renegotiate(self) -> list[bytes]:
+        self.conn.renegotiate()
+        self._step()
+        return self._output()
+
+
+class Wire:
+    """In-process datagrams between memory clients and one server.
+
+    Whatever the server sends waits in :attr:`outbox` under its address
+    until a test passes it on; :attr:`delivered` collects what the server
+    decrypted, as (plaintext, address, identity).
+    """
+
+    def __init__(self, server: DTLSServer):
+        self.server = server
+        self.outbox: dict[tuple, list[bytes]] = defaultdict(list)
+        self.delivered: list[tuple[bytes, tuple, str]] = []
+        server.send = lambda datagram, addr: self.outbox[addr].append(datagram)
+        server.deliver = lambda plaintext, addr, identity: self.delivered.append(
+            (plaintext, addr, identity))
+
+    def take(self, addr) -> list[bytes]:
+        return self.outbox.pop(addr, [])
+
+    def to_server(self, datagrams, addr) -> None:
+        for datagram in datagrams:
+            self.server.datagram_received(datagram, addr)
+
+    def exchange(self, client: MemoryClient, datagrams, addr, rounds: int = 10) -> None:
+        """Pass datagrams back and forth until neither side has more to say."""
+        for _ in range(rounds):
+            if not datagrams:
+                return
+            self.to_server(datagrams, addr)
+            datagrams = client.receive(self.take(addr))
+
+    def handshake(self, client: MemoryClient, addr) -> bool:
+        self.exchange(client, client.start(), addr)
+        return client.established
+
+    def client_sends(self, client: MemoryClient, plaintext: bytes, addr) -> None:
+        self.to_server(client.send(plaintext), addr)
+
+    def server_sends(self, client: MemoryClient, plaintext: bytes, addr) -> bool:
+        sent = self.server.send_to(plaintext, addr)
+        client.receive(self.take(addr))
+        return sent
+
+
+# -- a real socket, answered the way a CoAP server would --------------------
+
+def coap_ack_changed(message: bytes) -> bytes | None:
+    """An ACK 2.04 for a confirmable CoAP request (RFC 7252 3), else None.
+
+    Only the header and token are read; the gateway's own CoAP modules are
+    deliberately not used here.
+    """
+    if len(message) < 4 or message[0] >> 6 != 1:
+        return None
+    kind, token_length, code = (message[0] >> 4) & 3, message[0] & 15, message[1]
+    if kind != 0 or token_length > 8 or not 1 <= code <= 31 or len(message) < 4 + token_length:
+        return None
+    return bytes((0x60 | token_length, 0x44)) + message[2:4 + token_length]
+
+
+class _Datagrams(protocol.DatagramProtocol):
+    def __init__(self, server: DTLSServer):
+        self.server = server
+
+    def datagramReceived(self, datagram, addr):
+        self.server.datagram_received(datagram, addr)
+
+
+class UDPHarness:
+    """A DTLSServer on a loopback UDP port that answers every CON request with 2.04."""
+
+    def __init__(self, testcase, host: str, keys: dict[str, bytes], **options):
+        self.host = host
+        self.keys = keys
+        self.server = DTLSServer(self.keys.get, reactor, **options)
+        self.requests: list[tuple[bytes, tuple, str]] = []
+        self._protocol = _Datagrams(self.server)
+        self._port = reactor.listenUDP(0, self._protocol, interface=host)
+        self.port = self._port.getHost().port
+        self.server.send = self._protocol.transport.write
+        self.server.deliver = self._answer
+        testcase.addCleanup(self.stop)
+
+    def _answer(self, plaintext, addr, identity):
+        self.requests.append((plaintext, addr, identity))
+        answer = coap_ack_changed(plaintext)
+        if answer is not None:
+            self.server.send_to(answer, addr)
+
+    def url(self, path: str = "/data") -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"coaps://{host}:{self.port}{path}"
+
+    def stop(self):
+        self.server.stop()
+        return self._port.stopListening()
+
+
+class LibcoapResult:
+    def __init__(self, code: str | None, out: bytes, err: bytes, status: int):
+        self.code, self.out, self.err, self.status = code, out, err, status
+
+    def __repr__(self):
+        return f"<libcoap {self.code} status={self.status}>"
+
+
+@defer.inlineCallbacks
+def libcoap_post(client: str, url: str, identity: str, key: bytes, wait: int = 5):
+    """POST ``x`` with a libcoap client over DTLS PSK; the response code it saw."""
+    binary = shutil.which(client)
+    if binary is None:
+        raise RuntimeError(f"{client} is not installed (Debian package libcoap3-bin)")
+    # libcoap 4.3's -k takes the key as a string, byte for byte; its -v 7
+    # logs "process incoming 2.04 response" for the answer it got.
+    args = ["-m", "post", "-e", "x", "-B", str(wait), "-v", "7",
+            "-u", identity, "-k", key.decode("ascii"), url]
+    out, err, status = yield utils.getProcessOutputAndValue(binary, args, env=os.environ)
+    codes = re.findall(rb"process incoming (\d\.\d\d) response", out + err)
+    return LibcoapResult(codes[-1].decode() if codes else None, out, err, status)
