@@ -2,7 +2,11 @@
 
     sense plugins           loaded plugins, where each came from, its hooks
     sense queue             queue depth (visible, in flight, dead letters)
-    sense devices           the device registry (--json for scripts)
+    sense devices           the device registry (--json for scripts), who has a credential
+    sense devices add ID --psk-hex HEX | --generate
+                            give a device its DTLS pre-shared key (docs/security.md)
+    sense devices rotate ID [--psk-hex HEX]   a new key; the old one stops working
+    sense devices revoke ID   the key stops working, the device's sessions end
     sense dlq list|replay   dead letters with their reasons; back into the queue
     sense plugin-docs       docs/plugins.md, assembled from the code
     sense bench             a CoAP load generator; --compare, --end-to-end
@@ -137,6 +141,25 @@ def cmd_dlq_replay(config, args) -> int:
     return 0
 
 
+def _credential_store(config):
+    from sense_gateway.backends import credential_store_factory
+
+    pm = make_plugin_manager(config.disable_plugins, plugins_dir=config.plugins_dir)
+    factory = credential_store_factory(config, pm)
+    if factory is None:
+        raise ConfigError(f"registry.backend: {config.registry.backend!r} keeps no credentials")
+    return factory(config)
+
+
+def _credentials(config) -> dict:
+    """device -> Credential, the latest of each (revoked ones included)."""
+    store = _credential_store(config)
+    try:
+        return {c.device: c for c in store.changes(0)}
+    finally:
+        store.close()
+
+
 def cmd_devices(config, args) -> int:
     from sense_gateway.backends import registry_factory
 
@@ -146,22 +169,106 @@ def cmd_devices(config, args) -> int:
         records = registry.devices()
     finally:
         registry.close()
+    try:
+        credentials = _credentials(config)
+    except ConfigError:
+        credentials = {}
     rows = []
     for r in records:
         c = r.state.counters
         rows.append({"id": r.id, "first_seen": _iso(r.first_seen), "last_seen": _iso(r.last_seen),
                      "last_source": r.last_source, "last_seq": r.state.last_seq,
                      "received": c.received, "lost": c.lost, "duplicates": c.duplicates,
-                     "resets": c.resets, "unsequenced": c.unsequenced})
+                     "resets": c.resets, "unsequenced": c.unsequenced,
+                     "credential": _credential_state(credentials.pop(r.id, None))})
+    # Devices with a credential that have not written yet.
+    for device, credential in sorted(credentials.items()):
+        rows.append({"id": device, "first_seen": None, "last_seen": None, "last_source": None,
+                     "last_seq": None, "received": 0, "lost": 0, "duplicates": 0, "resets": 0,
+                     "unsequenced": 0, "credential": _credential_state(credential)})
+    rows.sort(key=lambda row: row["id"])
     if args.json:
         sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
     if not rows:
         print("no devices yet")
         return 0
-    columns = ["id", "first_seen", "last_seen", "received", "lost", "duplicates", "resets"]
-    print(_table([[str(r[c]) for c in columns] for r in rows],
-                 ["device", "first seen", "last seen", "received", "lost", "duplicates", "resets"]))
+    columns = ["id", "credential", "first_seen", "last_seen", "received", "lost", "duplicates",
+               "resets"]
+    print(_table([["-" if r[c] is None else str(r[c]) for c in columns] for r in rows],
+                 ["device", "credential", "first seen", "last seen", "received", "lost",
+                  "duplicates", "resets"]))
+    return 0
+
+
+def _credential_state(credential) -> str:
+    """What ``sense devices`` says of a credential: never the key."""
+    if credential is None:
+        return "none"
+    return "revoked" if credential.revoked else "psk"
+
+
+def _new_key(args) -> tuple[bytes, bool]:
+    """The key the command line gives, or a generated one (then True)."""
+    from sense_gateway.credentials import generate_key, parse_key_hex
+
+    if getattr(args, "psk_hex", None):
+        return parse_key_hex(args.psk_hex), False
+    return generate_key(), True
+
+
+def cmd_devices_add(config, args) -> int:
+    from sense_gateway.validation import device_problem
+
+    problem = device_problem(args.device, config.validation)
+    if problem is not None:
+        print(f"sense: {args.device!r}: {problem}", file=sys.stderr)
+        return 2
+    if not args.psk_hex and not args.generate:
+        print("sense: devices add: give --psk-hex HEX or --generate", file=sys.stderr)
+        return 2
+    return _set_key(config, args, "added")
+
+
+def cmd_devices_rotate(config, args) -> int:
+    current = _credentials(config).get(args.device)
+    if current is None or current.revoked:
+        print(f"sense: {args.device}: has no credential to rotate (sense devices add)",
+              file=sys.stderr)
+        return 1
+    return _set_key(config, args, "rotated")
+
+
+def _set_key(config, args, done: str) -> int:
+    try:
+        key, generated = _new_key(args)
+    except ValueError as e:
+        print(f"sense: {e}", file=sys.stderr)
+        return 2
+    store = _credential_store(config)
+    try:
+        store.set_key(args.device, key)
+    finally:
+        store.close()
+    print(f"{args.device}: credential {done}; gateways use it within "
+          f"{config.security.refresh_interval:g} s")
+    if generated:
+        # Shown once: it is stored, but no command prints it again.
+        print(f"pre-shared key (hex, shown only now): {key.hex()}")
+    return 0
+
+
+def cmd_devices_revoke(config, args) -> int:
+    store = _credential_store(config)
+    try:
+        revoked = store.revoke(args.device)
+    finally:
+        store.close()
+    if not revoked:
+        print(f"sense: {args.device}: has no credential", file=sys.stderr)
+        return 1
+    print(f"{args.device}: credential revoked; its sessions end within "
+          f"{config.security.refresh_interval:g} s")
     return 0
 
 
@@ -197,9 +304,24 @@ def main(argv: list[str] | None = None) -> int:
     queue = commands.add_parser("queue", help="show the embedded queue's depth")
     queue.add_argument("--json", action="store_true", help="machine-readable output")
     queue.set_defaults(run=cmd_queue)
-    devices = commands.add_parser("devices", help="list the device registry")
+    devices = commands.add_parser("devices", help="the device registry and credentials")
     devices.add_argument("--json", action="store_true", help="machine-readable output")
     devices.set_defaults(run=cmd_devices)
+    device_commands = devices.add_subparsers(dest="devices_command")
+    add = device_commands.add_parser("add", help="give a device a DTLS pre-shared key")
+    add.add_argument("device")
+    key = add.add_mutually_exclusive_group()
+    key.add_argument("--psk-hex", metavar="HEX", help="the key, in hexadecimal")
+    key.add_argument("--generate", action="store_true",
+                     help="a fresh random 16-byte key, printed once as hex")
+    add.set_defaults(run=cmd_devices_add)
+    rotate = device_commands.add_parser("rotate", help="a new key (generated unless given)")
+    rotate.add_argument("device")
+    rotate.add_argument("--psk-hex", metavar="HEX", help="the new key, in hexadecimal")
+    rotate.set_defaults(run=cmd_devices_rotate)
+    revoke = device_commands.add_parser("revoke", help="withdraw a device's key")
+    revoke.add_argument("device")
+    revoke.set_defaults(run=cmd_devices_revoke)
     dlq = commands.add_parser("dlq", help="dead letters: list them, replay them")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
     dlq_list = dlq_commands.add_parser("list", help="list dead letters with their reasons")

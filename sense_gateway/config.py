@@ -52,7 +52,9 @@ class CoapsConfig:
     port: int = 5684
     #: sessions at once, established or handshaking
     max_sessions: int = 1000
-    handshake_timeout: float = 30.0
+    #: a handshake not done by then is dropped (a wrong key ends only so:
+    #: OpenSSL drops the bad Finished without an alert)
+    handshake_timeout: float = 10.0
     idle_timeout: float = 300.0
     #: new handshakes one source address may start per second
     handshakes_per_source: float = 5.0

@@ -93,6 +93,23 @@ class GatewayService(MultiService):
                 responses[code] = responses.get(code, 0) + count
         return {"responses": dict(sorted(responses.items())), **totals}
 
+    def security_counters(self) -> dict | None:
+        """Refusals by reason, and the DTLS engine's state and counters
+        (``None`` without a CoAP side). Never a key."""
+        if self.policy is None:
+            return None
+        refused = dict(self.policy.refused)
+        rate_limited = sum(layer.rate_limited for layer in self.layers)
+        if rate_limited:
+            refused["rate_limited"] = rate_limited
+        out = {"refused": refused, "plain_ingest": self.policy.plain_ingest,
+               "credentialed_devices": self.directory.directory.credentialed()}
+        if self.dtls is not None:
+            out["dtls"] = {"sessions": self.dtls.session_count(),
+                           "handshakes": self.dtls.handshake_count(),
+                           **dict(self.dtls.counters)}
+        return out
+
     def log_stats(self) -> None:
         try:
             if self.worker is not None:

@@ -20,7 +20,9 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", os.environ.get("SENSE_CONFIG"), "TOML configuration file (etc/sense-gateway.toml shows every key)."],
         ["coap-port", None, None, "UDP port for CoAP [default: 5683].", int],
-        ["bind", None, None, "Address to listen on; :: serves IPv6 and IPv4 [default: ::]."],
+        ["coaps-port", None, None, "UDP port for CoAP over DTLS [default: 5684].", int],
+        ["bind", None, None, "Address to listen on (both ports); :: serves IPv6 and IPv4 "
+                             "[default: ::]."],
         ["data-dir", None, None, "Directory for the embedded queue and stores [default: ./var]."],
         ["plugins-dir", None, None, "Directory of drop-in plugin modules [default: plugins]."],
         ["web-port", None, None, "HTTP port of the API, /healthz and /metrics [default: 8080].", int],
@@ -38,6 +40,8 @@ def makeService(options: Options):
     overrides = {
         "coap.port": options["coap-port"],
         "coap.bind": options["bind"],
+        "coaps.port": options["coaps-port"],
+        "coaps.bind": options["bind"],
         "data_dir": options["data-dir"],
         "plugins_dir": options["plugins-dir"],
         "role": options["role"],

@@ -84,7 +84,8 @@ def _value_problem(value: Any, limits: ValidationConfig) -> str | None:
     return "not a number, boolean or string"
 
 
-def _device_problem(device: Any, limits: ValidationConfig) -> str | None:
+def device_problem(device: Any, limits: ValidationConfig) -> str | None:
+    """Why *device* is not an acceptable device id, or ``None``."""
     if device is None or device == "":
         return "device id missing"
     if not isinstance(device, str):
@@ -154,7 +155,7 @@ def _reading_problems(reading: Reading, where: str, limits: ValidationConfig,
 def envelope_problems(envelope: Envelope, limits: ValidationConfig) -> list[str]:
     """Everything wrong with *envelope*, most basic first; empty if it is fine."""
     problems = []
-    for problem in (_device_problem(envelope.device, limits), _seq_problem(envelope.seq)):
+    for problem in (device_problem(envelope.device, limits), _seq_problem(envelope.seq)):
         if problem:
             problems.append(problem)
     readings = envelope.readings

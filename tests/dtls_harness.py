@@ -257,3 +257,73 @@ def libcoap_post(client: str, url: str, identity: str, key: bytes, wait: int = 5
     out, err, status = yield utils.getProcessOutputAndValue(binary, args, env=os.environ)
     codes = re.findall(rb"process incoming (\d\.\d\d) response", out + err)
     return LibcoapResult(codes[-1].decode() if codes else None, out, err, status)
+
+
+class DTLSPeer:
+    """A :class:`MemoryClient` on a real UDP socket: a DTLS device talking
+    to a gateway over loopback, polled without blocking the reactor."""
+
+    def __init__(self, testcase, identity: str, key: bytes, host: str = "::1"):
+        import socket
+
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.host = host
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.sock.setblocking(False)
+        testcase.addCleanup(self.sock.close)
+        self.client = MemoryClient(identity, key)
+        self.port = None
+
+    def _send(self, datagrams) -> None:
+        for datagram in datagrams:
+            self.sock.sendto(datagram, (self.host, self.port))
+
+    def _drain(self) -> list[bytes]:
+        got = []
+        while True:
+            try:
+                got.append(self.sock.recvfrom(65535)[0])
+            except BlockingIOError:
+                return got
+
+    @defer.inlineCallbacks
+    def _pump(self, done, timeout: float):
+        """Carry datagrams both ways until ``done()`` or *timeout*."""
+        import time
+
+        from twisted.internet import task
+        deadline = time.monotonic() + timeout
+        while not done():
+            got = self._drain()
+            if got:
+                self._send(self.client.receive(got))
+            elif time.monotonic() > deadline:
+                return False
+            else:
+                yield task.deferLater(reactor, 0.005, lambda: None)
+        return True
+
+    @defer.inlineCallbacks
+    def connect(self, port: int, timeout: float = 5.0):
+        """Handshake with the gateway at *port*; whether it succeeded."""
+        self.port = port
+        self._send(self.client.start())
+        established = yield self._pump(lambda: self.client.established or self.client.error,
+                                       timeout)
+        return bool(established) and self.client.established
+
+    @defer.inlineCallbacks
+    def request(self, datagram: bytes, timeout: float = 5.0):
+        """Send one CoAP datagram on the session; the next one back, or None."""
+        before = len(self.client.received)
+        self._send(self.client.send(datagram))
+        yield self._pump(lambda: len(self.client.received) > before or
+                         self.client.closed_by_server or self.client.error, timeout)
+        if len(self.client.received) > before:
+            return self.client.received[before]
+        return None
+
+    def send_raw(self, datagrams) -> None:
+        """Datagrams from this peer's address that are not its session's."""
+        self._send(datagrams)

@@ -28,7 +28,6 @@ from sense_gateway.errors import DecodeError
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-COAP_CLIENT = shutil.which("coap-client-notls")
 
 
 def free_udp_port(host: str = "::1") -> int:
@@ -43,11 +42,11 @@ def coap_url(host: str, port: int, path: str) -> str:
     return f"coap://{host}:{port}{path}"
 
 
-@defer.inlineCallbacks
 def start_gateway(testcase, *, environ=None, **overrides):
     """Run a gateway in this process on the real reactor, on free ports,
     with its data in a temporary directory; stopped when the test ends.
-    Fires with the service once its CoAP port is open."""
+    Returns a Deferred that fires with the service once its CoAP port is
+    open (errors in the configuration or plugins raise at once)."""
     from sense_gateway.service import make_service
 
     data_dir = Path(testcase.mktemp())
@@ -68,11 +67,15 @@ def start_gateway(testcase, *, environ=None, **overrides):
     # (a thread pool left running would keep the test process alive).
     testcase.addCleanup(service.stopService)
     service.startService()
-    if service.coap_server is not None:
-        # The listeners open once the device directory is loaded.
-        yield eventually(lambda: service.coap_server.port is not None, timeout=20)
+    if service.coap_server is None:
+        return defer.succeed(service)
+
+    def listening(_):
         service.port = service.coap_server.address[1]
-    return service
+        return service
+    # The listeners open once the device directory is loaded.
+    return eventually(lambda: service.coap_server.port is not None, timeout=20).addCallback(
+        listening)
 
 
 def queued(service_or_path) -> list:
@@ -100,10 +103,14 @@ class CoapClientResult:
 
 @defer.inlineCallbacks
 def libcoap_request(method: str, url: str, payload: bytes | None = None,
-                    content_format: int | None = None, non: bool = False, extra=()):
-    """Run ``coap-client-notls`` and return the response code and payload."""
-    if COAP_CLIENT is None:
-        raise RuntimeError("coap-client-notls is not installed (Debian package libcoap3-bin)")
+                    content_format: int | None = None, non: bool = False, extra=(),
+                    client: str = "coap-client-notls"):
+    """Run libcoap's client (``coap-client-notls``, or ``-openssl`` /
+    ``-gnutls`` for coaps:// with ``extra=("-u", ID, "-k", KEY)``) and
+    return the response code and payload."""
+    binary = shutil.which(client)
+    if binary is None:
+        raise RuntimeError(f"{client} is not installed (Debian package libcoap3-bin)")
     scratch = Path(tempfile.mkdtemp(prefix="coap-client-"))
     received = scratch / "payload"
     # At -v 7 libcoap logs "process incoming 2.04 response" on stdout; a
@@ -118,7 +125,7 @@ def libcoap_request(method: str, url: str, payload: bytes | None = None,
         args.append("-N")
     args.append(url)
     try:
-        out, err, status = yield utils.getProcessOutputAndValue(COAP_CLIENT, args, env=os.environ)
+        out, err, status = yield utils.getProcessOutputAndValue(binary, args, env=os.environ)
         body = received.read_bytes() if received.exists() else None
     finally:
         shutil.rmtree(scratch)
@@ -232,10 +239,12 @@ class GatewayProcess:
         self.data_dir = Path(testcase.mktemp()).resolve()
         self.data_dir.mkdir(parents=True)
         self.port = free_udp_port()
+        self.coaps_port = free_udp_port()
         self.log_path = self.data_dir / "twistd.log"
         command = [str(BIN / "twistd"), "-n", "--pidfile=", f"--logfile={self.log_path}",
-                   "sense-gateway", "--coap-port", str(self.port), "--web-port", "0", "--data-dir",
-                   str(self.data_dir), *args]
+                   "sense-gateway", "--coap-port", str(self.port), "--coaps-port",
+                   str(self.coaps_port), "--web-port", "0", "--data-dir", str(self.data_dir),
+                   *args]
         if not any(a.startswith("--plugins-dir") for a in args):
             command += ["--plugins-dir", str(self.data_dir / "plugins")]
         environment = {k: v for k, v in os.environ.items() if not k.startswith("SENSE_")}
@@ -350,7 +359,8 @@ class CoapEndpoint:
     time resource."""
 
     def __init__(self, testcase, *, queue=None, max_payload=64, max_exchanges=100,
-                 per_source=None, max_observers=2, resources=None, transport=None):
+                 per_source=None, max_observers=2, resources=None, transport=None,
+                 formats=None, policy=None, rate_limit=None):
         from twisted.internet import task
         from txthings import resource as txresource
 
@@ -368,7 +378,8 @@ class CoapEndpoint:
         self.queue = queue if queue is not None else FakeQueue(auto_commit=True)
         config = load_config(environ={}, overrides={"coap.max_payload": max_payload})
         fmt = Format("number", content_formats=(0, None), paths=("/data",), decode=decode_number)
-        self.pipeline = IngestPipeline([fmt], lambda **kw: [], self.queue, config)
+        self.pipeline = IngestPipeline([fmt, *(formats or ())], lambda **kw: [], self.queue, config,
+                                       policy=policy)
         self.time = TimeResource(self.clock, interval=60, max_observers=max_observers)
         self.root = build_tree(self.pipeline, {"/time": self.time, **(resources or {})})
         self.tree = ResourceTree(txresource.Endpoint(self.root), max_observers=max_observers)
@@ -377,7 +388,8 @@ class CoapEndpoint:
         self.transport = transport or DatagramTransport()
         self.layer = MessageLayer(self.transport, self.dispatcher, self.clock,
                                   exchange_lifetime=247, max_exchanges=max_exchanges,
-                                  exchanges_per_source=per_source or max_exchanges)
+                                  exchanges_per_source=per_source or max_exchanges,
+                                  rate_limit=rate_limit)
         testcase.addCleanup(self.layer.stop)
 
     def send(self, datagram: bytes, peer=PEER, identity=None) -> list[bytes]:

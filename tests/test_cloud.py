@@ -49,6 +49,10 @@ class CloudTestCase(TestCase):
             TableName="sense-devices", BillingMode="PAY_PER_REQUEST",
             KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
             AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}])
+        self.moto.client("dynamodb").create_table(
+            TableName="sense-credentials", BillingMode="PAY_PER_REQUEST",
+            KeySchema=[{"AttributeName": "device", "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": "device", "AttributeType": "S"}])
         # The Lambda is configured from SENSE_* variables only.
         set_environ(self, {
             "SENSE_REGISTRY_BACKEND": "dynamodb", "SENSE_REGISTRY_TABLE": "sense-devices",

@@ -114,7 +114,7 @@ class FuzzInProcessTests(TestCase):
         peer = RawCoapPeer(self)
         yield blast(peer, gateway.port, datagrams(seed=20261128, count=4000))
         yield still_answers(self, peer, gateway.port)
-        [layer] = gateway.layers
+        layer = gateway.layers[0]  # plain CoAP
         self.assertGreater(layer.malformed, 100)
         self.assertLessEqual(len(layer.exchanges), 500)
         self.assertGreater(layer.exchanges.evicted_from_source, 0)

@@ -110,13 +110,17 @@ class Gateway(Child):
         self.data_dir = data_dir
         self.host = host
         self.port = free_port(host=host)
+        self.coaps_port = free_port(host=host)
         self.web_port = free_port(socket.SOCK_STREAM, "127.0.0.1")
         self.log_path = data_dir / f"twistd-{role}.log"
         environment = {k: v for k, v in os.environ.items() if not k.startswith("SENSE_")}
+        # The load comes from one address: no per-source rate limit.
+        settings = {"coap.rate_limit": 0, **(settings or {})}
         environment.update({f"SENSE_{k.replace('.', '_').upper()}": str(v)
-                            for k, v in (settings or {}).items()})
+                            for k, v in settings.items()})
         command = [executable("twistd"), "-n", "--pidfile=", f"--logfile={self.log_path}",
                    "sense-gateway", "--role", role, "--coap-port", str(self.port),
+                   "--coaps-port", str(self.coaps_port),
                    "--bind", host, "--web-port", str(self.web_port),
                    "--data-dir", str(data_dir), "--plugins-dir", str(data_dir / "no-plugins")]
         super().__init__(command, data_dir / f"stdout-{role}.log", env=environment, cwd=data_dir)

@@ -95,7 +95,8 @@ class DTLSTransport(DatagramProtocol):
             log.debug("cannot send to {source}: {error}", source=source_text(addr), error=e)
 
     def send(self, datagram: bytes, addr) -> None:
-        self.engine.send_to(datagram, addr)
+        if not self.engine.send_to(datagram, addr):
+            raise OSError("no DTLS session with this peer")
 
     def stopProtocol(self) -> None:
         if self.layer is not None:

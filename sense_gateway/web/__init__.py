@@ -260,6 +260,47 @@ COAP_COUNTERS = {
 }
 
 
+def _directory_health(directory):
+    """Fails while the device directory cannot be refreshed (or never was)."""
+    if directory.failure is not None:
+        raise RuntimeError(directory.failure)
+    if not directory.directory.ready:
+        raise RuntimeError("not loaded yet")
+    return defer.succeed(None)
+
+
+def _security_metrics(security):
+    if security is None:
+        return
+    refused = CounterMetricFamily("sense_refused_requests", "Requests refused before storing, "
+                                  "by reason (rate limit, identity, plain CoAP policy, device "
+                                  "limits)", labels=["reason"])
+    for reason, count in sorted(security["refused"].items()):
+        refused.add_metric([reason], count)
+    yield refused
+    dtls = security.get("dtls")
+    if dtls is None:
+        return
+    for name, documentation in (("sessions", "Established DTLS sessions"),
+                                ("handshakes", "DTLS handshakes in progress")):
+        gauge = GaugeMetricFamily(f"sense_dtls_{name}", documentation)
+        gauge.add_metric([], dtls[name])
+        yield gauge
+    handshakes = CounterMetricFamily("sense_dtls_handshakes_refused", "DTLS handshakes "
+                                     "refused, by reason", labels=["reason"])
+    for key, count in sorted(dtls.items()):
+        if key.startswith("refused_"):
+            handshakes.add_metric([key[len("refused_"):]], count)
+    yield handshakes
+    events = CounterMetricFamily("sense_dtls_events", "DTLS engine events (handshakes "
+                                 "started and completed, cookies sent, sessions ended...)",
+                                 labels=["event"])
+    for key, count in sorted(dtls.items()):
+        if not key.startswith("refused_") and key not in ("sessions", "handshakes"):
+            events.add_metric([key], count)
+    yield events
+
+
 class _StatsCollector:
     def __init__(self, stats, gateway):
         self.stats, self.gateway = stats, gateway
@@ -276,6 +317,7 @@ class _StatsCollector:
                 counter = CounterMetricFamily(f"sense_coap_{name}", documentation)
                 counter.add_metric([], coap[name])
                 yield counter
+        yield from _security_metrics(self.stats.get("security"))
         pipeline = getattr(self.gateway, "pipeline", None)
         if pipeline is not None:
             yield from pipeline.enqueue_latency.collect()
@@ -351,6 +393,9 @@ class WebService(MultiService):
         if coap is not None:
             out["coap"] = {**coap, "responses": {code_text(c): n
                                                  for c, n in coap["responses"].items()}}
+        security = gateway.security_counters()
+        if security is not None:
+            out["security"] = security
         if gateway.worker is not None:
             out["processor"] = {o.value: n for o, n in gateway.worker.counts.items()}
         out["queue"] = yield gateway.queue.depth()
@@ -362,6 +407,9 @@ class WebService(MultiService):
     def health(self):
         failing = {}
         checks = [("queue", self.gateway.queue.depth)]
+        directory = self.gateway.directory
+        if directory is not None:
+            checks.append(("directory", lambda: _directory_health(directory)))
         if self.backends is not None:
             checks += [("registry", lambda: self.in_thread(self.backends.count_devices)),
                        ("sinks", lambda: self.in_thread(self.backends.check_sinks))]
