@@ -30,6 +30,20 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+#: what boto3 needs to talk to moto
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def set_environ(testcase, variables: dict) -> None:
+    """Set environment variables for one test, restoring them after."""
+    for name, value in variables.items():
+        old = os.environ.get(name)
+        os.environ[name] = value
+        testcase.addCleanup(lambda n=name, o=old: os.environ.pop(n) if o is None
+                            else os.environ.__setitem__(n, o))
+
+
 def free_udp_port(host: str = "::1") -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as s:
@@ -235,9 +249,13 @@ def request_datagram(code=coap.POST, path="data", payload=b"", content_format=No
 class GatewayProcess:
     """``twistd -n sense-gateway`` as a child process on a free port."""
 
-    def __init__(self, testcase, *args: str, env=None, cwd=None):
+    def __init__(self, testcase, *args: str, env=None, cwd=None, prepare=None):
+        """*prepare*, if given, is called with the data directory before
+        the process starts (to provision credentials, say)."""
         self.data_dir = Path(testcase.mktemp()).resolve()
         self.data_dir.mkdir(parents=True)
+        if prepare is not None:
+            prepare(self.data_dir)
         self.port = free_udp_port()
         self.coaps_port = free_udp_port()
         self.log_path = self.data_dir / "twistd.log"

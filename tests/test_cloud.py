@@ -14,21 +14,9 @@ from twisted.trial.unittest import TestCase
 import sense_gateway.aws.lambda_handler as lambda_handler
 from sense_gateway.registry.dynamodb import DynamoDBRegistry
 from tests.servers import MotoServer, VictoriaMetrics
-from tests.support import coap_url, eventually, libcoap_request, start_gateway
+from tests.support import AWS_ENV, set_environ, coap_url, eventually, libcoap_request, start_gateway
 
 NOW = 1764300000
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def set_environ(testcase, variables: dict) -> None:
-    """Set environment variables for one test, restoring them after."""
-    for name, value in variables.items():
-        old = os.environ.get(name)
-        os.environ[name] = value
-        testcase.addCleanup(lambda n=name, o=old: os.environ.pop(n) if o is None
-                            else os.environ.__setitem__(n, o))
-
 
 class CloudTestCase(TestCase):
     timeout = 120

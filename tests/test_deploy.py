@@ -25,13 +25,11 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sense_gateway.aws import deploy, package
 from tests.servers import BIN, MotoServer, VictoriaMetrics, free_tcp_port
-from tests.support import REPO, GatewayProcess
+from tests.support import AWS_ENV, REPO, GatewayProcess
 
 NOW = 1764300000
 DEPLOY_SH = REPO / "deploy.sh"
 TEMPLATE = REPO / "etc" / "aws" / "sense-gateway.yaml"
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
 #: What the Lambda python3.11 runtime brings besides the standard library:
 #: the AWS SDK and its dependencies (written out here, not taken from the
 #: packager, so a packager that leaves out too much fails the test).

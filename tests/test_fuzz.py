@@ -10,6 +10,7 @@ what it remembers per peer must stay within its configured bounds.
 from __future__ import annotations
 
 import random
+import secrets
 
 import cbor2
 import orjson
@@ -19,6 +20,7 @@ from twisted.trial.unittest import TestCase
 from txthings import coap
 
 from sense_gateway.coap.message import parse
+from sense_gateway.credentials.sqlite import SQLiteCredentialStore
 from tests.support import GatewayProcess, RawCoapPeer, deferLater, request_datagram, start_gateway
 
 VALID = request_datagram(payload=orjson.dumps({"id": "fuzz-ok", "seq": 1, "data": {"t": 1.5}}),
@@ -144,3 +146,55 @@ class FuzzProcessMemoryTests(TestCase):
         yield still_answers(self, peer, gateway.port)
         grown = process.memory_info().rss - warmed
         self.assertLess(grown, 8 * 1024 * 1024, f"RSS grew by {grown} bytes")
+
+
+class FuzzCoapsTests(TestCase):
+    """Random datagrams, and records of a real handshake mutated, at 5684."""
+
+    timeout = 180
+
+    @defer.inlineCallbacks
+    def test_noise_at_the_dtls_port_leaves_it_serving_within_bounds(self):
+        from tests.dtls_harness import DTLSPeer
+        from tests.test_coaps import post_datagram, reading
+
+        key = secrets.token_hex(16).encode()
+
+        def provision(data_dir):
+            store = SQLiteCredentialStore(data_dir / "credentials.sqlite3")
+            store.set_key("fuzz-ok", key)
+            store.close()
+        gateway = GatewayProcess(self, "--role", "gateway", prepare=provision,
+                                 env={"SENSE_COAP_RATE_LIMIT": "0"})
+        yield gateway.wait_listening()
+        # A real handshake and request, recorded datagram by datagram.
+        recorded = []
+        live = DTLSPeer(self, "fuzz-ok", key)
+        send = live._send
+        live._send = lambda datagrams: (recorded.extend(datagrams), send(datagrams))
+        self.assertTrue((yield live.connect(gateway.coaps_port)))
+        yield live.request(post_datagram(reading("fuzz-ok"), 1))
+        rng = random.Random(20261201)
+        noise = RawCoapPeer(self)
+        process = psutil.Process(gateway.process.pid)
+
+        def batch(count):
+            out = []
+            for _ in range(count):
+                if rng.random() < 0.2:
+                    out.append(rng.randbytes(rng.randrange(0, 300)))
+                else:
+                    out.append(mutate(rng, rng.choice(recorded)))
+            return out
+        yield blast(noise, gateway.coaps_port, batch(3000))
+        warmed = process.memory_info().rss
+        for _ in range(2):
+            yield blast(noise, gateway.coaps_port, batch(3000))
+        grown = process.memory_info().rss - warmed
+        self.assertLess(grown, 8 * 1024 * 1024, f"RSS grew by {grown} bytes")
+        self.assertIsNone(gateway.process.poll())
+        # The live session still works, and a new device still gets in.
+        answer = yield live.request(post_datagram(reading("fuzz-ok", 2), 2))
+        self.assertEqual(parse(answer).code, coap.CHANGED)
+        fresh = DTLSPeer(self, "fuzz-ok", key)
+        self.assertTrue((yield fresh.connect(gateway.coaps_port)))

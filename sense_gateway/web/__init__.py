@@ -356,14 +356,17 @@ class WebService(MultiService):
         root = _Folder()
         root.putChild(b"healthz", HealthResource(self))
         root.putChild(b"metrics", MetricsResource(self))
+        api = _Folder()
+        root.putChild(b"api", api)
+        api.putChild(b"stats", StatsResource(self))
         if backends is not None:
-            self._add_readers(root, node_modules)
+            self._add_readers(root, api, node_modules)
         self.site = server.Site(root)
         self.site.noisy = False
         self.listener = TCPServer(port, self.site, interface=bind, reactor=reactor)
         self.listener.setServiceParent(self)
 
-    def _add_readers(self, root, node_modules):
+    def _add_readers(self, root, api, node_modules):
         """The dashboard and the API, which read the registry and the store."""
         root.putChild(b"", _Page(str(STATIC / "index.html")))
         assets = _Folder()
@@ -371,12 +374,9 @@ class WebService(MultiService):
             assets.putChild(name.encode(), _Page(str(STATIC / name)))
         root.putChild(b"static", assets)
         root.putChild(b"vendor", vendor_resource(node_modules))
-        api = _Folder()
-        root.putChild(b"api", api)
         api.putChild(b"devices", DevicesResource(self))
         api.putChild(b"readings", ReadingsResource(self))
         api.putChild(b"series", SeriesResource(self))
-        api.putChild(b"stats", StatsResource(self))
 
     @property
     def address(self):
