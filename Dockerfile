@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1.7
-# SENSE Gateway container: `twistd -n sense-gateway`, CoAP on UDP 5683.
+# SENSE Gateway container: `twistd -n sense-gateway`, CoAP on UDP 5683, CoAPS on 5684.
 #
 #   docker build -t sense-gateway .
 #   docker run -d --name sense-gateway --network host -v sense-gateway-data:/var/lib/sense-gateway sense-gateway
@@ -79,7 +79,7 @@ USER sense-gateway
 WORKDIR /var/lib/sense-gateway
 VOLUME ["/var/lib/sense-gateway"]
 # CoAP; /healthz and /metrics (every role), the dashboard and API (roles all and processor) on 8080.
-EXPOSE 5683/udp 8080/tcp
+EXPOSE 5683/udp 5684/udp 8080/tcp
 HEALTHCHECK --interval=30s --timeout=10s --start-period=20s --retries=3 CMD ["sense-healthcheck"]
 ENTRYPOINT ["twistd", "--nodaemon", "--pidfile=", "--logfile=-", "sense-gateway"]
 CMD []

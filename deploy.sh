@@ -30,6 +30,8 @@ Options:
   --env NAME=VALUE       a SENSE_* variable for the Lambda function (repeatable);
                          SENSE_INFLUXDB_* variables of this shell are passed on too
   --role ROLE            the server's role: all, gateway or processor
+  --plain-ingest POLICY  what plain CoAP (5683) may write: off (default), uncredentialed
+                         or open (docs/security.md)
                          (default: all for --mode server, gateway for --mode all)
   --docker | --no-docker server: use Docker, or the venv and systemd, whatever is found
   --image NAME           container image (default: sense-gateway:latest)
@@ -58,6 +60,7 @@ ENDPOINT_URL=""
 REGION="${AWS_REGION:-${AWS_DEFAULT_REGION:-us-east-1}}"
 PROFILE=""
 NAME="sense"
+PLAIN_INGEST="off"
 ROLE=""
 USE_DOCKER="auto"
 IMAGE="sense-gateway:latest"
@@ -79,6 +82,7 @@ while [ $# -gt 0 ]; do
     --package) [ $# -ge 2 ] || die "--package needs a value"; PACKAGE="$2"; shift 2 ;;
     --env) [ $# -ge 2 ] || die "--env needs NAME=VALUE"; LAMBDA_ARGS+=(--env "$2"); shift 2 ;;
     --role) [ $# -ge 2 ] || die "--role needs a value"; ROLE="$2"; shift 2 ;;
+    --plain-ingest) [ $# -ge 2 ] || die "--plain-ingest needs a value"; PLAIN_INGEST="$2"; shift 2 ;;
     --docker) USE_DOCKER="yes"; shift ;;
     --no-docker) USE_DOCKER="no"; shift ;;
     --image) [ $# -ge 2 ] || die "--image needs a value"; IMAGE="$2"; shift 2 ;;
@@ -187,6 +191,10 @@ gateway_environment() {
     echo "SENSE_QUEUE_BACKEND=sqs"
     echo "SENSE_AWS_REGION=$REGION"
     echo "SENSE_AWS_QUEUE_URL=${QUEUE_URL:-<queue url from the lambda step>}"
+    # The device directory reads the stack's registry and credentials.
+    echo "SENSE_REGISTRY_BACKEND=dynamodb"
+    echo "SENSE_REGISTRY_TABLE=$NAME-devices"
+    echo "SENSE_REGISTRY_CREDENTIALS_TABLE=$NAME-credentials"
     if [ -n "$ENDPOINT_URL" ]; then
       echo "SENSE_AWS_ENDPOINT_URL=$ENDPOINT_URL"
     fi
@@ -194,9 +202,11 @@ gateway_environment() {
 }
 
 deploy_server_docker() {
-  note "server: container image $IMAGE, role $ROLE, CoAP on UDP 5683 (host network: IPv6 and IPv4)"
+  note "server: container image $IMAGE, role $ROLE, CoAP on UDP 5683 and CoAPS on 5684 (host network: IPv6 and IPv4)"
+  # Safe by default: plain CoAP ingests nothing (docs/security.md, migrating a fleet).
   local run_args=(-d --name "$CONTAINER" --restart unless-stopped --network host
-                  --volume sense-gateway-data:/var/lib/sense-gateway --env "SENSE_ROLE=$ROLE")
+                  --volume sense-gateway-data:/var/lib/sense-gateway --env "SENSE_ROLE=$ROLE"
+                  --env "SENSE_SECURITY_PLAIN_INGEST=$PLAIN_INGEST")
   local variable
   while IFS= read -r variable; do
     [ -n "$variable" ] && run_args+=(--env "$variable")
@@ -225,9 +235,11 @@ deploy_server_systemd() {
     step install -m 0644 "$REPO/etc/sense-gateway.toml" "$ROOT/etc/sense-gateway/sense-gateway.toml"
   fi
   local environment_file="$ROOT/etc/sense-gateway/environment"
-  printf '+ write %q: SENSE_ROLE=%s %s\n' "$environment_file" "$ROLE" "$(gateway_environment | tr '\n' ' ')"
+  printf '+ write %q: SENSE_ROLE=%s SENSE_SECURITY_PLAIN_INGEST=%s %s\n' "$environment_file" \
+    "$ROLE" "$PLAIN_INGEST" "$(gateway_environment | tr '\n' ' ')"
   if [ "$DRY_RUN" -eq 0 ]; then
-    { echo "SENSE_ROLE=$ROLE"; gateway_environment; } > "$environment_file"
+    { echo "SENSE_ROLE=$ROLE"; echo "SENSE_SECURITY_PLAIN_INGEST=$PLAIN_INGEST"
+      gateway_environment; } > "$environment_file"
   fi
   step install -d -m 0755 "$ROOT/etc/systemd/system"
   printf '+ install %q as %q (venv %s)\n' "$REPO/etc/systemd/sense-gateway.service" "$unit" "$PREFIX"

@@ -127,6 +127,9 @@ class LambdaModeTests(TestCase):
         table = self.moto.client("dynamodb").describe_table(TableName="sense-devices")["Table"]
         self.assertEqual(table["KeySchema"], [{"AttributeName": "id", "KeyType": "HASH"}])
         self.assertEqual(table["BillingModeSummary"]["BillingMode"], "PAY_PER_REQUEST")
+        credentials = self.moto.client("dynamodb").describe_table(
+            TableName="sense-credentials")["Table"]
+        self.assertEqual(credentials["KeySchema"], [{"AttributeName": "device", "KeyType": "HASH"}])
 
         lam = self.moto.client("lambda")
         function = lam.get_function(FunctionName="sense-processor")["Configuration"]
@@ -165,7 +168,7 @@ class LambdaModeTests(TestCase):
 
         second = self.deploy()
         outcomes = report(second.stdout)
-        self.assertEqual(len(outcomes), 8, second.stdout)
+        self.assertEqual(len(outcomes), 9, second.stdout)
         self.assertEqual(set(outcomes.values()), {"unchanged"}, second.stdout)
         self.assertEqual(lam.get_function(FunctionName="sense-processor")["Configuration"]["LastModified"],
                          function["LastModified"])
@@ -218,7 +221,7 @@ class DryRunTests(TestCase):
         self.assertIn(f"+ {REPO}/.venv/bin/python -m sense_gateway.aws.package --output {self.package}", out)
         self.assertEqual(report(out), {
             "queue sense-dlq": "would be created", "queue sense": "would be created",
-            "table sense-devices": "would be created",
+            "table sense-devices": "would be created", "table sense-credentials": "would be created",
             "log group /aws/lambda/sense-processor": "would be created",
             "role sense-processor": "would be created", "function sense-processor": "would be created",
             "event source mapping sense -> sense-processor": "would be created",
@@ -238,12 +241,15 @@ class DryRunTests(TestCase):
         self.assertIn(f"+ docker build --tag sense-gateway:latest {REPO}", out)
         self.assertIn("+ docker run -d --name sense-gateway --restart unless-stopped --network host "
                       "--volume sense-gateway-data:/var/lib/sense-gateway --env SENSE_ROLE=all "
-                      "sense-gateway:latest", out)
+                      "--env SENSE_SECURITY_PLAIN_INGEST=off sense-gateway:latest", out)
 
     def test_all_deploys_lambda_then_a_gateway_sending_to_its_queue_then_compose(self):
         out = self.dry_run("all", "--docker")
         self.assertEqual(set(report(out).values()), {"would be created"})
-        self.assertIn("--env SENSE_ROLE=gateway --env SENSE_QUEUE_BACKEND=sqs", out)
+        self.assertIn("--env SENSE_ROLE=gateway --env SENSE_SECURITY_PLAIN_INGEST=off "
+                      "--env SENSE_QUEUE_BACKEND=sqs", out)
+        self.assertIn("--env SENSE_REGISTRY_BACKEND=dynamodb --env SENSE_REGISTRY_TABLE=sense-devices "
+                      "--env SENSE_REGISTRY_CREDENTIALS_TABLE=sense-credentials", out)
         self.assertIn(f"+ docker compose --file {REPO}/compose.yaml up --detach influxdb grafana", out)
         lines = out.splitlines()
         self.assertLess(lines.index(next(x for x in lines if x.startswith("queue sense:"))),
@@ -500,6 +506,7 @@ class TemplateTests(TestCase):
         outcomes.pop("alarm sense-dead-letters")
         self.assertEqual(outcomes, {
             "queue sense-dlq": "unchanged", "queue sense": "unchanged", "table sense-devices": "unchanged",
+            "table sense-credentials": "unchanged",
             "log group /aws/lambda/sense-processor": "unchanged",
             "function sense-processor": "unchanged",
             "event source mapping sense -> sense-processor": "unchanged"})

@@ -4,6 +4,7 @@ one-line errors a broken plugin produces."""
 from __future__ import annotations
 
 import json
+import secrets
 import sys
 import textwrap
 import time
@@ -283,3 +284,36 @@ class GatewayPluginTests(TestCase):
             yield deferLater(0.05)
         lines = [json.loads(line) for line in written.read_text().splitlines()]
         self.assertIn(["sense", {"device": "p-1"}, {"t": 1.0}], lines)
+
+    @defer.inlineCallbacks
+    def test_plugin_registry_brings_its_credential_store(self):
+        from tests.dtls_harness import DTLSPeer
+        from tests.test_coaps import post_datagram, reading
+        from sense_gateway.coap.message import parse
+
+        key = secrets.token_hex(16)
+        gateway = yield start_gateway(
+            self, **{"registry.backend": "vault"}, plugins_dir=self.plugins_dir(vault=f'''
+            from sense_gateway.credentials import Credential, CredentialStore
+            from sense_gateway.hookspecs import hookimpl
+            from sense_gateway.registry.sqlite import SQLiteRegistry
+
+            class OneKey(CredentialStore):
+                def serial(self):
+                    return 1
+
+                def changes(self, since):
+                    return [Credential("vaulted-1", {key!r}.encode(), 0.0, 1)] if since < 1 else []
+
+            @hookimpl
+            def sense_register_registries():
+                return {{"vault": lambda config: SQLiteRegistry(config.registry_path)}}
+
+            @hookimpl
+            def sense_register_credential_stores():
+                return {{"vault": lambda config: OneKey()}}
+            '''))
+        peer = DTLSPeer(self, "vaulted-1", key.encode())
+        self.assertTrue((yield peer.connect(gateway.coaps_server.address[1])))
+        answer = yield peer.request(post_datagram(reading("vaulted-1"), 1))
+        self.assertEqual(parse(answer).code, 0x44)

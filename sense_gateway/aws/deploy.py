@@ -86,6 +86,10 @@ class Settings:
         return f"{self.name}-devices"
 
     @property
+    def credentials_table(self) -> str:
+        return f"{self.name}-credentials"
+
+    @property
     def function(self) -> str:
         return f"{self.name}-processor"
 
@@ -185,7 +189,8 @@ class Deployment:
             "RedrivePolicy": json.dumps({"deadLetterTargetArn": self.dlq_arn,
                                          "maxReceiveCount": s.max_receive_count}),
         })
-        self.ensure_table()
+        self.ensure_table(s.table, "id", "the registry")
+        self.ensure_table(s.credentials_table, "device", "the credential store")
         self.ensure_log_group()
         self.ensure_role()
         self.ensure_function()
@@ -215,9 +220,8 @@ class Deployment:
 
     # -- DynamoDB ----------------------------------------------------------
 
-    def ensure_table(self) -> None:
+    def ensure_table(self, name: str, key: str, user: str) -> None:
         dynamodb = self.client("dynamodb")
-        name = self.settings.table
         resource = f"table {name}"
         try:
             table = dynamodb.describe_table(TableName=name)["Table"]
@@ -225,15 +229,15 @@ class Deployment:
             def create():
                 dynamodb.create_table(
                     TableName=name, BillingMode="PAY_PER_REQUEST",
-                    KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
-                    AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}])
+                    KeySchema=[{"AttributeName": key, "KeyType": "HASH"}],
+                    AttributeDefinitions=[{"AttributeName": key, "AttributeType": "S"}])
                 dynamodb.get_waiter("table_exists").wait(
                     TableName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 120})
             self.change(resource, "created", create)
             return
-        if table["KeySchema"] != [{"AttributeName": "id", "KeyType": "HASH"}]:
+        if table["KeySchema"] != [{"AttributeName": key, "KeyType": "HASH"}]:
             raise DeployError(f"{resource}: exists with another key ({table['KeySchema']}); "
-                              f"the registry needs the partition key id (string)")
+                              f"{user} needs the partition key {key} (string)")
         billing = table.get("BillingModeSummary", {}).get("BillingMode", "PROVISIONED")
         if billing != "PAY_PER_REQUEST":
             self.change(resource, "updated (BillingMode)", lambda: dynamodb.update_table(
