@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from sense_gateway.envelope import Envelope
 from sense_gateway.registry import RECENT_ENVELOPES, DeviceRecord, DeviceRegistry, RegistryUnavailable
-from sense_gateway.sequence import judge
+from sense_gateway.sequence import content_digest, judge
 from sense_gateway.sinks import MetricSink, SinkError, device_point, reading_points
 
 
@@ -80,7 +80,9 @@ class BatchProcessor:
                 redelivered.add(i)
                 continue
             touched[envelope.device] = work
-            verdict = judge(work[1], envelope.seq)
+            seq = envelope.seq
+            verdict = judge(work[1], seq, content_digest(envelope.readings, envelope.received),
+                            envelope.boot) if seq is not None else judge(work[1], None)
             work[1] = verdict.state
             if envelope.received >= work[2]:
                 work[2] = envelope.received

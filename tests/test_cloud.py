@@ -14,6 +14,7 @@ from twisted.trial.unittest import TestCase
 import sense_gateway.aws.lambda_handler as lambda_handler
 from sense_gateway.registry.dynamodb import DynamoDBRegistry
 from tests.servers import MotoServer, VictoriaMetrics
+from tests.test_processor import RebootSequenceChecks
 from tests.support import coap_url, eventually, libcoap_request, start_gateway
 
 NOW = 1764300000
@@ -226,3 +227,36 @@ class SQSBatchingTests(CloudTestCase):
         attributes = self.sqs.get_queue_attributes(
             QueueUrl=self.queue_url, AttributeNames=["ApproximateNumberOfMessages"])["Attributes"]
         self.assertEqual(attributes["ApproximateNumberOfMessages"], "25")
+
+
+class DynamoDBRebootTests(RebootSequenceChecks, TestCase):
+    """The reboot rules with the registry in DynamoDB (moto)."""
+
+    timeout = 120
+
+    def setUp(self):
+        from pathlib import Path
+
+        from sense_gateway.processor import BatchProcessor
+        from sense_gateway.sinks.sqlite import SQLiteStore
+
+        set_environ(self, AWS_ENV)
+        self.moto = MotoServer(self)
+        self.moto.client("dynamodb").create_table(
+            TableName="sense-devices", BillingMode="PAY_PER_REQUEST",
+            KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}])
+        self.registry = DynamoDBRegistry("sense-devices", "us-east-1", self.moto.url)
+        self.store = SQLiteStore(Path(self.mktemp()).resolve() / "readings.sqlite3",
+                                 retention_days=36500)
+        self.processor = BatchProcessor(self.registry, [self.store], clock=lambda: NOW + 60)
+        self.addCleanup(self.processor.close)
+
+    def test_an_item_keeps_the_digests_as_one_binary_attribute(self):
+        from tests.test_processor import stamped
+
+        self.processor.process_batch([stamped("n9", seq, 1.0 + seq, NOW + seq, boot=2)
+                                      for seq in range(1, 100)])
+        item = self.moto.client("dynamodb").get_item(
+            TableName="sense-devices", Key={"id": {"S": "n9"}})["Item"]
+        self.assertEqual((len(item["digests"]["B"]), item["boot"]["N"]), (260, "2"))

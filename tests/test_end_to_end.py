@@ -93,6 +93,22 @@ class EmbeddedEndToEndTests(TestCase):
                          [("127.0.0.1", 1), ("node-a", 3), ("urn:dev:mac:0024befffe804ff1", 1)])
 
     @defer.inlineCallbacks
+    def test_a_device_that_reboots_keeps_its_first_reading_after_the_reboot(self):
+        # The sequence, as libcoap sends it, readings without ts.
+        gateway = self.gateway()
+        sent = [(1, 22.0), (2, 22.1), (3, 22.2), (9, 22.4), (9, 22.4), (1, 30.5)]
+        for seq, value in sent:
+            yield self.post(gateway, "::1", "/data", orjson.dumps(
+                {"id": "n1", "seq": seq, "data": {"t": value}}), 50)
+        yield eventually(lambda: "n1" in self.devices(gateway)
+                         and self.devices(gateway)["n1"].state.counters.received == 5)
+        counters = self.devices(gateway)["n1"].state.counters
+        self.assertEqual((counters.resets, counters.duplicates), (1, 1))
+        store = SQLiteStore(gateway.config.store_path)
+        self.addCleanup(store.close)
+        self.assertEqual([v for _, v in store.query("n1", "t")], [22.0, 22.1, 22.2, 22.4, 30.5])
+
+    @defer.inlineCallbacks
     def test_metrics_server_down_loses_nothing(self):
         gateway = self.gateway()
         port, data = self.vm.port, self.vm.data

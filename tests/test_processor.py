@@ -233,3 +233,97 @@ class PoisonSplitTests(TestCase):
         self.assertEqual(len(readings), 1023)
         self.assertEqual(registry.load(["node-0"])["node-0"].state.counters.received, 147)
         self.assertNotIn("node-300", registry.load(["node-300"]))
+
+
+def stamped(device, seq, value, received, boot=None) -> Envelope:
+    """An envelope as the gateway makes it from a reading without ``ts``:
+    stamped with its receive time."""
+    return Envelope(new_envelope_id(), device, seq, received, "[::1]:5683", "coap", None,
+                    "/data", 50, [Reading({"t": value}, received)], None, boot)
+
+
+class RebootSequenceChecks:
+    """The issue's reboot sequence, for any registry (``self.registry``,
+    ``self.store``: a readings store, ``self.processor``)."""
+
+    def test_reboot_counting_from_one_again_keeps_its_reading(self):
+        # seq 1, 2, 3, 9, then 9 sent again as a new message (so a new
+        # envelope, received later), then a reboot: seq 1 with a new value.
+        sent = [(1, 22.0), (2, 22.1), (3, 22.2), (9, 22.4), (9, 22.4), (1, 30.5)]
+        outcomes = []
+        for i, (seq, value) in enumerate(sent):
+            [result] = self.processor.process_batch([stamped("n1", seq, value, T0 + 10 * i)])
+            outcomes.append(result.outcome)
+        self.assertEqual(outcomes, [Outcome.WRITTEN] * 4 + [Outcome.DUPLICATE, Outcome.WRITTEN])
+        self.assertEqual(self.store.query("n1", "t")[-1], (int((T0 + 50) * 1e9), 30.5))
+        self.assertEqual(len(self.store.query("n1", "t")), 5)
+        counters = self.registry.load(["n1"])["n1"].state.counters
+        self.assertEqual((counters.received, counters.duplicates, counters.resets, counters.lost),
+                         (5, 1, 1, 5))
+
+    def test_the_reboot_sequence_in_one_batch(self):
+        sent = [(1, 22.0), (2, 22.1), (3, 22.2), (9, 22.4), (9, 22.4), (1, 30.5)]
+        results = self.processor.process_batch(
+            [stamped("n2", seq, value, T0 + 10 * i) for i, (seq, value) in enumerate(sent)])
+        self.assertEqual([r.outcome for r in results],
+                         [Outcome.WRITTEN] * 4 + [Outcome.DUPLICATE, Outcome.WRITTEN])
+        counters = self.registry.load(["n2"])["n2"].state.counters
+        self.assertEqual((counters.duplicates, counters.resets), (1, 1))
+
+    def test_redelivered_envelope_changes_nothing_after_the_reboot(self):
+        first = stamped("n3", 1, 22.0, T0)
+        after_reboot = stamped("n3", 1, 30.5, T0 + 10)
+        self.processor.process_batch([first])
+        self.processor.process_batch([after_reboot])
+        before = self.registry.load(["n3"])["n3"]
+        # The queue hands both out again (at-least-once): both are known.
+        results = self.processor.process_batch([first, after_reboot])
+        self.assertEqual([(r.outcome, r.reason) for r in results],
+                         [(Outcome.DUPLICATE, "already processed")] * 2)
+        after = self.registry.load(["n3"])["n3"]
+        self.assertEqual((after.state, after.version), (before.state, before.version))
+
+    def test_boot_counter_decides_for_identical_content(self):
+        # Byte for byte the same reading after a reboot: only the boot
+        # counter tells it from a repetition.
+        self.processor.process_batch([stamped("n4", 1, 22.0, T0, boot=3)])
+        [repeated] = self.processor.process_batch([stamped("n4", 1, 22.0, T0 + 5, boot=3)])
+        [rebooted] = self.processor.process_batch([stamped("n4", 1, 22.0, T0 + 10, boot=4)])
+        self.assertEqual((repeated.outcome, rebooted.outcome), (Outcome.DUPLICATE, Outcome.WRITTEN))
+        state = self.registry.load(["n4"])["n4"].state
+        self.assertEqual((state.boot, state.counters.resets, state.counters.duplicates), (4, 1, 1))
+
+
+class SQLiteRebootTests(RebootSequenceChecks, TestCase):
+    def setUp(self):
+        directory = Path(self.mktemp()).resolve()
+        self.registry = SQLiteRegistry(directory / "registry.sqlite3")
+        self.store = SQLiteStore(directory / "readings.sqlite3", retention_days=36500)
+        self.processor = BatchProcessor(self.registry, [self.store], clock=lambda: T0 + 60)
+        self.addCleanup(self.processor.close)
+
+    def test_a_registry_file_from_before_digests_is_upgraded_in_place(self):
+        import sqlite3
+
+        path = Path(self.mktemp()).resolve()
+        path.mkdir()
+        old = sqlite3.connect(path / "registry.sqlite3")
+        old.execute("CREATE TABLE devices (id TEXT PRIMARY KEY, first_seen REAL NOT NULL, "
+                    "last_seen REAL NOT NULL, last_source TEXT NOT NULL, last_seq INTEGER, "
+                    "window TEXT NOT NULL, received INTEGER NOT NULL, duplicates INTEGER NOT NULL, "
+                    "lost INTEGER NOT NULL, resets INTEGER NOT NULL, unsequenced INTEGER NOT NULL, "
+                    "recent TEXT NOT NULL, version INTEGER NOT NULL)")
+        old.execute("INSERT INTO devices VALUES ('old', 1, 2, 'x', 5, '3', 5, 0, 0, 0, 0, '[]', 4)")
+        old.commit()
+        old.close()
+        registry = SQLiteRegistry(path / "registry.sqlite3")
+        self.addCleanup(registry.close)
+        record = registry.load(["old"])["old"]
+        self.assertEqual((record.state.last_seq, record.state.digests, record.state.boot,
+                          record.version), (5, b"", None, 4))
+        processor = BatchProcessor(registry, [], clock=lambda: T0)
+        self.assertEqual([r.outcome for r in processor.process_batch(
+            [stamped("old", 4, 1.0, T0), stamped("old", 6, 1.0, T0)])],
+            [Outcome.DUPLICATE, Outcome.WRITTEN])
+        # The new number has its digest; the older ones stay unknown.
+        self.assertEqual(len(registry.load(["old"])["old"].state.digests), 4)
