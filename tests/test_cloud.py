@@ -172,20 +172,45 @@ class InProcessSQSTests(CloudTestCase):
         self.assertEqual(self.vm.points()[("sense_t", "node-s")], {NOW * 1000: 3.0})
 
     @defer.inlineCallbacks
-    def test_failing_message_dead_lettered_with_reason_and_replayed(self):
-        port, data = self.vm.port, self.vm.data
-        self.vm.stop()
-        gateway = self.gateway(**{"queue.max_receives": 2})
-        response = yield libcoap_request("post", coap_url("::1", gateway.port, "/data"),
-                                         b'{"id": "node-x", "seq": 1, "ts": 1764300000, "data": {"t": 1}}', 50)
+    def test_refused_message_dead_lettered_with_reason_and_replayed(self):
+        from tests.servers import InfluxDB1
+
+        influx = InfluxDB1(self)
+        gateway = self.gateway(**{"influxdb.url": influx.url, "influxdb.api": "v1"})
+        url = coap_url("::1", gateway.port, "/data")
+        response = yield libcoap_request("post", url, b'{"id": "node-x", "seq": 1, "ts": 1764300000, '
+                                                      b'"data": {"t": 1}}', 50)
+        self.assertEqual(response.code, "2.04")
+        yield eventually(lambda: influx.rows('SELECT "t" FROM "sense"') != [], timeout=30)
+        # A string where InfluxDB has a float: refused, dead-lettered at once.
+        response = yield libcoap_request("post", url, b'{"id": "node-x", "seq": 2, "ts": 1764300001, '
+                                                      b'"data": {"t": "warm"}}', 50)
         self.assertEqual(response.code, "2.04")
         yield eventually(lambda: orjson.loads(self.sense("queue", "--json"))["dead"] == 1, timeout=30)
         [letter] = orjson.loads(self.sense("dlq", "list", "--json"))
         self.assertEqual(letter["device"], "node-x")
-        self.assertIn("influxdb: cannot reach", letter["reason"])
-        self.vm = VictoriaMetrics(self, port=port, data=data)
+        self.assertIn("field type conflict", letter["reason"])
+        influx.query('DROP MEASUREMENT "sense"')
         self.assertEqual(self.sense("dlq", "replay"), b"1 message back in the queue\n")
-        yield eventually(lambda: ("sense_t", "node-x") in self.vm.points(), timeout=30)
+        yield eventually(lambda: influx.rows('SELECT "t" FROM "sense"') != [], timeout=30)
+        self.assertEqual([r["t"] for r in influx.rows('SELECT "t" FROM "sense"')], ["warm"])
+
+    @defer.inlineCallbacks
+    def test_metrics_server_down_keeps_messages_out_of_the_dead_letters(self):
+        port, data = self.vm.port, self.vm.data
+        self.vm.stop()
+        gateway = self.gateway(**{"queue.max_receives": 2, "processor.retry_max": 0.2})
+        response = yield libcoap_request("post", coap_url("::1", gateway.port, "/data"),
+                                         b'{"id": "node-y", "seq": 1, "ts": 1764300000, "data": {"t": 1}}', 50)
+        self.assertEqual(response.code, "2.04")
+        yield eventually(lambda: gateway.worker.problem is not None, timeout=30)
+        self.assertIn("cannot reach", gateway.worker.problem)
+        # Many backoffs later: asked the sink, never received the message again.
+        yield eventually(lambda: gateway.worker._failures >= 6, timeout=30)
+        self.assertEqual(orjson.loads(self.sense("queue", "--json"))["dead"], 0)
+        self.vm = VictoriaMetrics(self, port=port, data=data)
+        yield eventually(lambda: ("sense_t", "node-y") in self.vm.points(), timeout=30)
+        self.assertIsNone(gateway.worker.problem)
 
 
 class RegistryRaceTests(CloudTestCase):

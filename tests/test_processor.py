@@ -99,6 +99,16 @@ class SinkFailureTests(ProcessorTestCase):
         self.assertEqual(self.device().state.counters.received, 2)
 
 
+class CountingInfluxSink(InfluxSink):
+    """The real sink, counting its requests (retries are 0: one each)."""
+
+    writes = 0
+
+    def write(self, points):
+        self.writes += 1
+        return super().write(points)
+
+
 class InfluxV1Tests(TestCase):
     """``api = "v1"`` against a real InfluxDB 1.x, read back with InfluxQL."""
 
@@ -106,8 +116,9 @@ class InfluxV1Tests(TestCase):
         self.db = InfluxDB1(self)
         directory = Path(self.mktemp()).resolve()
         self.registry = SQLiteRegistry(directory / "registry.sqlite3")
-        sink = InfluxSink(InfluxConfig(url=self.db.url, api="v1", database="sense", retries=0))
-        self.processor = BatchProcessor(self.registry, [sink], clock=lambda: T0 + 60)
+        self.sink = CountingInfluxSink(InfluxConfig(url=self.db.url, api="v1", database="sense",
+                                                    retries=0))
+        self.processor = BatchProcessor(self.registry, [self.sink], clock=lambda: T0 + 60)
         self.addCleanup(self.processor.close)
 
     def test_points_queryable_with_influxql(self):
@@ -119,20 +130,54 @@ class InfluxV1Tests(TestCase):
         self.assertEqual(sorted((r["device"], r["received"]) for r in counters),
                          [("node-1", 1), ("node-2", 1)])
 
-    def test_refused_message_fails_alone(self):
+    def test_one_bad_line_refuses_its_message_alone_in_the_same_round(self):
         # The field "t" is a float in InfluxDB from the first write; a
         # string for it is refused by the server (400, field type conflict).
         self.processor.process_batch([envelope(seq=1, t=20.5)])
+        batch = [envelope(seq=seq, ts=T0 + seq, t=20.0 + seq / 100) for seq in range(2, 300)]
+        batch[100] = envelope(seq=102, ts=T0 + 102, t="warm")
+        self.sink.writes = 0
+        results = self.processor.process_batch(batch)
+        self.assertEqual([i for i, r in enumerate(results) if r.outcome is not Outcome.WRITTEN],
+                         [100])
+        self.assertEqual((results[100].outcome, results[100].retryable),
+                         (Outcome.REFUSED, False))
+        self.assertIn('HTTP 400: partial write: field type conflict: input field "t" on '
+                      'measurement "sense" is type string', results[100].reason)
+        # The refused write, then the rest again: no halving.
+        self.assertEqual(self.sink.writes, 2)
+        self.assertEqual(len(self.db.rows('SELECT "t" FROM "sense"')), 1 + 297)
+        # Its number is not marked seen: replayed once the field is fixed,
+        # it is accepted (late) and no longer counted lost.
+        state = self.registry.load(["node-1"])["node-1"].state
+        self.assertEqual((state.last_seq, state.counters.lost, state.counters.received),
+                         (299, 1, 298))
+
+    def test_bad_lines_of_several_messages_are_refused_together(self):
+        self.processor.process_batch([envelope(seq=1, t=20.5), envelope("node-2", seq=1, on=True)])
+        self.sink.writes = 0
         results = self.processor.process_batch([
-            envelope(seq=2, ts=T0 + 1, t=21.0),
-            envelope(seq=3, ts=T0 + 2, t="warm"),
-            envelope(seq=4, ts=T0 + 3, t=22.0),
-        ])
+            envelope(seq=2, ts=T0 + 1, t="warm"), envelope("node-2", seq=2, ts=T0 + 1, on=1.5),
+            envelope("node-3", seq=1, ts=T0 + 1, t=3.0)])
         self.assertEqual([r.outcome for r in results],
-                         [Outcome.WRITTEN, Outcome.FAILED, Outcome.WRITTEN])
-        self.assertFalse(results[1].retryable)
-        self.assertIn("400", results[1].reason)
-        self.assertEqual([r["t"] for r in self.db.rows('SELECT "t" FROM "sense"')], [20.5, 21.0, 22.0])
+                         [Outcome.REFUSED, Outcome.REFUSED, Outcome.WRITTEN])
+        self.assertLessEqual(self.sink.writes, 3)
+
+    def test_the_servers_own_parse_error_names_the_line(self):
+        from sense_gateway.sinks import MetricPoint
+        from tests.servers import http
+
+        good = MetricPoint("sense", {"device": "a"}, {"t": 1.0}, 1_764_300_000_000_000_000)
+        bad = MetricPoint("sense", {"device": "b"}, {"t": 2.0}, 10 ** 20)  # beyond int64
+        line = self.sink.lines([bad])[0]
+        status, body = http("POST", f"{self.db.url}/write?db=sense&precision=ns",
+                            "\n".join(self.sink.lines([good, bad])).encode())
+        self.assertEqual(status, 400)
+        from sense_gateway.sinks.influxdb import _server_message
+
+        message = _server_message(body.decode())
+        self.assertIn(f"unable to parse '{line}'", message)
+        self.assertEqual(self.sink.refused_points(message, [good, bad]), {1})
 
 
 class InfluxRetryTests(TestCase):
@@ -216,7 +261,7 @@ class RefusingSink:
 
 
 class PoisonSplitTests(TestCase):
-    def test_a_refused_message_in_a_large_batch_is_found_by_halving(self):
+    def test_a_refusal_naming_no_line_is_narrowed_down_by_halving(self):
         registry = SQLiteRegistry(Path(self.mktemp()).resolve() / "registry.sqlite3")
         sink = RefusingSink()
         processor = BatchProcessor(registry, [sink], clock=lambda: T0 + 60)
@@ -227,7 +272,7 @@ class PoisonSplitTests(TestCase):
         results = processor.process_batch(batch)
         self.assertEqual([i for i, r in enumerate(results) if r.outcome is not Outcome.WRITTEN],
                          [300])
-        self.assertEqual((results[300].outcome, results[300].retryable), (Outcome.FAILED, False))
+        self.assertEqual((results[300].outcome, results[300].retryable), (Outcome.REFUSED, False))
         self.assertLessEqual(sink.writes, 2 * 10 + 1)
         readings = [p for p in sink.points if p.measurement == "sense"]
         self.assertEqual(len(readings), 1023)

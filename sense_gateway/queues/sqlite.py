@@ -17,12 +17,27 @@ Configuration (``[queue]``):
   that a put fails at once with 5.03 Service Unavailable and Max-Age
   ``retry_after`` (default 5 s), so a stalled disk cannot eat the
   gateway's memory.
+- ``max_depth``: envelopes in the queue at most, waiting for the
+  processor or in its hands (default 1000000, about 400 MB of file);
+  beyond that a put fails at once with 5.03 and Max-Age, ``/healthz``
+  says the queue is full, and puts are taken again as the processor
+  makes room. It bounds the backlog of a long outage of the metrics
+  server. The count is kept as puts and deletes go, and counted again
+  from the file at least every second while puts arrive (another
+  process may drain the same file).
 - ``max_batch``: envelopes per transaction at most (default 2000).
 - ``max_receives``, ``visibility_timeout``: the processor's side. A
   received message is invisible for ``visibility_timeout`` seconds
   (default 30); one received ``max_receives`` times (default 5) without
   being deleted moves to the dead letters with its last failure reason
   (``sense dlq list``), from where ``sense dlq replay`` puts it back.
+
+A commit that fails (a full disk, a file that cannot be written) fails
+every put in it with 5.03 and Max-Age, never a 2.04; ``/healthz`` names
+the queue and the error until a commit succeeds again, and each new put
+tries again, so ingest resumes by itself once there is room. Refusals
+are counted by reason (``refusals``: stopped, busy, full, write failed),
+for ``/metrics``.
 
 Group commit: puts made in one turn of the reactor (the datagrams one
 read of the socket brought) go together in one transaction, started when
@@ -68,7 +83,7 @@ from sense_gateway.envelope import Envelope
 from sense_gateway.errors import ConfigError, Unavailable
 from sense_gateway.hookspecs import hookimpl
 from sense_gateway.queues import DeadLetter, EnvelopeQueue, Received
-from sense_gateway.queues.sqlite_store import SQLiteQueueStore
+from sense_gateway.queues.sqlite_store import RECOUNT_INTERVAL, SQLiteQueueStore
 
 __all__ = ["SQLiteQueue", "SQLiteQueueStore", "make_sqlite_queue"]
 
@@ -81,7 +96,7 @@ class SQLiteQueue(EnvelopeQueue):
     def __init__(self, path: str | Path, reactor, *, synchronous: str = "full",
                  max_receives: int = 5, visibility_timeout: float = 30.0,
                  max_pending: int = 20000, max_batch: int = 2000, retry_after: int = 5,
-                 clock: Callable[[], float] = time.time):
+                 max_depth: int = 1_000_000, clock: Callable[[], float] = time.time):
         self.path = Path(path)
         self.reactor = reactor
         self._store_options = dict(synchronous=synchronous, max_receives=max_receives,
@@ -89,6 +104,14 @@ class SQLiteQueue(EnvelopeQueue):
         self.max_pending = max_pending
         self.max_batch = max_batch
         self.retry_after = retry_after
+        self.max_depth = max_depth
+        #: messages in the queue as the store last counted them
+        self.waiting = 0
+        #: why the last commit failed, until one succeeds
+        self.write_error: str | None = None
+        #: puts refused, by reason
+        self.refusals = {"stopped": 0, "busy": 0, "full": 0, "write failed": 0}
+        self._recounting = False
         self._store: SQLiteQueueStore | None = None
         self._pool: ThreadPool | None = None
         self._closing = False
@@ -116,11 +139,13 @@ class SQLiteQueue(EnvelopeQueue):
         # One worker thread runs tasks in order: the store opens before any
         # put or receive reaches it. Were it to fail, each of those fails
         # (puts with Unavailable) instead of hanging.
-        deferToThreadPool(self.reactor, self._pool, self._open).addErrback(
+        deferToThreadPool(self.reactor, self._pool, self._open).addCallbacks(
+            self._counted,
             lambda f: log.failure("cannot open the queue {path}", f, path=str(self.path)))
 
-    def _open(self) -> None:
+    def _open(self) -> tuple[None, int]:
         self._store = self.open_store()
+        return None, self._store.waiting
 
     def stopService(self) -> Deferred[None]:
         super().stopService()  # from here on puts are refused
@@ -159,12 +184,20 @@ class SQLiteQueue(EnvelopeQueue):
             # A stopped pool silently drops work: that would be a Deferred
             # that never fires.
             return fail(Unavailable("queue stopped", max_age=self.retry_after))
-        return deferToThreadPool(self.reactor, self._pool, self._call_store, method, *args)
+        return deferToThreadPool(self.reactor, self._pool, self._call_store, method,
+                                 *args).addCallback(self._counted)
 
     def _call_store(self, method: str, *args):
-        if self._store is None:
+        store = self._store
+        if store is None:
             raise RuntimeError(f"queue {self.path} is not open")
-        return getattr(self._store, method)(*args)
+        # The count comes back with every result, to be set on the
+        # reactor's thread (one thread runs every call, in order).
+        return getattr(store, method)(*args), store.waiting
+
+    def _counted(self, outcome: tuple):
+        result, self.waiting = outcome
+        return result
 
     # -- puts, grouped ---------------------------------------------------------
 
@@ -182,12 +215,20 @@ class SQLiteQueue(EnvelopeQueue):
     def put_then(self, envelopes: list[Envelope],
                  done: Callable[[BaseException | None], object]) -> None:
         if not self.running:
+            self.refusals["stopped"] += 1
             done(Unavailable("queue stopped", max_age=self.retry_after))
             return
         if not envelopes:
             done(None)
             return
-        if self._pending_count + len(envelopes) > self.max_pending:
+        count = len(envelopes)
+        if self._pending_count + count > self.max_pending:
+            self.refusals["busy"] += 1
+            done(Unavailable("queue full", max_age=self.retry_after))
+            return
+        if self.waiting + self._pending_count + count > self.max_depth:
+            self.refusals["full"] += 1
+            self._recount()
             done(Unavailable("queue full", max_age=self.retry_after))
             return
         try:
@@ -204,6 +245,34 @@ class SQLiteQueue(EnvelopeQueue):
             # requests that arrived together share one transaction (the
             # reactor reads every waiting datagram in one turn).
             self._flush = self.reactor.callLater(0, self._flush_now)
+
+    def _recount(self) -> None:
+        """While full and refusing, count again from the file now and then:
+        another process may have drained it."""
+        if self._recounting or self._closing or self._pool is None:
+            return
+        self._recounting = True
+
+        def done(result: object) -> None:
+            self._recounting = False
+            if isinstance(result, Failure):
+                log.failure("queue {path}: counting failed", result, path=str(self.path))
+        # Not more often than the store trusts its count anyway.
+        self.reactor.callLater(RECOUNT_INTERVAL, lambda: self._in_thread(
+            "count_waiting").addBoth(done))
+
+    def check(self) -> Deferred[None]:
+        """Fail with why puts are refused now: a failing disk, a full queue."""
+        if self.write_error is not None:
+            return fail(Unavailable(f"queue write failed: {self.write_error}",
+                                    max_age=self.retry_after))
+
+        def full(depth: dict[str, int]) -> None:
+            waiting = depth["visible"] + depth["in_flight"]
+            if waiting >= self.max_depth:
+                raise Unavailable(f"queue full: {waiting} envelopes waiting "
+                                  f"(queue.max_depth {self.max_depth})", max_age=self.retry_after)
+        return self.depth().addCallback(full)
 
     def _flush_now(self) -> None:
         self._flush = None
@@ -237,13 +306,22 @@ class SQLiteQueue(EnvelopeQueue):
                 d.callback(None)
         if isinstance(result, Failure):
             # Logged once per transaction, not once per waiting device.
-            log.failure("queue {path}: commit of {count} envelopes ({puts} puts) failed",
-                        result, path=str(self.path), count=sum(len(b) for b, _ in batch),
-                        puts=len(batch))
+            if self.write_error is None:
+                # Logged when writing starts failing, not for every commit
+                # of an outage (a full disk fails them all).
+                log.failure("queue {path}: commit of {count} envelopes ({puts} puts) failed",
+                            result, path=str(self.path), count=sum(len(b) for b, _ in batch),
+                            puts=len(batch))
+            self.write_error = f"{type(result.value).__name__}: {result.value}"[:200]
+            self.refusals["write failed"] += len(batch)
             error = Unavailable("queue write failed", max_age=self.retry_after)
             for _, done in batch:
                 self._notify(done, error)
         else:
+            if self.write_error is not None:
+                log.info("queue {path}: writing again after: {error}", path=str(self.path),
+                         error=self.write_error)
+                self.write_error = None
             for _, done in batch:
                 self._notify(done, None)
 
@@ -267,6 +345,12 @@ class SQLiteQueue(EnvelopeQueue):
     def release(self, receipt: str, reason: str, delay: float = 0.0) -> Deferred[None]:
         return self._in_thread("release", receipt, reason, delay)
 
+    def postpone(self, receipts: list[str], reason: str, delay: float = 0.0) -> Deferred[None]:
+        return self._in_thread("postpone", list(receipts), reason, delay)
+
+    def dead_letter(self, receipt: str, reason: str) -> Deferred[None]:
+        return self._in_thread("dead_letter", receipt, reason).addCallback(lambda _: None)
+
     def depth(self) -> Deferred[dict[str, int]]:
         return self._in_thread("depth")
 
@@ -289,7 +373,7 @@ def make_sqlite_queue(config, reactor) -> SQLiteQueue:
         raise ConfigError(f"queue.path: cannot open {path}: {e}") from None
     return SQLiteQueue(path, reactor, synchronous=q.synchronous, max_receives=q.max_receives,
                        visibility_timeout=q.visibility_timeout, max_pending=q.max_pending,
-                       max_batch=q.max_batch, retry_after=q.retry_after)
+                       max_batch=q.max_batch, retry_after=q.retry_after, max_depth=q.max_depth)
 
 
 @hookimpl

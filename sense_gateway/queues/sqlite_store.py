@@ -44,6 +44,10 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 
 _SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
 
+#: seconds a count of the waiting messages is trusted: another process
+#: (a processor of its own, the CLI) may have taken some out or put back
+RECOUNT_INTERVAL = 1.0
+
 def _has_json_each(db: sqlite3.Connection) -> bool:
     """Whether this SQLite has the JSON functions (built in since 3.38)."""
     try:
@@ -87,12 +91,30 @@ class SQLiteQueueStore:
             self.db.execute(f"PRAGMA synchronous={_SYNCHRONOUS[synchronous]}")
             self.db.executescript(_SCHEMA)
             self._json_each = _has_json_each(self.db)
+            #: messages in the queue (not dead letters): counted now and
+            #: again at least every RECOUNT_INTERVAL while puts arrive, kept
+            #: up to date by this store's own changes in between
+            self.waiting = 0
+            self._counted_at = 0.0
+            self.count_waiting()
         except BaseException:
             self.db.close()
             raise
 
     def close(self) -> None:
         self.db.close()
+
+    def count_waiting(self) -> int:
+        """Count the messages in the queue again (an index scan)."""
+        self.waiting = self.db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+        self._counted_at = self.clock()
+        return self.waiting
+
+    def _note_put(self, count: int, now: float) -> None:
+        if now - self._counted_at >= RECOUNT_INTERVAL:
+            self.count_waiting()
+        else:
+            self.waiting += count
 
     def put_many(self, bodies: Iterable[bytes]) -> None:
         """Append envelope documents, all in one transaction."""
@@ -114,11 +136,13 @@ class SQLiteQueueStore:
                     "INSERT INTO messages (body, enqueued_at, visible_at) "
                     "SELECT CAST(value AS BLOB), ?, 0 FROM json_each(?) ORDER BY key",
                     (now, texts))
+                self._note_put(len(bodies), now)
                 return
         with self._transaction():
             self.db.executemany(
                 "INSERT INTO messages (body, enqueued_at, visible_at) VALUES (?, ?, 0)",
                 [(body, now) for body in bodies])
+        self._note_put(len(bodies), now)
 
     def receive(self, max_messages: int, visibility_timeout: float | None = None) -> list[Received]:
         now = self.clock()
@@ -187,12 +211,24 @@ class SQLiteQueueStore:
             "receipt = ? WHERE id = ?",
             [(visible_at, f"{message_id}:{token}", message_id) for message_id in ids])
 
-    def _bury(self, message_id: int, reason: str, now: float) -> None:
+    def _bury(self, message_id: int, reason: str, now: float, receipt: str | None = None) -> int:
+        """Move one message to the dead letters (only if it still has
+        *receipt*, when given); how many moved."""
+        condition, args = ("id = ?", (message_id,)) if receipt is None else (
+            "id = ? AND receipt = ?", (message_id, receipt))
         self.db.execute(
             "INSERT INTO dead_letters (body, enqueued_at, failed_at, receive_count, reason) "
-            "SELECT body, enqueued_at, ?, receive_count, ? FROM messages WHERE id = ?",
-            (now, reason, message_id))
-        self.db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+            f"SELECT body, enqueued_at, ?, receive_count, ? FROM messages WHERE {condition}",
+            (now, reason, *args))
+        moved = self.db.execute(f"DELETE FROM messages WHERE {condition}", args).rowcount
+        self.waiting -= moved
+        return moved
+
+    def dead_letter(self, receipt: str, reason: str) -> int:
+        """Move a received message to the dead letters at once, with
+        *reason* (a server refused it: retrying cannot help)."""
+        with self._transaction():
+            return self._bury(_receipt_id(receipt), reason, self.clock(), receipt)
 
     def delete(self, receipts: Iterable[str]) -> int:
         receipts = list(receipts)
@@ -201,17 +237,20 @@ class SQLiteQueueStore:
         if self._json_each:
             # One statement, one step (see _visible). A receipt names its
             # row: the ids find the rows, the receipts must match exactly.
-            return self.db.execute(
+            deleted = self.db.execute(
                 "DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?)) "
                 "AND receipt IN (SELECT value FROM json_each(?))",
                 (orjson.dumps([_receipt_id(r) for r in receipts]), orjson.dumps(receipts))
             ).rowcount
+            self.waiting -= deleted
+            return deleted
         with self._transaction():
             deleted = 0
             for receipt in receipts:
                 deleted += self.db.execute(
                     "DELETE FROM messages WHERE id = ? AND receipt = ?",
                     (_receipt_id(receipt), receipt)).rowcount
+        self.waiting -= deleted
         return deleted
 
     def release(self, receipt: str, reason: str, delay: float = 0.0) -> None:
@@ -220,6 +259,16 @@ class SQLiteQueueStore:
                 "UPDATE messages SET visible_at = ?, last_error = ? WHERE id = ? AND receipt = ?",
                 (self.clock() + delay, reason, _receipt_id(receipt), receipt))
 
+    def postpone(self, receipts: Iterable[str], reason: str, delay: float = 0.0) -> None:
+        """Give messages back like :meth:`release`, but this receive does not
+        count towards ``max_receives``: a sink or the registry was
+        unavailable, which is no fault of theirs."""
+        rows = [(self.clock() + delay, reason, _receipt_id(r), r) for r in receipts]
+        with self._transaction():
+            self.db.executemany(
+                "UPDATE messages SET visible_at = ?, last_error = ?, "
+                "receive_count = max(receive_count - 1, 0) WHERE id = ? AND receipt = ?", rows)
+
     def depth(self) -> dict[str, int]:
         now = self.clock()
         # Counted on the (visible_at, id) index, not by reading every row.
@@ -227,6 +276,7 @@ class SQLiteQueueStore:
             "SELECT (SELECT COUNT(*) FROM messages WHERE visible_at <= ?), "
             "(SELECT COUNT(*) FROM messages WHERE visible_at > ?), "
             "(SELECT COUNT(*) FROM dead_letters)", (now, now)).fetchone()
+        self.waiting, self._counted_at = visible + in_flight, now
         return {"visible": visible, "in_flight": in_flight, "dead": dead}
 
     def peek(self, limit: int = -1) -> list[Received]:
@@ -250,7 +300,9 @@ class SQLiteQueueStore:
             self.db.execute(
                 "INSERT INTO messages (body, enqueued_at, visible_at) "
                 f"SELECT body, enqueued_at, 0 FROM dead_letters {where} ORDER BY id", args)
-            return self.db.execute(f"DELETE FROM dead_letters {where}", args).rowcount
+            moved = self.db.execute(f"DELETE FROM dead_letters {where}", args).rowcount
+        self.waiting += moved
+        return moved
 
     def _transaction(self) -> "_Transaction":
         return _Transaction(self.db)

@@ -50,6 +50,11 @@ class DeviceRegistry:
         """Every device, ordered by id."""
         raise NotImplementedError
 
+    def check(self) -> None:
+        """Raise if the registry cannot be used now (the processor does not
+        start until it can). Backends that connect when opened need not
+        check again."""
+
     def count(self) -> int:
         """How many devices there are (backends that can, count without
         reading the records)."""

@@ -14,8 +14,10 @@ roles ``all`` and ``processor`` serve everything:
 - ``/api/series?device=ID&since=-1h|ISO8601``: every numeric field of a
   device at once (``{"fields": {name: [[epoch ms, value], ...]}}``);
 - ``/api/stats``: CoAP responses by code, processor outcomes, queue depth;
-- ``/healthz``: 200 when the queue, the registry and every sink answer,
-  503 naming the part that does not;
+- ``/healthz``: 200 when the queue takes puts (not full, its disk
+  writing), the processor runs (started, no sink or registry
+  unavailable) and the registry and every sink answer; 503 naming each
+  part that does not, and why;
 - ``/metrics``: Prometheus text format.
 
 Everything that touches SQLite, boto3 or HTTP runs on the web's own
@@ -30,7 +32,6 @@ from pathlib import Path
 
 import orjson
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.application.internet import TCPServer
 from twisted.application.service import MultiService
@@ -41,6 +42,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web import pages, resource, server, static
 
 from sense_gateway.errors import code_text
+from sense_gateway.web.metrics import StatsCollector
 
 log = Logger()
 
@@ -247,46 +249,9 @@ class MetricsResource(_Async):
     def respond(self, request):
         stats = yield self.web.stats()
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_StatsCollector(stats, self.web.gateway))
+        registry.register(StatsCollector(stats, self.web.gateway))
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
         return generate_latest(registry)
-
-
-class _StatsCollector:
-    def __init__(self, stats, gateway):
-        self.stats, self.gateway = stats, gateway
-
-    def collect(self):
-        responses = CounterMetricFamily("sense_coap_responses", "CoAP responses sent, by code",
-                                        labels=["code"])
-        for code, count in self.stats.get("coap", {}).get("responses", {}).items():
-            responses.add_metric([code], count)
-        yield responses
-        pipeline = getattr(self.gateway, "pipeline", None)
-        if pipeline is not None:
-            yield from pipeline.enqueue_latency.collect()
-        outcomes = CounterMetricFamily("sense_processed_messages",
-                                       "Messages processed, by outcome", labels=["outcome"])
-        for outcome, count in self.stats.get("processor", {}).items():
-            outcomes.add_metric([outcome], count)
-        yield outcomes
-        if "processor" in self.stats:
-            sink_failures = CounterMetricFamily("sense_sink_write_failures",
-                                                "Messages whose sink write failed")
-            sink_failures.add_metric([], self.stats["processor"].get("failed", 0))
-            yield sink_failures
-        depth = GaugeMetricFamily("sense_queue_messages", "Messages in the queue",
-                                  labels=["state"])
-        for state, count in self.stats.get("queue", {}).items():
-            depth.add_metric([state], count)
-        yield depth
-        dead = GaugeMetricFamily("sense_dead_letters", "Messages in the dead letters")
-        dead.add_metric([], self.stats.get("queue", {}).get("dead", 0))
-        yield dead
-        if "devices" in self.stats:
-            devices = GaugeMetricFamily("sense_devices", "Devices in the registry")
-            devices.add_metric([], self.stats["devices"])
-            yield devices
 
 
 class WebService(MultiService):
@@ -339,7 +304,13 @@ class WebService(MultiService):
                            "malformed": gateway.protocol.malformed}
         if gateway.worker is not None:
             out["processor"] = {o.value: n for o, n in gateway.worker.counts.items()}
-        out["queue"] = yield gateway.queue.depth()
+        out["queue"] = depth = yield gateway.queue.depth()
+        # What the dashboard shows as the backlog, against its bound.
+        out["backlog"] = {"waiting": depth.get("visible", 0) + depth.get("in_flight", 0),
+                          "max_depth": getattr(gateway.queue, "max_depth", None)}
+        refusals = getattr(gateway.queue, "refusals", None)
+        if refusals is not None:
+            out["queue_refusals"] = dict(refusals)
         if self.backends is not None:
             out["devices"] = yield self.in_thread(self.backends.count_devices)
         return out
@@ -347,7 +318,10 @@ class WebService(MultiService):
     @defer.inlineCallbacks
     def health(self):
         failing = {}
-        checks = [("queue", self.gateway.queue.depth)]
+        worker = self.gateway.worker
+        if worker is not None and worker.problem is not None:
+            failing["processor"] = worker.problem
+        checks = [("queue", self.gateway.queue.check)]
         if self.backends is not None:
             checks += [("registry", lambda: self.in_thread(self.backends.count_devices)),
                        ("sinks", lambda: self.in_thread(self.backends.check_sinks))]
