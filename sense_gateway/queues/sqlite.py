@@ -112,6 +112,7 @@ class SQLiteQueue(EnvelopeQueue):
         #: puts refused, by reason
         self.refusals = {"stopped": 0, "busy": 0, "full": 0, "write failed": 0}
         self._recounting = False
+        self._recount_call = None
         self._store: SQLiteQueueStore | None = None
         self._pool: ThreadPool | None = None
         self._closing = False
@@ -149,6 +150,9 @@ class SQLiteQueue(EnvelopeQueue):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()  # from here on puts are refused
+        if self._recount_call is not None and self._recount_call.active():
+            self._recount_call.cancel()
+        self._recount_call, self._recounting = None, False
         pool = self._pool
         if pool is None:
             return succeed(None)
@@ -255,11 +259,14 @@ class SQLiteQueue(EnvelopeQueue):
 
         def done(result: object) -> None:
             self._recounting = False
-            if isinstance(result, Failure):
+            if isinstance(result, Failure) and not result.check(Unavailable):
                 log.failure("queue {path}: counting failed", result, path=str(self.path))
+
+        def count() -> None:
+            self._recount_call = None
+            self._in_thread("count_waiting").addBoth(done)
         # Not more often than the store trusts its count anyway.
-        self.reactor.callLater(RECOUNT_INTERVAL, lambda: self._in_thread(
-            "count_waiting").addBoth(done))
+        self._recount_call = self.reactor.callLater(RECOUNT_INTERVAL, count)
 
     def check(self) -> Deferred[None]:
         """Fail with why puts are refused now: a failing disk, a full queue."""

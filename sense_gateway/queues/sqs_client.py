@@ -116,8 +116,9 @@ class SQSQueueClient:
     @property
     def dead_letter_url(self) -> str:
         if self._dead_letter_url is None:
+            # No "Attributes" at all when the queue has none of those asked.
             attributes = self.client.get_queue_attributes(
-                QueueUrl=self.url, AttributeNames=["RedrivePolicy"])["Attributes"]
+                QueueUrl=self.url, AttributeNames=["RedrivePolicy"]).get("Attributes", {})
             if "RedrivePolicy" not in attributes:
                 raise ConfigError(f"aws.queue_url: {self.url} has no redrive policy "
                                   "(no dead-letter queue)")

@@ -41,7 +41,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web import pages, resource, server, static
 
-from sense_gateway.errors import code_text
+from sense_gateway.errors import Unavailable, code_text
 from sense_gateway.web.metrics import StatsCollector
 
 log = Logger()
@@ -329,7 +329,9 @@ class WebService(MultiService):
             try:
                 yield check()
             except Exception as e:
-                failing[part] = f"{type(e).__name__}: {e}"[:200]
+                # A queue that refuses says why in its own words.
+                text = str(e) if isinstance(e, Unavailable) else f"{type(e).__name__}: {e}"
+                failing[part] = text[:300]
         return failing
 
     def startService(self):
