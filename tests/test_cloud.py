@@ -285,3 +285,68 @@ class DynamoDBRebootTests(RebootSequenceChecks, TestCase):
         item = self.moto.client("dynamodb").get_item(
             TableName="sense-devices", Key={"id": {"S": "n9"}})["Item"]
         self.assertEqual((len(item["digests"]["B"]), item["boot"]["N"]), (260, "2"))
+
+
+class SQSLimitTests(CloudTestCase):
+    """``queue.max_depth``, postponing and dead-lettering with SQS (moto)."""
+
+    def queue(self, **overrides):
+        from twisted.internet import reactor
+
+        from sense_gateway.config import load_config
+        from sense_gateway.queues.sqs import SQSQueue
+
+        config = load_config(environ={}, overrides={"aws.queue_url": self.queue_url,
+                                                    "aws.endpoint_url": self.moto.url,
+                                                    "queue.retry_after": 3, **overrides})
+        queue = SQSQueue(config, reactor)
+        queue.startService()
+        self.addCleanup(queue.stopService)
+        return queue
+
+    def envelopes(self, count):
+        from sense_gateway.envelope import Envelope, Reading, new_envelope_id
+
+        return [Envelope(new_envelope_id(), "node-l", i, NOW, "x", "coap", None, "/data", 50,
+                         [Reading({"t": float(i)}, NOW)]) for i in range(count)]
+
+    @defer.inlineCallbacks
+    def test_beyond_max_depth_puts_are_refused_until_the_queue_has_room(self):
+        from sense_gateway.errors import Unavailable
+
+        queue = self.queue(**{"queue.max_depth": 5})
+        first, sixth = self.envelopes(5), self.envelopes(1)
+        yield defer.gatherResults([queue.put([e]) for e in first])
+        error = yield self.assertFailure(queue.put(sixth), Unavailable)
+        self.assertEqual((error.diagnostic, error.max_age), ("queue full", 3))
+        error = yield self.assertFailure(queue.check(), Unavailable)
+        self.assertEqual(error.diagnostic, "queue full: 5 envelopes waiting (queue.max_depth 5)")
+        self.assertEqual(queue.refusals["full"], 1)
+        # Another processor (a Lambda) drains two; the next count shows it.
+        response = self.sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=2)
+        for m in response["Messages"]:
+            self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=m["ReceiptHandle"])
+        yield queue.check()
+        yield queue.put(sixth)
+
+    @defer.inlineCallbacks
+    def test_postponed_messages_are_visible_again_at_once(self):
+        queue = self.queue(**{"queue.visibility_timeout": 300.0})
+        yield queue.put(self.envelopes(2))
+        received = yield queue.receive(10)
+        self.assertEqual(len(received), 2)
+        yield queue.postpone([m.receipt for m in received], "influxdb: cannot reach")
+        again = yield queue.receive(10)
+        self.assertEqual(sorted(m.envelope.seq for m in again), [0, 1])
+
+    @defer.inlineCallbacks
+    def test_a_refused_message_goes_to_the_dead_letter_queue_at_once_with_its_reason(self):
+        queue = self.queue()
+        yield queue.put(self.envelopes(1))
+        [message] = yield queue.receive(10)
+        yield queue.dead_letter(message.receipt, "influxdb: HTTP 400: field type conflict")
+        [letter] = yield queue.dead_letters()
+        self.assertEqual((letter.envelope.device, letter.reason),
+                         ("node-l", "influxdb: HTTP 400: field type conflict"))
+        depth = yield queue.depth()
+        self.assertEqual(depth, {"visible": 0, "in_flight": 0, "dead": 1})
