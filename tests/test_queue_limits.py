@@ -19,6 +19,7 @@ from txthings import coap
 from sense_gateway.errors import Unavailable
 from sense_gateway.queues.sqlite import SQLiteQueue, SQLiteQueueStore
 from tests.servers import VictoriaMetrics
+from tests.test_dashboard import BrowserSession
 from tests.support import (GatewayProcess, RawCoapPeer, deferLater, eventually, queued,
                            request_datagram)
 from tests.test_queue_sqlite import envelope
@@ -217,6 +218,14 @@ class BacklogTests(TestCase):
         status, stats = yield gateway.get_json("/api/stats")
         self.assertEqual(stats["backlog"], {"waiting": 40, "max_depth": 40})
         self.assertEqual(stats["queue"]["dead"], 0)
+        # The dashboard shows it, marked as full.
+        base = yield gateway.web_url()
+        browser = BrowserSession(self, base + "?refresh=0.5",
+                                 Path(self.mktemp()).resolve().with_suffix(".png"))
+        seen = yield browser.look(stats={"backlog": "40 of 40"})
+        self.assertNotIn("error", seen, seen)
+        self.assertEqual(seen["highlighted"], ["backlog"])
+        yield browser.close()
 
         # Seconds of backoff later, nothing has used up its receives.
         yield eventually(lambda: gateway.log_path.read_bytes().count(b"messages wait in the queue") >= 1)
