@@ -59,6 +59,21 @@ class CloudTestCase(TestCase):
         self.patch(lambda_handler, "_processor", None)
         self.addCleanup(lambda: lambda_handler._processor and lambda_handler._processor.close())
 
+    def gateway(self, **overrides):
+        """``--role all`` in this process on the cloud backends: the worker
+        drains SQS itself."""
+        settings = {"role": "all", "queue.backend": "sqs", "aws.queue_url": self.queue_url,
+                    "aws.endpoint_url": self.moto.url, "registry.backend": "dynamodb",
+                    "sinks.enabled": ("influxdb",), "influxdb.url": self.vm.url,
+                    "influxdb.retries": 0, "processor.poll_interval": 0.0,
+                    "processor.retry_base": 0.05}
+        settings.update(overrides)
+        # The gateway's own SENSE_* settings come from here, not the Lambda's.
+        for name in [n for n in os.environ if n.startswith("SENSE_")]:
+            set_environ(self, {name: os.environ[name]})
+            del os.environ[name]
+        return start_gateway(self, **settings)
+
     def sqs_event(self, max_messages=10) -> dict:
         """What the SQS event-source mapping hands a Lambda."""
         response = self.sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=max_messages,
@@ -139,19 +154,6 @@ class GatewayToLambdaTests(CloudTestCase):
 class InProcessSQSTests(CloudTestCase):
     """``--role all`` on the cloud backends: the worker drains SQS itself."""
 
-    def gateway(self, **overrides):
-        settings = {"role": "all", "queue.backend": "sqs", "aws.queue_url": self.queue_url,
-                    "aws.endpoint_url": self.moto.url, "registry.backend": "dynamodb",
-                    "sinks.enabled": ("influxdb",), "influxdb.url": self.vm.url,
-                    "influxdb.retries": 0, "processor.poll_interval": 0.0,
-                    "processor.retry_base": 0.05}
-        settings.update(overrides)
-        # The gateway's own SENSE_* settings come from here, not the Lambda's.
-        for name in [n for n in os.environ if n.startswith("SENSE_")]:
-            set_environ(self, {name: os.environ[name]})
-            del os.environ[name]
-        return start_gateway(self, **settings)
-
     def sense(self, *args) -> bytes:
         import subprocess
 
@@ -210,7 +212,7 @@ class InProcessSQSTests(CloudTestCase):
         self.assertEqual(orjson.loads(self.sense("queue", "--json"))["dead"], 0)
         self.vm = VictoriaMetrics(self, port=port, data=data)
         yield eventually(lambda: ("sense_t", "node-y") in self.vm.points(), timeout=30)
-        self.assertIsNone(gateway.worker.problem)
+        yield eventually(lambda: gateway.worker.problem is None)
 
 
 class RegistryRaceTests(CloudTestCase):
@@ -350,3 +352,31 @@ class SQSLimitTests(CloudTestCase):
                          ("node-l", "influxdb: HTTP 400: field type conflict"))
         depth = yield queue.depth()
         self.assertEqual(depth, {"visible": 0, "in_flight": 0, "dead": 1})
+
+
+class DynamoDBCheckTests(CloudTestCase):
+    def test_check_fails_for_a_missing_table_until_it_exists(self):
+        from botocore.exceptions import ClientError
+
+        registry = DynamoDBRegistry("sense-later", "us-east-1", self.moto.url)
+        error = self.assertRaises(ClientError, registry.check)
+        self.assertEqual(error.response["Error"]["Code"], "ResourceNotFoundException")
+        self.moto.client("dynamodb").create_table(
+            TableName="sense-later", BillingMode="PAY_PER_REQUEST",
+            KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}])
+        registry.check()
+        self.assertEqual(registry.devices(), [])
+
+    @defer.inlineCallbacks
+    def test_the_processor_starts_once_its_table_exists(self):
+        gateway = self.gateway(**{"registry.table": "sense-later",
+                                  "processor.retry_base": 0.1, "processor.retry_max": 0.3})
+        yield eventually(lambda: (gateway.worker.problem or "").startswith("not started"))
+        self.assertIn("ResourceNotFoundException", gateway.worker.problem)
+        self.moto.client("dynamodb").create_table(
+            TableName="sense-later", BillingMode="PAY_PER_REQUEST",
+            KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}])
+        yield eventually(lambda: gateway.worker.processor is not None
+                         and gateway.worker.problem is None)
