@@ -40,6 +40,17 @@ class Result:
     unavailable: bool = False
 
 
+def _owners(envelopes: list[Envelope], results: list[Result | None],
+            devices: int) -> list[int | None]:
+    """The index of the envelope each point of a write came from (None for
+    the devices' counters), in the order :meth:`BatchProcessor._judge`
+    made them: one point per reading of each envelope to be written.
+    Worked out only when a refusal names points, not for every batch."""
+    owners: list[int | None] = [i for i, result in enumerate(results) if result is None
+                                for _ in envelopes[i].readings]
+    return owners + [None] * devices
+
+
 class _SinkBug(SinkError):
     """A sink raised something else than SinkError: its own bug, not an
     outage, so it counts against the messages (which end in the dead
@@ -76,13 +87,14 @@ class BatchProcessor:
         # the rest is judged and written again, in the same call.
         refused: dict[int, str] = {}
         while True:
-            results, redelivered, points, owners, updated = self._judge(envelopes, records, refused)
+            results, redelivered, points, updated = self._judge(envelopes, records, refused)
             failure = self._write(points)
             if failure is None:
                 break
             if failure.retryable:
                 return self._failed(results, redelivered, str(failure),
                                     unavailable=not isinstance(failure, _SinkBug))
+            owners = _owners(envelopes, results, len(updated))
             named = {owners[i] for i in failure.refused if i < len(owners)}
             if None in named:
                 # The devices' own counters were refused: the server's schema
@@ -120,14 +132,12 @@ class BatchProcessor:
         """Judge every envelope but the *refused* ones against *records*.
 
         Returns (results: None where the message is to be written,
-        the indices of redeliveries, the points, the index of the envelope
-        each point came from (None for a device's counters), the updated
-        records by device).
+        the indices of redeliveries, the points, the updated records by
+        device).
         """
         results: list[Result | None] = [None] * len(envelopes)
         redelivered: set[int] = set()
         points = []
-        owners: list[int | None] = []
         # Per device touched: [record as loaded, state, last_seen, last_source,
         # recent ids]; the records are rebuilt once per device, not per message.
         touched: dict[str, list] = {}
@@ -160,9 +170,7 @@ class BatchProcessor:
             if len(recent) > RECENT_ENVELOPES:
                 del recent[:-RECENT_ENVELOPES]
             if verdict.verdict.accepted:
-                before = len(points)
                 points.extend(reading_points(envelope))
-                owners.extend([i] * (len(points) - before))
             else:
                 results[i] = Result(Outcome.DUPLICATE, f"sequence number {seq} seen before")
         # Built field by field: dataclasses.replace costs several times more.
@@ -171,8 +179,7 @@ class BatchProcessor:
                    for device, (record, state, last_seen, last_source, recent) in touched.items()}
         now = self.clock()
         points.extend(device_point(record, now) for record in updated.values())
-        owners.extend([None] * len(updated))
-        return results, redelivered, points, owners, updated
+        return results, redelivered, points, updated
 
     def _write(self, points) -> SinkError | None:
         """Write *points* to every sink; the first failure, if any."""
