@@ -163,6 +163,28 @@ class InfluxV1Tests(TestCase):
                          [Outcome.REFUSED, Outcome.REFUSED, Outcome.WRITTEN])
         self.assertLessEqual(self.sink.writes, 3)
 
+    def test_the_refused_message_is_found_among_skipped_and_many_reading_ones(self):
+        first = envelope(seq=1, t=20.5)
+        self.processor.process_batch([first])
+        several = Envelope(new_envelope_id(), "node-2", 1, T0, "[::1]:5683", "coap", None,
+                           "/data", 50, [Reading({"t": 1.0}, T0 + i) for i in range(3)])
+        bad = Envelope(new_envelope_id(), "node-3", 1, T0, "[::1]:5683", "coap", None, "/data",
+                       50, [Reading({"t": 2.0}, T0), Reading({"t": "warm"}, T0 + 1)])
+        results = self.processor.process_batch([
+            first,                                  # redelivered: skipped
+            envelope(seq=1, ts=T0 + 5, t=20.5),     # same number, same content: duplicate
+            several, bad, envelope("node-4", seq=1, t=4.0)])
+        self.assertEqual([r.outcome for r in results],
+                         [Outcome.DUPLICATE, Outcome.DUPLICATE, Outcome.WRITTEN, Outcome.REFUSED,
+                          Outcome.WRITTEN])
+        rows = self.db.rows('SELECT "t" FROM "sense" GROUP BY "device"')
+        # InfluxDB kept the good line of the refused message (a partial
+        # write): its replay writes it again, to the same point.
+        self.assertEqual(sorted((r["device"], r["t"]) for r in rows),
+                         [("node-1", 20.5)] + [("node-2", 1.0)] * 3 + [("node-3", 2.0),
+                                                                      ("node-4", 4.0)])
+        self.assertNotIn("node-3", self.registry.load(["node-3"]))
+
     def test_the_servers_own_parse_error_names_the_line(self):
         from sense_gateway.sinks import MetricPoint
         from tests.servers import http
