@@ -13,7 +13,8 @@ roles ``all`` and ``processor`` serve everything:
   history from the embedded store (``[[epoch ms, value], ...]``);
 - ``/api/series?device=ID&since=-1h|ISO8601``: every numeric field of a
   device at once (``{"fields": {name: [[epoch ms, value], ...]}}``);
-- ``/api/stats``: CoAP responses by code, processor outcomes, queue depth;
+- ``/api/stats``: CoAP responses by code, processor outcomes, queue depth,
+  the backlog against ``queue.max_depth`` and the queue's refusals;
 - ``/healthz``: 200 when the queue takes puts (not full, its disk
   writing), the processor runs (started, no sink or registry
   unavailable) and the registry and every sink answer; 503 naming each
