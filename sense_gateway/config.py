@@ -81,6 +81,8 @@ class QueueConfig:
     max_receives: int = 5
     visibility_timeout: float = 30.0
     max_pending: int = 20000
+    #: envelopes in the queue at most (the backlog a long outage leaves)
+    max_depth: int = 1_000_000
     max_batch: int = 2000
     synchronous: str = "full"
     retry_after: int = 5
@@ -397,6 +399,7 @@ def validate(config: Config) -> None:
         "registry.refresh_interval": config.registry.refresh_interval,
         "queue.max_receives": config.queue.max_receives,
         "queue.max_pending": config.queue.max_pending,
+        "queue.max_depth": config.queue.max_depth,
         "queue.max_batch": config.queue.max_batch,
         "queue.visibility_timeout": config.queue.visibility_timeout,
         "validation.max_readings": config.validation.max_readings,

@@ -43,6 +43,8 @@ class Decoded:
     readings: list[Reading]
     device: str | None = None
     seq: int | None = None
+    #: the device's boot counter, if it sends one (see sense_gateway.sequence)
+    boot: int | None = None
 
 
 @dataclass(slots=True)
@@ -73,6 +75,8 @@ class Envelope:
     content_format: int | None
     readings: list[Reading]
     raw: bytes | None = None
+    #: the device's boot counter, if it sends one
+    boot: int | None = None
 
     def to_json(self) -> bytes:
         doc = {
@@ -93,6 +97,8 @@ class Envelope:
         }
         if self.raw is not None:
             doc["raw"] = base64.b64encode(self.raw).decode("ascii")
+        if self.boot is not None:
+            doc["boot"] = self.boot
         return orjson.dumps(doc)
 
     @classmethod
@@ -109,6 +115,7 @@ class Envelope:
             doc["transport"], doc["identity"], doc["path"], doc["cf"],
             [Reading(r["f"], r["ts"], r["m"], r["t"]) for r in doc["readings"]],
             base64.b64decode(raw) if raw is not None else None,
+            doc.get("boot"),
         )
 
 

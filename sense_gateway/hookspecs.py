@@ -125,7 +125,8 @@ def sense_register_sinks():
     batch. A sink is a :class:`sense_gateway.sinks.MetricSink`:
     ``write(points)`` stores :class:`sense_gateway.sinks.MetricPoint` or
     raises :class:`sense_gateway.sinks.SinkError` (``retryable`` tells a
-    server that is down from one that refused the points). Writing the
+    server that is down from one that refused the points; ``refused``
+    names the points at fault when the server said which). Writing the
     same points twice must leave one copy.
     """
 

@@ -174,6 +174,7 @@ class IngestPipeline:
             context.content_format,
             readings,
             payload if self._keep_raw else None,
+            decoded.boot,
         )
         for problems in self._validate(envelope=envelope, config=self.config):
             if problems:

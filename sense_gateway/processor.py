@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from sense_gateway.envelope import Envelope
 from sense_gateway.registry import RECENT_ENVELOPES, DeviceRecord, DeviceRegistry, RegistryUnavailable
-from sense_gateway.sequence import judge
+from sense_gateway.sequence import content_digest, judge
 from sense_gateway.sinks import MetricSink, SinkError, device_point, reading_points
 
 
@@ -25,6 +25,8 @@ class Outcome(enum.Enum):
     WRITTEN = "written"
     DUPLICATE = "duplicate"
     FAILED = "failed"
+    #: a sink refused this message's readings: to the dead letters at once
+    REFUSED = "refused"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,10 +35,31 @@ class Result:
     reason: str = ""
     #: for FAILED: whether trying again later may succeed
     retryable: bool = True
+    #: for FAILED: a sink or the registry could not be used; the message
+    #: itself is not at fault, so the try need not count against it
+    unavailable: bool = False
+
+
+def _owners(envelopes: list[Envelope], results: list[Result | None],
+            devices: int) -> list[int | None]:
+    """The index of the envelope each point of a write came from (None for
+    the devices' counters), in the order :meth:`BatchProcessor._judge`
+    made them: one point per reading of each envelope to be written.
+    Worked out only when a refusal names points, not for every batch."""
+    owners: list[int | None] = [i for i, result in enumerate(results) if result is None
+                                for _ in envelopes[i].readings]
+    return owners + [None] * devices
+
+
+class _SinkBug(SinkError):
+    """A sink raised something else than SinkError: its own bug, not an
+    outage, so it counts against the messages (which end in the dead
+    letters if it persists)."""
 
 
 #: results are immutable: one for every message written
 _WRITTEN = Result(Outcome.WRITTEN)
+_REDELIVERED = Result(Outcome.DUPLICATE, "already processed")
 
 
 class BatchProcessor:
@@ -59,6 +82,59 @@ class BatchProcessor:
         except Exception as e:
             raise RegistryUnavailable(f"registry: {type(e).__name__}: {e}") from e
 
+        # Envelopes a sink refused, by index, with the server's message:
+        # each refusal that names its lines takes those messages out and
+        # the rest is judged and written again, in the same call.
+        refused: dict[int, str] = {}
+        while True:
+            results, redelivered, points, updated = self._judge(envelopes, records, refused)
+            failure = self._write(points)
+            if failure is None:
+                break
+            if failure.retryable:
+                return self._failed(results, redelivered, str(failure),
+                                    unavailable=not isinstance(failure, _SinkBug))
+            owners = _owners(envelopes, results, len(updated))
+            named = {owners[i] for i in failure.refused if i < len(owners)}
+            if None in named:
+                # The devices' own counters were refused: the server's schema
+                # disagrees with ours, which no message can fix.
+                return self._failed(results, redelivered, str(failure), unavailable=True)
+            if named - refused.keys():
+                refused.update((i, str(failure)) for i in named if i not in refused)
+                continue
+            if len(envelopes) > 1:
+                # A refusal naming no line: find the messages at fault by
+                # halving the batch, in order, until each refused part is
+                # one message.
+                half = len(envelopes) // 2
+                return (self.process_batch(envelopes[:half])
+                        + self.process_batch(envelopes[half:]))
+            reason = str(failure)
+            return [Result(Outcome.REFUSED, reason, False) if r is None else r for r in results]
+
+        try:
+            conflicts = self.registry.commit(list(updated.values()))
+        except Exception as e:
+            return self._failed(results, redelivered, f"registry: {type(e).__name__}: {e}",
+                                unavailable=True)
+        if not conflicts:
+            return [result or _WRITTEN for result in results]
+        lost_race = Result(Outcome.FAILED, "another processor updated the device first")
+        return [
+            lost_race if envelope.device in conflicts and results[i] is None
+            else results[i] or _WRITTEN
+            for i, envelope in enumerate(envelopes)
+        ]
+
+    def _judge(self, envelopes: list[Envelope], records: dict[str, DeviceRecord],
+               refused: dict[int, str]):
+        """Judge every envelope but the *refused* ones against *records*.
+
+        Returns (results: None where the message is to be written,
+        the indices of redeliveries, the points, the updated records by
+        device).
+        """
         results: list[Result | None] = [None] * len(envelopes)
         redelivered: set[int] = set()
         points = []
@@ -66,6 +142,9 @@ class BatchProcessor:
         # recent ids]; the records are rebuilt once per device, not per message.
         touched: dict[str, list] = {}
         for i, envelope in enumerate(envelopes):
+            if i in refused:
+                results[i] = Result(Outcome.REFUSED, refused[i], False)
+                continue
             work = touched.get(envelope.device)
             if work is None:
                 record = records.get(envelope.device) or DeviceRecord(
@@ -76,11 +155,13 @@ class BatchProcessor:
             if envelope.id in recent:
                 # The queue delivered this envelope again (at-least-once):
                 # it was fully processed, so it changes nothing.
-                results[i] = Result(Outcome.DUPLICATE, "already processed")
+                results[i] = _REDELIVERED
                 redelivered.add(i)
                 continue
             touched[envelope.device] = work
-            verdict = judge(work[1], envelope.seq)
+            seq = envelope.seq
+            verdict = judge(work[1], seq, content_digest(envelope.readings, envelope.received),
+                            envelope.boot) if seq is not None else judge(work[1], None)
             work[1] = verdict.state
             if envelope.received >= work[2]:
                 work[2] = envelope.received
@@ -91,48 +172,38 @@ class BatchProcessor:
             if verdict.verdict.accepted:
                 points.extend(reading_points(envelope))
             else:
-                results[i] = Result(Outcome.DUPLICATE, f"sequence number {envelope.seq} seen before")
+                results[i] = Result(Outcome.DUPLICATE, f"sequence number {seq} seen before")
         # Built field by field: dataclasses.replace costs several times more.
         updated = {device: DeviceRecord(record.id, record.first_seen, last_seen, last_source,
                                         state, tuple(recent), record.version)
                    for device, (record, state, last_seen, last_source, recent) in touched.items()}
-
         now = self.clock()
         points.extend(device_point(record, now) for record in updated.values())
+        return results, redelivered, points, updated
+
+    def _write(self, points) -> SinkError | None:
+        """Write *points* to every sink; the first failure, if any."""
         for sink in self.sinks:
             try:
                 sink.write(points)
             except SinkError as e:
-                if not e.retryable and len(envelopes) > 1:
-                    # The server refused the batch: find the messages at
-                    # fault by halving it, in order, until each refused
-                    # part is one message. One bad message in a batch of
-                    # thousands costs a few dozen writes, not thousands.
-                    half = len(envelopes) // 2
-                    return (self.process_batch(envelopes[:half])
-                            + self.process_batch(envelopes[half:]))
-                return self._failed(results, redelivered, str(e), e.retryable)
+                return e
             except Exception as e:
-                return self._failed(results, redelivered, f"{sink.name}: {type(e).__name__}: {e}")
-
-        try:
-            conflicts = self.registry.commit(list(updated.values()))
-        except Exception as e:
-            return self._failed(results, redelivered, f"registry: {type(e).__name__}: {e}")
-        if not conflicts:
-            return [result or _WRITTEN for result in results]
-        lost_race = Result(Outcome.FAILED, "another processor updated the device first")
-        return [
-            lost_race if envelope.device in conflicts and i not in redelivered
-            else results[i] or _WRITTEN
-            for i, envelope in enumerate(envelopes)
-        ]
+                return _SinkBug(f"{sink.name}: {type(e).__name__}: {e}")
+        return None
 
     @staticmethod
-    def _failed(results, redelivered: set[int], reason: str, retryable: bool = True) -> list[Result]:
+    def _failed(results, redelivered: set[int], reason: str, retryable: bool = True,
+                unavailable: bool = False) -> list[Result]:
         """Everything but redeliveries failed and is to be retried."""
-        failure = Result(Outcome.FAILED, reason, retryable)
+        failure = Result(Outcome.FAILED, reason, retryable, unavailable)
         return [results[i] if i in redelivered else failure for i in range(len(results))]
+
+    def check(self) -> None:
+        """Raise if the registry or a sink cannot be reached now."""
+        self.registry.check()
+        for sink in self.sinks:
+            sink.check()
 
     def close(self) -> None:
         for sink in self.sinks:

@@ -7,7 +7,8 @@ Limits come from the ``[validation]`` table (``SENSE_VALIDATION_*``):
 
 - the device id is required: 1 to ``max_device_length`` (64) printable
   ASCII characters, no spaces;
-- a sequence number, if any, is an integer from 0 to 2**32 - 1;
+- a sequence number, if any, is an integer from 0 to 2**32 - 1, and so
+  is a boot counter;
 - 1 to ``max_readings`` (100) readings, each with 1 to ``max_fields``
   (32) fields;
 - field, tag and measurement names are 1 to ``max_name_length`` (64)
@@ -105,6 +106,14 @@ def _seq_problem(seq: Any) -> str | None:
     return None
 
 
+def _boot_problem(boot: Any) -> str | None:
+    if boot is None:
+        return None
+    if isinstance(boot, bool) or not isinstance(boot, int) or not 0 <= boot < _SEQ_LIMIT:
+        return f"boot must be an integer from 0 to {_SEQ_LIMIT - 1}"
+    return None
+
+
 def _timestamp_problem(ts: Any, limits: ValidationConfig, latest: float) -> str | None:
     if ts is None:
         return None  # the core stamps it with the receive time
@@ -155,7 +164,8 @@ def _reading_problems(reading: Reading, where: str, limits: ValidationConfig,
 def envelope_problems(envelope: Envelope, limits: ValidationConfig) -> list[str]:
     """Everything wrong with *envelope*, most basic first; empty if it is fine."""
     problems = []
-    for problem in (device_problem(envelope.device, limits), _seq_problem(envelope.seq)):
+    for problem in (device_problem(envelope.device, limits), _seq_problem(envelope.seq),
+                    _boot_problem(envelope.boot)):
         if problem:
             problems.append(problem)
     readings = envelope.readings

@@ -3,10 +3,28 @@
 Runs in roles ``all`` and ``processor``. Each round receives up to
 ``processor.batch_size`` messages, processes them on the worker's own
 thread (registry and sinks block), deletes what was written or was a
-duplicate (while the next batch, already received, is processed), and gives failed messages back to the queue with an
-exponential delay (``retry_base`` doubled per receive, at most
-``retry_max``); after ``queue.max_receives`` receives they go to the dead
-letters with their last reason. An empty queue is polled every
+duplicate (while the next batch, already received, is processed), and
+settles the rest:
+
+- a message a sink refused goes to the dead letters at once, with the
+  server's message;
+- a message that failed on its own (a lost race for its device, a sink's
+  bug) goes back to the queue with an exponential delay (``retry_base``
+  doubled per receive, at most ``retry_max``); after
+  ``queue.max_receives`` receives it goes to the dead letters with its
+  last reason;
+- when a sink or the registry is unavailable (a server down, a full
+  disk), the batch goes back without counting the receive (SQLite; SQS
+  cannot), and the worker pauses: ``retry_base`` doubled per failed try,
+  at most ``retry_max``, asking the sinks and the registry (``check``)
+  before it receives again. The readings wait in the queue, bounded by
+  ``queue.max_depth``, for as long as the outage lasts.
+
+Starting (opening the registry and the sinks) is retried with the same
+backoff until it succeeds. :attr:`ProcessorService.problem` says why the
+worker is not processing, for ``/healthz``. A failure to settle one
+message (a release, a dead letter) is logged and counted; it never keeps
+the round's deletes from being written. An empty queue is polled every
 ``processor.poll_interval`` seconds.
 """
 
@@ -18,9 +36,10 @@ from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from sense_gateway.processor import BatchProcessor, Outcome
+from sense_gateway.processor import BatchProcessor, Outcome, Result
 from sense_gateway.registry import RegistryUnavailable
 
 log = Logger()
@@ -53,6 +72,12 @@ class ProcessorService(Service):
         #: the deletes of the last batch, still being written
         self._settling: defer.Deferred | None = None
         self.counts = {outcome: 0 for outcome in Outcome}
+        #: releases, dead letters and deletes the queue failed to make
+        self.settle_failures = 0
+        #: why the worker is not processing now (None while it is)
+        self.problem: str | None = None
+        #: failed tries in a row of the current outage (or of starting)
+        self._failures = 0
         self._gc_threshold = gc.get_threshold()
 
     def startService(self) -> None:
@@ -66,14 +91,52 @@ class ProcessorService(Service):
         gc.freeze()
         self._pool = ThreadPool(1, 1, name="sense-processor")
         self._pool.start()
-        self._round = self._in_thread(self._open).addCallback(lambda _: self._run())
-        self._round.addErrback(lambda f: log.failure("processor could not start", f))
+        self._round = self._start()
+        self._round.addErrback(lambda f: log.failure("processor stopped", f))
 
     def _in_thread(self, function, *args):
         return deferToThreadPool(self.reactor, self._pool, function, *args)
 
     def _open(self) -> None:
-        self.processor = self.make_processor()
+        processor = self.make_processor()
+        try:
+            processor.registry.check()
+        except BaseException:
+            processor.close()
+            raise
+        self.processor = processor
+
+    def backoff(self) -> float:
+        """Seconds to wait after the current run of failed tries."""
+        return min(self.retry_max, self.retry_base * 2 ** max(0, self._failures - 1))
+
+    @defer.inlineCallbacks
+    def _start(self):
+        while self.running:
+            try:
+                yield self._in_thread(self._open)
+            except Exception as e:
+                self._failures += 1
+                self.problem = f"not started: {type(e).__name__}: {e}"[:300]
+                log.warn("processor could not start, trying again in {delay} s: {reason}",
+                         delay=self.backoff(), reason=f"{type(e).__name__}: {e}")
+                yield self._pause(self.backoff())
+                continue
+            self._failures = 0
+            self.problem = None
+            yield self._run()
+            return
+
+    def _pause(self, seconds: float) -> defer.Deferred:
+        """Sleep *seconds*, cut short (firing None all the same) by a stop."""
+        self._sleep = task.deferLater(self.reactor, seconds, lambda: None)
+
+        def woken(result):
+            self._sleep = None
+            if isinstance(result, Failure) and result.check(defer.CancelledError):
+                return None
+            return result
+        return self._sleep.addBoth(woken)
 
     @defer.inlineCallbacks
     def _run(self):
@@ -84,25 +147,47 @@ class ProcessorService(Service):
         # processed one at a time, in queue order.
         prefetched = None
         while self.running or prefetched is not None:
+            probing = bool(self._failures) and prefetched is None
+            if probing:
+                # An outage: nothing is received until the sinks and the
+                # registry answer again, so waiting messages keep their
+                # receives.
+                yield self._pause(self.backoff())
+                if not self.running:
+                    break
+                try:
+                    yield self._in_thread(self.processor.check)
+                except Exception as e:
+                    self._failures += 1
+                    self.problem = f"unavailable: {type(e).__name__}: {e}"[:300]
+                    continue
             try:
                 if prefetched is not None:
                     messages, prefetched = (yield prefetched), None
                 else:
                     messages = yield self.queue.receive(self.batch_size)
-                if messages and len(messages) == self.batch_size and self.running:
+                if probing and not messages:
+                    # Everything answers and nothing waits to prove it:
+                    # back to polling; the next batch shows what is left.
+                    self._failures, self.problem = 0, None
+                if (messages and len(messages) == self.batch_size and self.running
+                        and not self._failures):
                     prefetched = self.queue.receive(self.batch_size)
                 busy = yield self.process_messages(messages)
             except Exception:
                 log.failure("processing round failed")
                 busy = False
-            if not busy and self.running:
-                self._sleep = task.deferLater(self.reactor, self.poll_interval, lambda: None)
+            if self._failures and prefetched is not None:
+                # Received before the outage showed: back, uncounted.
                 try:
-                    yield self._sleep
-                except defer.CancelledError:
-                    continue  # stopping: settle a prefetched batch, if any
-                finally:
-                    self._sleep = None
+                    messages, prefetched = (yield prefetched), None
+                    yield self._settle_each(self.queue.postpone,
+                                            [[m.receipt for m in messages], self.problem or ""])
+                except Exception:
+                    log.failure("giving a prefetched batch back failed")
+                    prefetched = None
+            if not busy and not self._failures and self.running:
+                yield self._pause(self.poll_interval)
         yield self._settled()
 
     def process_round(self):
@@ -112,38 +197,67 @@ class ProcessorService(Service):
     @defer.inlineCallbacks
     def process_messages(self, messages):
         """Process one received batch. Fires True if there was work, once
-        the batch is processed; its deletes may still be under way (see
-        :attr:`_settling`), which the next batch's processing overlaps."""
+        the batch is processed and settled but for its deletes, which may
+        still be under way (see :attr:`_settling`) while the next batch's
+        processing overlaps them."""
         if not messages:
             return False  # (a long-polling queue has already waited)
         envelopes = [m.envelope for m in messages]
         try:
             results = yield self._in_thread(self.processor.process_batch, envelopes)
         except RegistryUnavailable as e:
-            log.warn("registry unavailable, batch of {count} retried: {reason}",
-                     count=len(messages), reason=str(e))
-            yield self._settled()
-            for message in messages:
-                yield self.queue.release(message.receipt, str(e), self._delay(message))
-            return False
-        done = []
-        failed = []
+            results = [Result(Outcome.FAILED, str(e), True, True)] * len(messages)
+        done, postponed, refused, failed = [], [], [], []
+        outage = None
         for message, result in zip(messages, results):
             self.counts[result.outcome] += 1
             if result.outcome is Outcome.FAILED:
-                log.info("{device} seq {seq} not written, retried: {reason}",
+                if result.unavailable:
+                    outage = result.reason
+                    postponed.append(message.receipt)
+                else:
+                    log.info("{device} seq {seq} not written, retried: {reason}",
+                             device=message.envelope.device, seq=message.envelope.seq,
+                             reason=result.reason)
+                    failed.append((message, result.reason))
+            elif result.outcome is Outcome.REFUSED:
+                log.warn("{device} seq {seq} refused, to the dead letters: {reason}",
                          device=message.envelope.device, seq=message.envelope.seq,
                          reason=result.reason)
-                failed.append((message, result.reason))
+                refused.append((message, result.reason))
             else:
                 done.append(message.receipt)
+        if outage is not None:
+            self._failures += 1
+            self.problem = f"unavailable: {outage}"[:300]
+            log.warn("{count} messages wait in the queue, trying again in {delay} s: {reason}",
+                     count=len(postponed), delay=self.backoff(), reason=outage)
+        elif self._failures:
+            log.info("processing again after: {problem}", problem=self.problem)
+            self._failures, self.problem = 0, None
         yield self._settled()
-        for message, reason in failed:
-            yield self.queue.release(message.receipt, reason, self._delay(message))
+        # The deletes first: nothing that goes wrong settling the others
+        # may keep written messages from being deleted.
         if done:
             self._settling = self.queue.delete(done)
-            self._settling.addErrback(lambda f: log.failure("deleting processed messages failed", f))
+            self._settling.addErrback(self._settle_failed, "deleting processed messages")
+        if postponed:
+            yield self._settle_each(self.queue.postpone, [postponed, outage])
+        for message, reason in refused:
+            yield self._settle_each(self.queue.dead_letter, [message.receipt, reason])
+        for message, reason in failed:
+            yield self._settle_each(self.queue.release,
+                                    [message.receipt, reason, self._delay(message)])
         return True
+
+    def _settle_each(self, operation, args) -> defer.Deferred:
+        """*operation(*args)* on the queue; a failure is logged and counted."""
+        return defer.maybeDeferred(operation, *args).addErrback(
+            self._settle_failed, getattr(operation, "__name__", "settling"))
+
+    def _settle_failed(self, failure, what: str) -> None:
+        self.settle_failures += 1
+        log.failure("{what} failed", failure, what=what)
 
     def _settled(self) -> defer.Deferred:
         """Fires when the last batch's deletes are written."""

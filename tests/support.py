@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -18,7 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import orjson
+import treq
 from twisted.internet import defer, reactor, utils
+from twisted.web.client import HTTPConnectionPool
 from txthings import coap
 
 from sense_gateway.coap.message import Message, parse
@@ -247,11 +251,16 @@ def request_datagram(code=coap.POST, path="data", payload=b"", content_format=No
 
 
 class GatewayProcess:
-    """``twistd -n sense-gateway`` as a child process on a free port."""
+    """``twistd -n sense-gateway`` as a child process on a free port.
 
-    def __init__(self, testcase, *args: str, env=None, cwd=None, prepare=None):
-        """*prepare*, if given, is called with the data directory before
-        the process starts (to provision credentials, say)."""
+    *file_size_limit* (bytes) starts it with that ``RLIMIT_FSIZE``: no
+    file it writes can grow past it, as on a full disk (Python ignores
+    SIGXFSZ, so a write beyond it fails with EFBIG); :meth:`limit_file_size`
+    changes it while it runs. *prepare*, if given, is called with the data
+    directory before the process starts (to provision credentials, say)."""
+
+    def __init__(self, testcase, *args: str, env=None, cwd=None,
+                 file_size_limit: int | None = None, prepare=None):
         self.data_dir = Path(testcase.mktemp()).resolve()
         self.data_dir.mkdir(parents=True)
         if prepare is not None:
@@ -267,9 +276,36 @@ class GatewayProcess:
             command += ["--plugins-dir", str(self.data_dir / "plugins")]
         environment = {k: v for k, v in os.environ.items() if not k.startswith("SENSE_")}
         environment.update(env or {})
+        limit = None if file_size_limit is None else (
+            lambda: resource.setrlimit(resource.RLIMIT_FSIZE,
+                                       (file_size_limit, resource.RLIM_INFINITY)))
         self.process = subprocess.Popen(command, cwd=cwd or self.data_dir, env=environment,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        preexec_fn=limit)
         testcase.addCleanup(self.stop)
+
+    def limit_file_size(self, limit: int | None) -> None:
+        """Set the running gateway's RLIMIT_FSIZE (None: no limit)."""
+        soft = resource.RLIM_INFINITY if limit is None else limit
+        resource.prlimit(self.process.pid, resource.RLIMIT_FSIZE, (soft, resource.RLIM_INFINITY))
+
+    @defer.inlineCallbacks
+    def get(self, path: str):
+        """(status, body) of a GET on the gateway's web side."""
+        base = yield self.web_url()
+        response = yield treq.get(base + path.lstrip("/"),
+                                  pool=HTTPConnectionPool(reactor, persistent=False))
+        body = yield response.content()
+        return response.code, body
+
+    @defer.inlineCallbacks
+    def get_json(self, path: str):
+        """(status, document) of a GET on the gateway's web side."""
+        status, body = yield self.get(path)
+        try:
+            return status, orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise AssertionError(f"GET {path}: {status} {body[:300]!r}") from None
 
     @property
     def queue_path(self) -> Path:

@@ -14,6 +14,7 @@ from twisted.trial.unittest import TestCase
 import sense_gateway.aws.lambda_handler as lambda_handler
 from sense_gateway.registry.dynamodb import DynamoDBRegistry
 from tests.servers import MotoServer, VictoriaMetrics
+from tests.test_processor import RebootSequenceChecks
 from tests.support import AWS_ENV, set_environ, coap_url, eventually, libcoap_request, start_gateway
 
 NOW = 1764300000
@@ -49,6 +50,21 @@ class CloudTestCase(TestCase):
         })
         self.patch(lambda_handler, "_processor", None)
         self.addCleanup(lambda: lambda_handler._processor and lambda_handler._processor.close())
+
+    def gateway(self, **overrides):
+        """``--role all`` in this process on the cloud backends: the worker
+        drains SQS itself."""
+        settings = {"role": "all", "queue.backend": "sqs", "aws.queue_url": self.queue_url,
+                    "aws.endpoint_url": self.moto.url, "registry.backend": "dynamodb",
+                    "sinks.enabled": ("influxdb",), "influxdb.url": self.vm.url,
+                    "influxdb.retries": 0, "processor.poll_interval": 0.0,
+                    "processor.retry_base": 0.05}
+        settings.update(overrides)
+        # The gateway's own SENSE_* settings come from here, not the Lambda's.
+        for name in [n for n in os.environ if n.startswith("SENSE_")]:
+            set_environ(self, {name: os.environ[name]})
+            del os.environ[name]
+        return start_gateway(self, **settings)
 
     def sqs_event(self, max_messages=10) -> dict:
         """What the SQS event-source mapping hands a Lambda."""
@@ -130,19 +146,6 @@ class GatewayToLambdaTests(CloudTestCase):
 class InProcessSQSTests(CloudTestCase):
     """``--role all`` on the cloud backends: the worker drains SQS itself."""
 
-    def gateway(self, **overrides):
-        settings = {"role": "all", "queue.backend": "sqs", "aws.queue_url": self.queue_url,
-                    "aws.endpoint_url": self.moto.url, "registry.backend": "dynamodb",
-                    "sinks.enabled": ("influxdb",), "influxdb.url": self.vm.url,
-                    "influxdb.retries": 0, "processor.poll_interval": 0.0,
-                    "processor.retry_base": 0.05}
-        settings.update(overrides)
-        # The gateway's own SENSE_* settings come from here, not the Lambda's.
-        for name in [n for n in os.environ if n.startswith("SENSE_")]:
-            set_environ(self, {name: os.environ[name]})
-            del os.environ[name]
-        return start_gateway(self, **settings)
-
     def sense(self, *args) -> bytes:
         import subprocess
 
@@ -163,20 +166,45 @@ class InProcessSQSTests(CloudTestCase):
         self.assertEqual(self.vm.points()[("sense_t", "node-s")], {NOW * 1000: 3.0})
 
     @defer.inlineCallbacks
-    def test_failing_message_dead_lettered_with_reason_and_replayed(self):
-        port, data = self.vm.port, self.vm.data
-        self.vm.stop()
-        gateway = yield self.gateway(**{"queue.max_receives": 2})
-        response = yield libcoap_request("post", coap_url("::1", gateway.port, "/data"),
-                                         b'{"id": "node-x", "seq": 1, "ts": 1764300000, "data": {"t": 1}}', 50)
+    def test_refused_message_dead_lettered_with_reason_and_replayed(self):
+        from tests.servers import InfluxDB1
+
+        influx = InfluxDB1(self)
+        gateway = yield self.gateway(**{"influxdb.url": influx.url, "influxdb.api": "v1"})
+        url = coap_url("::1", gateway.port, "/data")
+        response = yield libcoap_request("post", url, b'{"id": "node-x", "seq": 1, "ts": 1764300000, '
+                                                      b'"data": {"t": 1}}', 50)
+        self.assertEqual(response.code, "2.04")
+        yield eventually(lambda: influx.rows('SELECT "t" FROM "sense"') != [], timeout=30)
+        # A string where InfluxDB has a float: refused, dead-lettered at once.
+        response = yield libcoap_request("post", url, b'{"id": "node-x", "seq": 2, "ts": 1764300001, '
+                                                      b'"data": {"t": "warm"}}', 50)
         self.assertEqual(response.code, "2.04")
         yield eventually(lambda: orjson.loads(self.sense("queue", "--json"))["dead"] == 1, timeout=30)
         [letter] = orjson.loads(self.sense("dlq", "list", "--json"))
         self.assertEqual(letter["device"], "node-x")
-        self.assertIn("influxdb: cannot reach", letter["reason"])
-        self.vm = VictoriaMetrics(self, port=port, data=data)
+        self.assertIn("field type conflict", letter["reason"])
+        influx.query('DROP MEASUREMENT "sense"')
         self.assertEqual(self.sense("dlq", "replay"), b"1 message back in the queue\n")
-        yield eventually(lambda: ("sense_t", "node-x") in self.vm.points(), timeout=30)
+        yield eventually(lambda: influx.rows('SELECT "t" FROM "sense"') != [], timeout=30)
+        self.assertEqual([r["t"] for r in influx.rows('SELECT "t" FROM "sense"')], ["warm"])
+
+    @defer.inlineCallbacks
+    def test_metrics_server_down_keeps_messages_out_of_the_dead_letters(self):
+        port, data = self.vm.port, self.vm.data
+        self.vm.stop()
+        gateway = yield self.gateway(**{"queue.max_receives": 2, "processor.retry_max": 0.2})
+        response = yield libcoap_request("post", coap_url("::1", gateway.port, "/data"),
+                                         b'{"id": "node-y", "seq": 1, "ts": 1764300000, "data": {"t": 1}}', 50)
+        self.assertEqual(response.code, "2.04")
+        yield eventually(lambda: gateway.worker.problem is not None, timeout=30)
+        self.assertIn("cannot reach", gateway.worker.problem)
+        # Many backoffs later: asked the sink, never received the message again.
+        yield eventually(lambda: gateway.worker._failures >= 6, timeout=30)
+        self.assertEqual(orjson.loads(self.sense("queue", "--json"))["dead"], 0)
+        self.vm = VictoriaMetrics(self, port=port, data=data)
+        yield eventually(lambda: ("sense_t", "node-y") in self.vm.points(), timeout=30)
+        yield eventually(lambda: gateway.worker.problem is None)
 
 
 class RegistryRaceTests(CloudTestCase):
@@ -218,3 +246,129 @@ class SQSBatchingTests(CloudTestCase):
         attributes = self.sqs.get_queue_attributes(
             QueueUrl=self.queue_url, AttributeNames=["ApproximateNumberOfMessages"])["Attributes"]
         self.assertEqual(attributes["ApproximateNumberOfMessages"], "25")
+
+
+class DynamoDBRebootTests(RebootSequenceChecks, TestCase):
+    """The reboot rules with the registry in DynamoDB (moto)."""
+
+    timeout = 120
+
+    def setUp(self):
+        from pathlib import Path
+
+        from sense_gateway.processor import BatchProcessor
+        from sense_gateway.sinks.sqlite import SQLiteStore
+
+        set_environ(self, AWS_ENV)
+        self.moto = MotoServer(self)
+        self.moto.client("dynamodb").create_table(
+            TableName="sense-devices", BillingMode="PAY_PER_REQUEST",
+            KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}])
+        self.registry = DynamoDBRegistry("sense-devices", "us-east-1", self.moto.url)
+        self.store = SQLiteStore(Path(self.mktemp()).resolve() / "readings.sqlite3",
+                                 retention_days=36500)
+        self.processor = BatchProcessor(self.registry, [self.store], clock=lambda: NOW + 60)
+        self.addCleanup(self.processor.close)
+
+    def test_an_item_keeps_the_digests_as_one_binary_attribute(self):
+        from tests.test_processor import stamped
+
+        self.processor.process_batch([stamped("n9", seq, 1.0 + seq, NOW + seq, boot=2)
+                                      for seq in range(1, 100)])
+        item = self.moto.client("dynamodb").get_item(
+            TableName="sense-devices", Key={"id": {"S": "n9"}})["Item"]
+        self.assertEqual((len(item["digests"]["B"]), item["boot"]["N"]), (260, "2"))
+
+
+class SQSLimitTests(CloudTestCase):
+    """``queue.max_depth``, postponing and dead-lettering with SQS (moto)."""
+
+    def queue(self, **overrides):
+        from twisted.internet import reactor
+
+        from sense_gateway.config import load_config
+        from sense_gateway.queues.sqs import SQSQueue
+
+        config = load_config(environ={}, overrides={"aws.queue_url": self.queue_url,
+                                                    "aws.endpoint_url": self.moto.url,
+                                                    "queue.retry_after": 3, **overrides})
+        queue = SQSQueue(config, reactor)
+        queue.startService()
+        self.addCleanup(queue.stopService)
+        return queue
+
+    def envelopes(self, count):
+        from sense_gateway.envelope import Envelope, Reading, new_envelope_id
+
+        return [Envelope(new_envelope_id(), "node-l", i, NOW, "x", "coap", None, "/data", 50,
+                         [Reading({"t": float(i)}, NOW)]) for i in range(count)]
+
+    @defer.inlineCallbacks
+    def test_beyond_max_depth_puts_are_refused_until_the_queue_has_room(self):
+        from sense_gateway.errors import Unavailable
+
+        queue = self.queue(**{"queue.max_depth": 5})
+        first, sixth = self.envelopes(5), self.envelopes(1)
+        yield defer.gatherResults([queue.put([e]) for e in first])
+        error = yield self.assertFailure(queue.put(sixth), Unavailable)
+        self.assertEqual((error.diagnostic, error.max_age), ("queue full", 3))
+        error = yield self.assertFailure(queue.check(), Unavailable)
+        self.assertEqual(error.diagnostic, "queue full: 5 envelopes waiting (queue.max_depth 5)")
+        self.assertEqual(queue.refusals["full"], 1)
+        # Another processor (a Lambda) drains two; the next count shows it.
+        response = self.sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=2)
+        for m in response["Messages"]:
+            self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=m["ReceiptHandle"])
+        yield queue.check()
+        yield queue.put(sixth)
+
+    @defer.inlineCallbacks
+    def test_postponed_messages_are_visible_again_at_once(self):
+        queue = self.queue(**{"queue.visibility_timeout": 300.0})
+        yield queue.put(self.envelopes(2))
+        received = yield queue.receive(10)
+        self.assertEqual(len(received), 2)
+        yield queue.postpone([m.receipt for m in received], "influxdb: cannot reach")
+        again = yield queue.receive(10)
+        self.assertEqual(sorted(m.envelope.seq for m in again), [0, 1])
+
+    @defer.inlineCallbacks
+    def test_a_refused_message_goes_to_the_dead_letter_queue_at_once_with_its_reason(self):
+        queue = self.queue()
+        yield queue.put(self.envelopes(1))
+        [message] = yield queue.receive(10)
+        yield queue.dead_letter(message.receipt, "influxdb: HTTP 400: field type conflict")
+        [letter] = yield queue.dead_letters()
+        self.assertEqual((letter.envelope.device, letter.reason),
+                         ("node-l", "influxdb: HTTP 400: field type conflict"))
+        depth = yield queue.depth()
+        self.assertEqual(depth, {"visible": 0, "in_flight": 0, "dead": 1})
+
+
+class DynamoDBCheckTests(CloudTestCase):
+    def test_check_fails_for_a_missing_table_until_it_exists(self):
+        from botocore.exceptions import ClientError
+
+        registry = DynamoDBRegistry("sense-later", "us-east-1", self.moto.url)
+        error = self.assertRaises(ClientError, registry.check)
+        self.assertEqual(error.response["Error"]["Code"], "ResourceNotFoundException")
+        self.moto.client("dynamodb").create_table(
+            TableName="sense-later", BillingMode="PAY_PER_REQUEST",
+            KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}])
+        registry.check()
+        self.assertEqual(registry.devices(), [])
+
+    @defer.inlineCallbacks
+    def test_the_processor_starts_once_its_table_exists(self):
+        gateway = yield self.gateway(**{"registry.table": "sense-later",
+                                  "processor.retry_base": 0.1, "processor.retry_max": 0.3})
+        yield eventually(lambda: (gateway.worker.problem or "").startswith("not started"))
+        self.assertIn("ResourceNotFoundException", gateway.worker.problem)
+        self.moto.client("dynamodb").create_table(
+            TableName="sense-later", BillingMode="PAY_PER_REQUEST",
+            KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}])
+        yield eventually(lambda: gateway.worker.processor is not None
+                         and gateway.worker.problem is None)

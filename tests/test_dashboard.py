@@ -162,6 +162,8 @@ class DashboardTests(TestCase):
             self.assertEqual(chart["points"], 3 if key[0] == "::1" else 40, key)
             self.assertGreater(chart["painted"], 500, f"{key}: the canvas is blank")
         self.assertEqual(first["stats"]["devices"], "3")
+        # Everything processed: nothing waits, against the default bound.
+        self.assertEqual(first["stats"]["backlog"], "0 of 1,000,000")
         self.assertIsNone(first["notice"])
 
         # New readings show up without a reload: a new point, a new device.

@@ -93,6 +93,22 @@ class EmbeddedEndToEndTests(TestCase):
                          [("127.0.0.1", 1), ("node-a", 3), ("urn:dev:mac:0024befffe804ff1", 1)])
 
     @defer.inlineCallbacks
+    def test_a_device_that_reboots_keeps_its_first_reading_after_the_reboot(self):
+        # The sequence, as libcoap sends it, readings without ts.
+        gateway = yield self.gateway()
+        sent = [(1, 22.0), (2, 22.1), (3, 22.2), (9, 22.4), (9, 22.4), (1, 30.5)]
+        for seq, value in sent:
+            yield self.post(gateway, "::1", "/data", orjson.dumps(
+                {"id": "n1", "seq": seq, "data": {"t": value}}), 50)
+        yield eventually(lambda: "n1" in self.devices(gateway)
+                         and self.devices(gateway)["n1"].state.counters.received == 5)
+        counters = self.devices(gateway)["n1"].state.counters
+        self.assertEqual((counters.resets, counters.duplicates), (1, 1))
+        store = SQLiteStore(gateway.config.store_path)
+        self.addCleanup(store.close)
+        self.assertEqual([v for _, v in store.query("n1", "t")], [22.0, 22.1, 22.2, 22.4, 30.5])
+
+    @defer.inlineCallbacks
     def test_metrics_server_down_loses_nothing(self):
         gateway = yield self.gateway()
         port, data = self.vm.port, self.vm.data
@@ -113,27 +129,43 @@ class EmbeddedEndToEndTests(TestCase):
         self.assertEqual((counters.received, counters.duplicates, counters.lost), (5, 0, 0))
 
     @defer.inlineCallbacks
-    def test_dead_letter_keeps_reason_and_replays(self):
-        gateway = yield self.gateway(**{"queue.max_receives": 2, "processor.retry_base": 0.05})
-        port, data = self.vm.port, self.vm.data
-        self.vm.stop()
+    def test_refused_reading_is_dead_lettered_at_once_with_the_servers_message_and_replays(self):
+        from tests.servers import InfluxDB1
+
+        influx = InfluxDB1(self)
+        gateway = yield self.gateway(**{"influxdb.url": influx.url, "influxdb.api": "v1"})
         yield self.post(gateway, "::1", "/data", orjson.dumps(
             {"id": "node-d", "seq": 1, "ts": NOW, "data": {"t": 1}}), 50)
-        yield eventually(lambda: self.queue_depth(gateway)["dead"] == 1)
-        [letter] = orjson.loads(self.sense(gateway, "dlq", "list", "--json"))
-        self.assertEqual((letter["device"], letter["seq"], letter["receives"]), ("node-d", 1, 2))
-        self.assertIn("influxdb: cannot reach", letter["reason"])
-
-        self.vm = VictoriaMetrics(self, port=port, data=data)
-        self.assertEqual(self.sense(gateway, "dlq", "replay"), b"1 message back in the queue\n")
         yield eventually(lambda: "node-d" in self.devices(gateway))
-        self.assertEqual(self.vm.points()[("sense_t", "node-d")], {NOW * 1000: 1.0})
+        # "t" is a float in InfluxDB now: a string for it is refused (400).
+        for seq in (2, 3):
+            yield self.post(gateway, "::1", "/data", orjson.dumps(
+                {"id": "node-d", "seq": seq, "ts": NOW + seq, "data": {"t": "warm" if seq == 2 else 3}}), 50)
+        yield eventually(lambda: self.queue_depth(gateway) == {"visible": 0, "in_flight": 0, "dead": 1})
+        [letter] = orjson.loads(self.sense(gateway, "dlq", "list", "--json"))
+        self.assertEqual((letter["device"], letter["seq"], letter["receives"]), ("node-d", 2, 1))
+        self.assertIn('HTTP 400: partial write: field type conflict: input field "t" on '
+                      'measurement "sense" is type string', letter["reason"])
+        self.assertEqual(gateway.worker.counts[_outcome("REFUSED")], 1)
+        self.assertEqual([r["t"] for r in influx.rows('SELECT "t" FROM "sense"')], [1.0, 3.0])
+
+        # The schema is fixed (the old series dropped): the replay is stored.
+        influx.query('DROP MEASUREMENT "sense"')
+        self.assertEqual(self.sense(gateway, "dlq", "replay"), b"1 message back in the queue\n")
+        yield eventually(lambda: influx.rows('SELECT "t" FROM "sense"') != [])
+        self.assertEqual([r["t"] for r in influx.rows('SELECT "t" FROM "sense"')], ["warm"])
+        counters = self.devices(gateway)["node-d"].state.counters
+        self.assertEqual((counters.received, counters.lost, counters.duplicates), (3, 0, 0))
 
 
 def _failed():
+    return _outcome("FAILED")
+
+
+def _outcome(name: str):
     from sense_gateway.processor import Outcome
 
-    return Outcome.FAILED
+    return Outcome[name]
 
 
 class StopDuringProcessingTests(TestCase):

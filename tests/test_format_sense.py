@@ -59,6 +59,9 @@ GOOD_DOCUMENTS = {
     "seq_zero": (
         {"id": "n", "seq": 0, "data": {"t": 1}},
         Decoded([Reading({"t": 1})], "n", 0)),
+    "boot_counter": (
+        {"id": "n", "seq": 1, "boot": 12, "data": {"t": 1}},
+        Decoded([Reading({"t": 1})], "n", 1, 12)),
     "tags_on_single_reading": (
         {"id": "n", "tags": {"room": "lab"}, "data": {"t": 1}},
         Decoded([Reading({"t": 1}, tags={"room": "lab"})], "n", None)),
@@ -112,6 +115,11 @@ BAD_DOCUMENTS = {
     "seq_a_string": ({"id": "n", "seq": "1", "data": {"t": 1}}, "seq: expected an integer"),
     "seq_a_boolean": ({"id": "n", "seq": True, "data": {"t": 1}}, "seq: expected an integer"),
     "seq_a_float": ({"id": "n", "seq": 1.0, "data": {"t": 1}}, "seq: expected an integer"),
+    "boot_a_string": ({"id": "n", "seq": 1, "boot": "2", "data": {"t": 1}},
+                      "boot: expected an integer"),
+    "boot_a_boolean": ({"id": "n", "seq": 1, "boot": True, "data": {"t": 1}},
+                       "boot: expected an integer"),
+    "boot_without_seq": ({"id": "n", "boot": 2, "data": {"t": 1}}, "boot: only with seq"),
     "ts_a_string": ({"id": "n", "ts": "now", "data": {"t": 1}}, "ts: expected epoch seconds"),
     "ts_a_boolean": ({"id": "n", "ts": True, "data": {"t": 1}}, "ts: expected epoch seconds"),
     "data_not_an_object": ({"id": "n", "data": 5}, "data: expected an object"),

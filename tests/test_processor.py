@@ -99,6 +99,16 @@ class SinkFailureTests(ProcessorTestCase):
         self.assertEqual(self.device().state.counters.received, 2)
 
 
+class CountingInfluxSink(InfluxSink):
+    """The real sink, counting its requests (retries are 0: one each)."""
+
+    writes = 0
+
+    def write(self, points):
+        self.writes += 1
+        return super().write(points)
+
+
 class InfluxV1Tests(TestCase):
     """``api = "v1"`` against a real InfluxDB 1.x, read back with InfluxQL."""
 
@@ -106,8 +116,9 @@ class InfluxV1Tests(TestCase):
         self.db = InfluxDB1(self)
         directory = Path(self.mktemp()).resolve()
         self.registry = SQLiteRegistry(directory / "registry.sqlite3")
-        sink = InfluxSink(InfluxConfig(url=self.db.url, api="v1", database="sense", retries=0))
-        self.processor = BatchProcessor(self.registry, [sink], clock=lambda: T0 + 60)
+        self.sink = CountingInfluxSink(InfluxConfig(url=self.db.url, api="v1", database="sense",
+                                                    retries=0))
+        self.processor = BatchProcessor(self.registry, [self.sink], clock=lambda: T0 + 60)
         self.addCleanup(self.processor.close)
 
     def test_points_queryable_with_influxql(self):
@@ -119,20 +130,76 @@ class InfluxV1Tests(TestCase):
         self.assertEqual(sorted((r["device"], r["received"]) for r in counters),
                          [("node-1", 1), ("node-2", 1)])
 
-    def test_refused_message_fails_alone(self):
+    def test_one_bad_line_refuses_its_message_alone_in_the_same_round(self):
         # The field "t" is a float in InfluxDB from the first write; a
         # string for it is refused by the server (400, field type conflict).
         self.processor.process_batch([envelope(seq=1, t=20.5)])
+        batch = [envelope(seq=seq, ts=T0 + seq, t=20.0 + seq / 100) for seq in range(2, 300)]
+        batch[100] = envelope(seq=102, ts=T0 + 102, t="warm")
+        self.sink.writes = 0
+        results = self.processor.process_batch(batch)
+        self.assertEqual([i for i, r in enumerate(results) if r.outcome is not Outcome.WRITTEN],
+                         [100])
+        self.assertEqual((results[100].outcome, results[100].retryable),
+                         (Outcome.REFUSED, False))
+        self.assertIn('HTTP 400: partial write: field type conflict: input field "t" on '
+                      'measurement "sense" is type string', results[100].reason)
+        # The refused write, then the rest again: no halving.
+        self.assertEqual(self.sink.writes, 2)
+        self.assertEqual(len(self.db.rows('SELECT "t" FROM "sense"')), 1 + 297)
+        # Its number is not marked seen: replayed once the field is fixed,
+        # it is accepted (late) and no longer counted lost.
+        state = self.registry.load(["node-1"])["node-1"].state
+        self.assertEqual((state.last_seq, state.counters.lost, state.counters.received),
+                         (299, 1, 298))
+
+    def test_bad_lines_of_several_messages_are_refused_together(self):
+        self.processor.process_batch([envelope(seq=1, t=20.5), envelope("node-2", seq=1, on=True)])
+        self.sink.writes = 0
         results = self.processor.process_batch([
-            envelope(seq=2, ts=T0 + 1, t=21.0),
-            envelope(seq=3, ts=T0 + 2, t="warm"),
-            envelope(seq=4, ts=T0 + 3, t=22.0),
-        ])
+            envelope(seq=2, ts=T0 + 1, t="warm"), envelope("node-2", seq=2, ts=T0 + 1, on=1.5),
+            envelope("node-3", seq=1, ts=T0 + 1, t=3.0)])
         self.assertEqual([r.outcome for r in results],
-                         [Outcome.WRITTEN, Outcome.FAILED, Outcome.WRITTEN])
-        self.assertFalse(results[1].retryable)
-        self.assertIn("400", results[1].reason)
-        self.assertEqual([r["t"] for r in self.db.rows('SELECT "t" FROM "sense"')], [20.5, 21.0, 22.0])
+                         [Outcome.REFUSED, Outcome.REFUSED, Outcome.WRITTEN])
+        self.assertLessEqual(self.sink.writes, 3)
+
+    def test_the_refused_message_is_found_among_skipped_and_many_reading_ones(self):
+        first = envelope(seq=1, t=20.5)
+        self.processor.process_batch([first])
+        several = Envelope(new_envelope_id(), "node-2", 1, T0, "[::1]:5683", "coap", None,
+                           "/data", 50, [Reading({"t": 1.0}, T0 + i) for i in range(3)])
+        bad = Envelope(new_envelope_id(), "node-3", 1, T0, "[::1]:5683", "coap", None, "/data",
+                       50, [Reading({"t": 2.0}, T0), Reading({"t": "warm"}, T0 + 1)])
+        results = self.processor.process_batch([
+            first,                                  # redelivered: skipped
+            envelope(seq=1, ts=T0 + 5, t=20.5),     # same number, same content: duplicate
+            several, bad, envelope("node-4", seq=1, t=4.0)])
+        self.assertEqual([r.outcome for r in results],
+                         [Outcome.DUPLICATE, Outcome.DUPLICATE, Outcome.WRITTEN, Outcome.REFUSED,
+                          Outcome.WRITTEN])
+        rows = self.db.rows('SELECT "t" FROM "sense" GROUP BY "device"')
+        # InfluxDB kept the good line of the refused message (a partial
+        # write): its replay writes it again, to the same point.
+        self.assertEqual(sorted((r["device"], r["t"]) for r in rows),
+                         [("node-1", 20.5)] + [("node-2", 1.0)] * 3 + [("node-3", 2.0),
+                                                                      ("node-4", 4.0)])
+        self.assertNotIn("node-3", self.registry.load(["node-3"]))
+
+    def test_the_servers_own_parse_error_names_the_line(self):
+        from sense_gateway.sinks import MetricPoint
+        from tests.servers import http
+
+        good = MetricPoint("sense", {"device": "a"}, {"t": 1.0}, 1_764_300_000_000_000_000)
+        bad = MetricPoint("sense", {"device": "b"}, {"t": 2.0}, 10 ** 20)  # beyond int64
+        line = self.sink.lines([bad])[0]
+        status, body = http("POST", f"{self.db.url}/write?db=sense&precision=ns",
+                            "\n".join(self.sink.lines([good, bad])).encode())
+        self.assertEqual(status, 400)
+        from sense_gateway.sinks.influxdb import _server_message
+
+        message = _server_message(body.decode())
+        self.assertIn(f"unable to parse '{line}'", message)
+        self.assertEqual(self.sink.refused_points(message, [good, bad]), {1})
 
 
 class InfluxRetryTests(TestCase):
@@ -216,7 +283,7 @@ class RefusingSink:
 
 
 class PoisonSplitTests(TestCase):
-    def test_a_refused_message_in_a_large_batch_is_found_by_halving(self):
+    def test_a_refusal_naming_no_line_is_narrowed_down_by_halving(self):
         registry = SQLiteRegistry(Path(self.mktemp()).resolve() / "registry.sqlite3")
         sink = RefusingSink()
         processor = BatchProcessor(registry, [sink], clock=lambda: T0 + 60)
@@ -227,9 +294,103 @@ class PoisonSplitTests(TestCase):
         results = processor.process_batch(batch)
         self.assertEqual([i for i, r in enumerate(results) if r.outcome is not Outcome.WRITTEN],
                          [300])
-        self.assertEqual((results[300].outcome, results[300].retryable), (Outcome.FAILED, False))
+        self.assertEqual((results[300].outcome, results[300].retryable), (Outcome.REFUSED, False))
         self.assertLessEqual(sink.writes, 2 * 10 + 1)
         readings = [p for p in sink.points if p.measurement == "sense"]
         self.assertEqual(len(readings), 1023)
         self.assertEqual(registry.load(["node-0"])["node-0"].state.counters.received, 147)
         self.assertNotIn("node-300", registry.load(["node-300"]))
+
+
+def stamped(device, seq, value, received, boot=None) -> Envelope:
+    """An envelope as the gateway makes it from a reading without ``ts``:
+    stamped with its receive time."""
+    return Envelope(new_envelope_id(), device, seq, received, "[::1]:5683", "coap", None,
+                    "/data", 50, [Reading({"t": value}, received)], None, boot)
+
+
+class RebootSequenceChecks:
+    """The issue's reboot sequence, for any registry (``self.registry``,
+    ``self.store``: a readings store, ``self.processor``)."""
+
+    def test_reboot_counting_from_one_again_keeps_its_reading(self):
+        # seq 1, 2, 3, 9, then 9 sent again as a new message (so a new
+        # envelope, received later), then a reboot: seq 1 with a new value.
+        sent = [(1, 22.0), (2, 22.1), (3, 22.2), (9, 22.4), (9, 22.4), (1, 30.5)]
+        outcomes = []
+        for i, (seq, value) in enumerate(sent):
+            [result] = self.processor.process_batch([stamped("n1", seq, value, T0 + 10 * i)])
+            outcomes.append(result.outcome)
+        self.assertEqual(outcomes, [Outcome.WRITTEN] * 4 + [Outcome.DUPLICATE, Outcome.WRITTEN])
+        self.assertEqual(self.store.query("n1", "t")[-1], (int((T0 + 50) * 1e9), 30.5))
+        self.assertEqual(len(self.store.query("n1", "t")), 5)
+        counters = self.registry.load(["n1"])["n1"].state.counters
+        self.assertEqual((counters.received, counters.duplicates, counters.resets, counters.lost),
+                         (5, 1, 1, 5))
+
+    def test_the_reboot_sequence_in_one_batch(self):
+        sent = [(1, 22.0), (2, 22.1), (3, 22.2), (9, 22.4), (9, 22.4), (1, 30.5)]
+        results = self.processor.process_batch(
+            [stamped("n2", seq, value, T0 + 10 * i) for i, (seq, value) in enumerate(sent)])
+        self.assertEqual([r.outcome for r in results],
+                         [Outcome.WRITTEN] * 4 + [Outcome.DUPLICATE, Outcome.WRITTEN])
+        counters = self.registry.load(["n2"])["n2"].state.counters
+        self.assertEqual((counters.duplicates, counters.resets), (1, 1))
+
+    def test_redelivered_envelope_changes_nothing_after_the_reboot(self):
+        first = stamped("n3", 1, 22.0, T0)
+        after_reboot = stamped("n3", 1, 30.5, T0 + 10)
+        self.processor.process_batch([first])
+        self.processor.process_batch([after_reboot])
+        before = self.registry.load(["n3"])["n3"]
+        # The queue hands both out again (at-least-once): both are known.
+        results = self.processor.process_batch([first, after_reboot])
+        self.assertEqual([(r.outcome, r.reason) for r in results],
+                         [(Outcome.DUPLICATE, "already processed")] * 2)
+        after = self.registry.load(["n3"])["n3"]
+        self.assertEqual((after.state, after.version), (before.state, before.version))
+
+    def test_boot_counter_decides_for_identical_content(self):
+        # Byte for byte the same reading after a reboot: only the boot
+        # counter tells it from a repetition.
+        self.processor.process_batch([stamped("n4", 1, 22.0, T0, boot=3)])
+        [repeated] = self.processor.process_batch([stamped("n4", 1, 22.0, T0 + 5, boot=3)])
+        [rebooted] = self.processor.process_batch([stamped("n4", 1, 22.0, T0 + 10, boot=4)])
+        self.assertEqual((repeated.outcome, rebooted.outcome), (Outcome.DUPLICATE, Outcome.WRITTEN))
+        state = self.registry.load(["n4"])["n4"].state
+        self.assertEqual((state.boot, state.counters.resets, state.counters.duplicates), (4, 1, 1))
+
+
+class SQLiteRebootTests(RebootSequenceChecks, TestCase):
+    def setUp(self):
+        directory = Path(self.mktemp()).resolve()
+        self.registry = SQLiteRegistry(directory / "registry.sqlite3")
+        self.store = SQLiteStore(directory / "readings.sqlite3", retention_days=36500)
+        self.processor = BatchProcessor(self.registry, [self.store], clock=lambda: T0 + 60)
+        self.addCleanup(self.processor.close)
+
+    def test_a_registry_file_from_before_digests_is_upgraded_in_place(self):
+        import sqlite3
+
+        path = Path(self.mktemp()).resolve()
+        path.mkdir()
+        old = sqlite3.connect(path / "registry.sqlite3")
+        old.execute("CREATE TABLE devices (id TEXT PRIMARY KEY, first_seen REAL NOT NULL, "
+                    "last_seen REAL NOT NULL, last_source TEXT NOT NULL, last_seq INTEGER, "
+                    "window TEXT NOT NULL, received INTEGER NOT NULL, duplicates INTEGER NOT NULL, "
+                    "lost INTEGER NOT NULL, resets INTEGER NOT NULL, unsequenced INTEGER NOT NULL, "
+                    "recent TEXT NOT NULL, version INTEGER NOT NULL)")
+        old.execute("INSERT INTO devices VALUES ('old', 1, 2, 'x', 5, '3', 5, 0, 0, 0, 0, '[]', 4)")
+        old.commit()
+        old.close()
+        registry = SQLiteRegistry(path / "registry.sqlite3")
+        self.addCleanup(registry.close)
+        record = registry.load(["old"])["old"]
+        self.assertEqual((record.state.last_seq, record.state.digests, record.state.boot,
+                          record.version), (5, b"", None, 4))
+        processor = BatchProcessor(registry, [], clock=lambda: T0)
+        self.assertEqual([r.outcome for r in processor.process_batch(
+            [stamped("old", 4, 1.0, T0), stamped("old", 6, 1.0, T0)])],
+            [Outcome.DUPLICATE, Outcome.WRITTEN])
+        # The new number has its digest; the older ones stay unknown.
+        self.assertEqual(len(registry.load(["old"])["old"].state.digests), 4)

@@ -110,6 +110,56 @@ class StoreTests(SynchronousTestCase):
         self.clock.now += 5
         self.assertEqual([m.envelope.seq for m in self.store.receive(10)], [1])
 
+    def test_postponed_messages_keep_their_receives(self):
+        # An outage of a sink: tried ten times, never any closer to the
+        # dead letters (max_receives is 2 here).
+        for _ in range(10):
+            received = self.store.receive(10)
+            self.store.postpone([m.receipt for m in received], "influxdb: cannot reach")
+        self.assertEqual([(m.envelope.seq, m.receive_count) for m in self.store.receive(10)],
+                         [(1, 1), (2, 1)])
+        self.assertEqual(self.store.depth()["dead"], 0)
+
+    def test_a_postponed_message_is_visible_after_its_delay(self):
+        [message] = self.store.receive(1)
+        self.store.postpone([message.receipt], "sink down", delay=5)
+        self.assertEqual([m.envelope.seq for m in self.store.receive(10)], [2])
+        self.clock.now += 5
+        self.assertEqual([m.envelope.seq for m in self.store.receive(10)], [1])
+
+    def test_a_stale_receipt_postpones_nothing(self):
+        [old] = self.store.receive(1)
+        self.clock.now += 31
+        self.store.receive(1)
+        self.store.postpone([old.receipt], "too late")
+        self.assertEqual(self.store.depth(), {"visible": 1, "in_flight": 1, "dead": 0})
+
+    def test_dead_letter_moves_a_refused_message_at_once_with_the_reason(self):
+        [message, _] = self.store.receive(2)
+        self.assertEqual(self.store.dead_letter(message.receipt, "influxdb: HTTP 400: bad"), 1)
+        [letter] = self.store.dead_letters()
+        self.assertEqual((letter.envelope, letter.reason, letter.receive_count),
+                         (self.sent[0], "influxdb: HTTP 400: bad", 1))
+        self.assertEqual(self.store.depth(), {"visible": 0, "in_flight": 1, "dead": 1})
+
+    def test_a_stale_receipt_dead_letters_nothing(self):
+        [old] = self.store.receive(1)
+        self.clock.now += 31
+        self.store.receive(1)
+        self.assertEqual(self.store.dead_letter(old.receipt, "too late"), 0)
+        self.assertEqual(self.store.depth()["dead"], 0)
+
+    def test_the_count_of_waiting_messages_follows_every_change(self):
+        self.assertEqual(self.store.waiting, 2)
+        self.store.put_many([envelope(3).to_json()])
+        [first, second, _] = self.store.receive(3)
+        self.assertEqual(self.store.waiting, 3)  # received is still waiting
+        self.store.delete([first.receipt])
+        self.store.dead_letter(second.receipt, "refused")
+        self.assertEqual(self.store.waiting, 1)
+        self.store.replay()
+        self.assertEqual((self.store.waiting, self.store.count_waiting()), (2, 2))
+
     def test_too_many_receives_dead_letters_with_last_reason(self):
         for reason in ("influxdb: timeout", "influxdb: HTTP 400: field type conflict"):
             [message] = self.store.receive(1)

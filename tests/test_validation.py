@@ -20,12 +20,12 @@ CONFIG = load_config(environ={}, overrides={
     "validation.max_future": 300.0, "validation.min_timestamp": MIN_TIMESTAMP})
 
 
-def envelope(device="node-7", seq=1, readings=None) -> Envelope:
+def envelope(device="node-7", seq=1, readings=None, boot=None) -> Envelope:
     if readings is None:
         readings = [Reading({"t": 21.5}, ts=RECEIVED)]
     return Envelope(id="e", device=device, seq=seq, received=RECEIVED, source="[::1]:5683",
                     transport="coap", identity=None, path="/data", content_format=50,
-                    readings=readings)
+                    readings=readings, boot=boot)
 
 
 def one(fields=None, ts=RECEIVED, measurement="sense", tags=None) -> Envelope:
@@ -69,6 +69,7 @@ ACCEPTED = {
     "seq_absent": lambda: envelope(seq=None),
     "seq_zero": lambda: envelope(seq=0),
     "seq_at_32_bit_max": lambda: envelope(seq=2 ** 32 - 1),
+    "boot_at_32_bit_max": lambda: envelope(boot=2 ** 32 - 1),
     "readings_at_max": lambda: envelope(readings=[Reading({"t": 1}, ts=RECEIVED)] * 2),
     "fields_at_max": lambda: one({"a": 1, "b": 2, "c": 3}),
     "name_at_max_length": lambda: one({"abcdefgh": 1}),
@@ -118,6 +119,9 @@ PROBLEMS = {
     "seq_over_32_bits": (lambda: envelope(seq=2 ** 32), "seq must be an integer from 0 to 4294967295"),
     "seq_boolean": (lambda: envelope(seq=True), "seq must be an integer from 0 to 4294967295"),
     "seq_float": (lambda: envelope(seq=1.0), "seq must be an integer from 0 to 4294967295"),
+    "boot_negative": (lambda: envelope(boot=-1), "boot must be an integer from 0 to 4294967295"),
+    "boot_over_32_bits": (lambda: envelope(boot=2 ** 32),
+                          "boot must be an integer from 0 to 4294967295"),
     "no_readings": (lambda: envelope(readings=[]), "no readings"),
     "readings_over_max": (lambda: envelope(readings=[Reading({"t": 1})] * 3), "more than 2 readings"),
     "no_fields": (lambda: one({}), "reading 1: no fields"),

@@ -58,7 +58,9 @@ def handler(event, context):
     # RegistryUnavailable propagates: the whole batch is retried.
     results = _processor.process_batch(envelopes)
     for message_id, envelope, result in zip(ids, envelopes, results):
-        if result.outcome is Outcome.FAILED:
+        # A refused one too: the handler has no queue of its own to bury
+        # it in, so the redrive policy does, after maxReceiveCount.
+        if result.outcome is Outcome.FAILED or result.outcome is Outcome.REFUSED:
             log.warning("%s seq %s not written (message %s): %s",
                         envelope.device, envelope.seq, message_id, result.reason)
             failures.append(message_id)

@@ -8,6 +8,11 @@ structure in both::
 - ``id``: the device id, a string (required: a document without one is
   refused with ``device id missing``);
 - ``seq``: optional unsigned 32-bit sequence number, an integer;
+- ``boot``: optional unsigned 32-bit boot counter, an integer the device
+  increments at every start (kept in flash), only with ``seq``. With it a
+  reboot is told from a repeated message without doubt: the same ``seq``
+  in a new ``boot`` is a reset, in the same ``boot`` a duplicate (see
+  docs/processing.md, "Sequence numbers");
 - ``ts``: optional epoch seconds (fractions allowed); absent means the
   time the gateway received the request;
 - ``data``: field name -> number, boolean or string;
@@ -50,7 +55,7 @@ from sense_gateway.errors import DecodeError
 from sense_gateway.formats import CBOR, JSON, Format
 from sense_gateway.hookspecs import hookimpl
 
-_DOCUMENT_KEYS = frozenset({"id", "seq", "ts", "data", "tags", "readings"})
+_DOCUMENT_KEYS = frozenset({"id", "seq", "boot", "ts", "data", "tags", "readings"})
 _READING_KEYS = frozenset({"ts", "data", "tags"})
 
 # Our documents nest four deep at most (batch -> readings -> reading ->
@@ -209,6 +214,12 @@ def decode_document(document: Any) -> Decoded:
     seq = document.get("seq")
     if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int)):
         raise DecodeError("seq: expected an integer")
+    boot = document.get("boot")
+    if boot is not None:
+        if isinstance(boot, bool) or not isinstance(boot, int):
+            raise DecodeError("boot: expected an integer")
+        if seq is None:
+            raise DecodeError("boot: only with seq")
     common_tags = _tags(document["tags"], "tags") if "tags" in document else {}
 
     if "data" in document and "readings" in document:
@@ -229,7 +240,7 @@ def decode_document(document: Any) -> Decoded:
         readings = [_reading(document, common_tags, "")]
     else:
         raise DecodeError("data or readings missing")
-    return Decoded(readings=readings, device=device, seq=seq)
+    return Decoded(readings=readings, device=device, seq=seq, boot=boot)
 
 
 def decode_json(payload: bytes, context: RequestContext) -> Decoded:

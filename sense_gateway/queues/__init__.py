@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.python.failure import Failure
 
 from sense_gateway.envelope import Envelope
@@ -58,6 +58,9 @@ class EnvelopeQueue(Service):
     with :class:`~sense_gateway.errors.Unavailable`; the other methods
     should fail the same way rather than leave a Deferred that never fires.
     """
+
+    #: envelopes the queue holds at most (``queue.max_depth``); None: unbounded
+    max_depth: int | None = None
 
     def put(self, envelopes: list[Envelope]) -> Deferred[None]:
         """Store *envelopes*; fire (with ``None``) only once they are durable
@@ -106,6 +109,24 @@ class EnvelopeQueue(Service):
         never succeeds)."""
         raise NotImplementedError
 
+    def postpone(self, receipts: list[str], reason: str, delay: float = 0.0) -> Deferred[None]:
+        """Give messages back like :meth:`release`, but without counting
+        this receive towards ``max_receives`` where the backend can (a
+        sink or the registry was unavailable: no fault of the messages).
+        This default releases each one."""
+        return _each(self.release, receipts, reason, delay)
+
+    def dead_letter(self, receipt: str, reason: str) -> Deferred[None]:
+        """Move a received message to the dead letters at once, with
+        *reason* (a sink refused it; trying again cannot help). This
+        default releases it, so it gets there after ``max_receives``."""
+        return self.release(receipt, reason)
+
+    def check(self) -> Deferred[None]:
+        """Fail with an error saying why the queue cannot take puts now (for
+        ``/healthz``); this default only asks for the depth."""
+        return self.depth().addCallback(lambda _: None)
+
     def depth(self) -> Deferred[dict[str, int]]:
         """Fire with ``{"visible": n, "in_flight": n, "dead": n}``."""
         raise NotImplementedError
@@ -118,6 +139,11 @@ class EnvelopeQueue(Service):
         """Move dead letters (all, or those with *ids*) back into the queue
         with their receive count reset; fire with how many moved."""
         raise NotImplementedError
+
+
+def _each(release, receipts: list[str], reason: str, delay: float) -> Deferred[None]:
+    return gatherResults([release(r, reason, delay) for r in receipts],
+                         consumeErrors=True).addCallback(lambda _: None)
 
 
 def _report(result: object, done: Callable[[BaseException | None], object]) -> None:

@@ -17,12 +17,27 @@ Configuration (``[queue]``):
   that a put fails at once with 5.03 Service Unavailable and Max-Age
   ``retry_after`` (default 5 s), so a stalled disk cannot eat the
   gateway's memory.
+- ``max_depth``: envelopes in the queue at most, waiting for the
+  processor or in its hands (default 1000000, about 400 MB of file);
+  beyond that a put fails at once with 5.03 and Max-Age, ``/healthz``
+  says the queue is full, and puts are taken again as the processor
+  makes room. It bounds the backlog of a long outage of the metrics
+  server. The count is kept as puts and deletes go, and counted again
+  from the file at least every second while puts arrive (another
+  process may drain the same file).
 - ``max_batch``: envelopes per transaction at most (default 2000).
 - ``max_receives``, ``visibility_timeout``: the processor's side. A
   received message is invisible for ``visibility_timeout`` seconds
   (default 30); one received ``max_receives`` times (default 5) without
   being deleted moves to the dead letters with its last failure reason
   (``sense dlq list``), from where ``sense dlq replay`` puts it back.
+
+A commit that fails (a full disk, a file that cannot be written) fails
+every put in it with 5.03 and Max-Age, never a 2.04; ``/healthz`` names
+the queue and the error until a commit succeeds again, and each new put
+tries again, so ingest resumes by itself once there is room. Refusals
+are counted by reason (``refusals``: stopped, busy, full, write failed),
+for ``/metrics``.
 
 Group commit: puts made in one turn of the reactor (the datagrams one
 read of the socket brought) go together in one transaction, started when
@@ -52,14 +67,12 @@ message without blocking the writer)::
 
 from __future__ import annotations
 
-import secrets
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
-import orjson
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -70,285 +83,11 @@ from sense_gateway.envelope import Envelope
 from sense_gateway.errors import ConfigError, Unavailable
 from sense_gateway.hookspecs import hookimpl
 from sense_gateway.queues import DeadLetter, EnvelopeQueue, Received
+from sense_gateway.queues.sqlite_store import RECOUNT_INTERVAL, SQLiteQueueStore
+
+__all__ = ["SQLiteQueue", "SQLiteQueueStore", "make_sqlite_queue"]
 
 log = Logger()
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY,
-    body BLOB NOT NULL,
-    enqueued_at REAL NOT NULL,
-    visible_at REAL NOT NULL,
-    receive_count INTEGER NOT NULL DEFAULT 0,
-    receipt TEXT,
-    last_error TEXT
-);
-CREATE INDEX IF NOT EXISTS messages_visible ON messages (visible_at, id);
-CREATE TABLE IF NOT EXISTS dead_letters (
-    id INTEGER PRIMARY KEY,
-    body BLOB NOT NULL,
-    enqueued_at REAL NOT NULL,
-    failed_at REAL NOT NULL,
-    receive_count INTEGER NOT NULL,
-    reason TEXT NOT NULL
-);
-"""
-
-_SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
-
-def _has_json_each(db: sqlite3.Connection) -> bool:
-    """Whether this SQLite has the JSON functions (built in since 3.38)."""
-    try:
-        db.execute("SELECT count(*) FROM json_each('[]')").fetchone()
-    except sqlite3.OperationalError:
-        return False
-    return True
-
-
-class SQLiteQueueStore:
-    """The queue file, synchronously: one connection, used from one thread.
-
-    The Twisted service runs it on its own thread; the CLI and tests use it
-    directly (a second store on the same file sees exactly what was
-    committed). *clock* gives the time in seconds, so tests can move it.
-    """
-
-    def __init__(self, path: str | Path, *, synchronous: str = "full", max_receives: int = 5,
-                 visibility_timeout: float = 30.0, busy_timeout: float = 5.0,
-                 clock: Callable[[], float] = time.time):
-        if synchronous not in _SYNCHRONOUS:
-            raise ValueError(f"synchronous must be 'full' or 'normal', not {synchronous!r}")
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.max_receives = max_receives
-        self.visibility_timeout = visibility_timeout
-        self.clock = clock
-        # Autocommit mode: every transaction below is explicit, so a commit
-        # is exactly where this code says it is.
-        self.db = sqlite3.connect(str(self.path), isolation_level=None)
-        try:
-            # Set before anything else: busy_timeout covers the WAL switch too,
-            # which another open connection (the CLI) can make wait.
-            self.db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
-            mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if mode.lower() != "wal":
-                # Still correct, only slower and readers block the writer
-                # (some network file systems cannot share WAL memory).
-                log.warn("queue {path}: journal mode is {mode}, not WAL",
-                         path=str(self.path), mode=mode)
-            self.db.execute(f"PRAGMA synchronous={_SYNCHRONOUS[synchronous]}")
-            self.db.executescript(_SCHEMA)
-            self._json_each = _has_json_each(self.db)
-        except BaseException:
-            self.db.close()
-            raise
-
-    def close(self) -> None:
-        self.db.close()
-
-    def put_many(self, bodies: Iterable[bytes]) -> None:
-        """Append envelope documents, all in one transaction."""
-        now = self.clock()
-        bodies = list(bodies)
-        if self._json_each:
-            try:
-                texts = orjson.dumps([body.decode("utf-8") for body in bodies])
-            except (UnicodeDecodeError, AttributeError):
-                pass  # not all UTF-8 bytes: the general way below
-            else:
-                # One statement in autocommit mode is one transaction, and
-                # one step: the sqlite3 module lets go of the GIL and must
-                # take it back from the busy reactor thread once per step,
-                # not once per row (executemany) or per BEGIN and COMMIT.
-                # A writing statement takes the write lock as it starts, as
-                # BEGIN IMMEDIATE would.
-                self.db.execute(
-                    "INSERT INTO messages (body, enqueued_at, visible_at) "
-                    "SELECT CAST(value AS BLOB), ?, 0 FROM json_each(?) ORDER BY key",
-                    (now, texts))
-                return
-        with self._transaction():
-            self.db.executemany(
-                "INSERT INTO messages (body, enqueued_at, visible_at) VALUES (?, ?, 0)",
-                [(body, now) for body in bodies])
-
-    def receive(self, max_messages: int, visibility_timeout: float | None = None) -> list[Received]:
-        now = self.clock()
-        timeout = self.visibility_timeout if visibility_timeout is None else visibility_timeout
-        # One random part per receive: the id prefix finds the row, and a
-        # later receive of the message gives it another random part, so a
-        # receipt from an earlier receive is stale. (Per message it would be
-        # one os.urandom call each, letting go of the GIL every time.)
-        token = secrets.token_hex(8)
-        out: list[Received] = []
-        with self._transaction():
-            # Messages buried on the way leave room: select again until full.
-            while len(out) < max_messages:
-                rows = self._visible(now, max_messages - len(out))
-                if not rows:
-                    break
-                taken = []
-                for message_id, body, count, last_error in rows:
-                    if count >= self.max_receives:
-                        reason = last_error or f"received {count} times without being deleted"
-                        self._bury(message_id, reason, now)
-                        continue
-                    try:
-                        envelope = Envelope.from_json(body)
-                    except (ValueError, KeyError, TypeError) as e:
-                        # Would fail the same way on every receive: no retries.
-                        self._bury(message_id, f"undecodable envelope: {e}", now)
-                        continue
-                    taken.append(message_id)
-                    out.append(Received(message_id, f"{message_id}:{token}", envelope, count + 1))
-                self._take(taken, now + timeout, token)
-        return out
-
-    def _visible(self, now: float, limit: int) -> list[tuple[int, bytes, int, str | None]]:
-        """The next *limit* visible messages: (id, body, receive count, last error)."""
-        if not self._json_each:
-            return self.db.execute(
-                "SELECT id, body, receive_count, last_error FROM messages "
-                "WHERE visible_at <= ? ORDER BY id LIMIT ?", (now, limit)).fetchall()
-        # The whole batch as one JSON text, so one step of one statement:
-        # the sqlite3 module lets go of the GIL for every step (every row
-        # fetched) and then waits to get it back from the busy processor
-        # thread. Bodies travel as hex, whatever bytes they hold.
-        (batch,) = self.db.execute(
-            "SELECT json_group_array(json_array(id, hex(body), receive_count, last_error)) "
-            "FROM (SELECT id, body, receive_count, last_error FROM messages "
-            "WHERE visible_at <= ? ORDER BY id LIMIT ?)", (now, limit)).fetchone()
-        rows = orjson.loads(batch)
-        rows.sort()  # by id (an aggregate's order is not promised)
-        fromhex = bytes.fromhex
-        return [(message_id, fromhex(body), count, last_error)
-                for message_id, body, count, last_error in rows]
-
-    def _take(self, ids: list[int], visible_at: float, token: str) -> None:
-        """Hide received messages until *visible_at* with receipts ``id:token``."""
-        if not ids:
-            return
-        if self._json_each:
-            self.db.execute(
-                "UPDATE messages SET visible_at = ?, receive_count = receive_count + 1, "
-                "receipt = id || ':' || ? WHERE id IN (SELECT value FROM json_each(?))",
-                (visible_at, token, orjson.dumps(ids)))
-            return
-        self.db.executemany(
-            "UPDATE messages SET visible_at = ?, receive_count = receive_count + 1, "
-            "receipt = ? WHERE id = ?",
-            [(visible_at, f"{message_id}:{token}", message_id) for message_id in ids])
-
-    def _bury(self, message_id: int, reason: str, now: float) -> None:
-        self.db.execute(
-            "INSERT INTO dead_letters (body, enqueued_at, failed_at, receive_count, reason) "
-            "SELECT body, enqueued_at, ?, receive_count, ? FROM messages WHERE id = ?",
-            (now, reason, message_id))
-        self.db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
-
-    def delete(self, receipts: Iterable[str]) -> int:
-        receipts = list(receipts)
-        if not receipts:
-            return 0
-        if self._json_each:
-            # One statement, one step (see _visible). A receipt names its
-            # row: the ids find the rows, the receipts must match exactly.
-            return self.db.execute(
-                "DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?)) "
-                "AND receipt IN (SELECT value FROM json_each(?))",
-                (orjson.dumps([_receipt_id(r) for r in receipts]), orjson.dumps(receipts))
-            ).rowcount
-        with self._transaction():
-            deleted = 0
-            for receipt in receipts:
-                deleted += self.db.execute(
-                    "DELETE FROM messages WHERE id = ? AND receipt = ?",
-                    (_receipt_id(receipt), receipt)).rowcount
-        return deleted
-
-    def release(self, receipt: str, reason: str, delay: float = 0.0) -> None:
-        with self._transaction():
-            self.db.execute(
-                "UPDATE messages SET visible_at = ?, last_error = ? WHERE id = ? AND receipt = ?",
-                (self.clock() + delay, reason, _receipt_id(receipt), receipt))
-
-    def depth(self) -> dict[str, int]:
-        now = self.clock()
-        # Counted on the (visible_at, id) index, not by reading every row.
-        visible, in_flight, dead = self.db.execute(
-            "SELECT (SELECT COUNT(*) FROM messages WHERE visible_at <= ?), "
-            "(SELECT COUNT(*) FROM messages WHERE visible_at > ?), "
-            "(SELECT COUNT(*) FROM dead_letters)", (now, now)).fetchone()
-        return {"visible": visible, "in_flight": in_flight, "dead": dead}
-
-    def peek(self, limit: int = -1) -> list[Received]:
-        """Every message in order, without receiving it (receipt empty)."""
-        rows = self.db.execute(
-            "SELECT id, body, receive_count FROM messages ORDER BY id LIMIT ?", (limit,))
-        return [Received(i, "", Envelope.from_json(body), count) for i, body, count in rows]
-
-    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        rows = self.db.execute(
-            "SELECT id, body, reason, receive_count, enqueued_at, failed_at FROM dead_letters "
-            "ORDER BY id LIMIT ?", (limit,))
-        return [DeadLetter(i, _envelope_or_none(body), reason, count, enqueued, failed, body)
-                for i, body, reason, count, enqueued, failed in rows]
-
-    def replay(self, ids: list | None = None) -> int:
-        where, args = ("", ()) if ids is None else (
-            f"WHERE id IN ({','.join('?' * len(ids))})", tuple(ids))
-        with self._transaction():
-            # A fresh row: receive count 0, at the back of the queue.
-            self.db.execute(
-                "INSERT INTO messages (body, enqueued_at, visible_at) "
-                f"SELECT body, enqueued_at, 0 FROM dead_letters {where} ORDER BY id", args)
-            return self.db.execute(f"DELETE FROM dead_letters {where}", args).rowcount
-
-    def _transaction(self) -> "_Transaction":
-        return _Transaction(self.db)
-
-
-class _Transaction:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` on error.
-
-    IMMEDIATE takes the write lock up front, so a concurrent writer (the
-    CLI replaying dead letters) waits for busy_timeout instead of failing
-    half-way through with SQLITE_BUSY on lock upgrade.
-    """
-
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
-
-    def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, kind, value, traceback) -> bool:
-        if kind is None:
-            try:
-                self.db.execute("COMMIT")
-            except sqlite3.Error:
-                # A failed COMMIT leaves the transaction open: end it, or
-                # every later BEGIN fails too.
-                if self.db.in_transaction:
-                    self.db.execute("ROLLBACK")
-                raise
-        elif self.db.in_transaction:
-            self.db.execute("ROLLBACK")
-        return False
-
-
-def _receipt_id(receipt: str) -> int:
-    try:
-        return int(receipt.partition(":")[0])
-    except ValueError:
-        return -1
-
-
-def _envelope_or_none(body: bytes) -> Envelope | None:
-    try:
-        return Envelope.from_json(body)
-    except (ValueError, KeyError, TypeError):
-        return None
 
 
 class SQLiteQueue(EnvelopeQueue):
@@ -357,7 +96,7 @@ class SQLiteQueue(EnvelopeQueue):
     def __init__(self, path: str | Path, reactor, *, synchronous: str = "full",
                  max_receives: int = 5, visibility_timeout: float = 30.0,
                  max_pending: int = 20000, max_batch: int = 2000, retry_after: int = 5,
-                 clock: Callable[[], float] = time.time):
+                 max_depth: int = 1_000_000, clock: Callable[[], float] = time.time):
         self.path = Path(path)
         self.reactor = reactor
         self._store_options = dict(synchronous=synchronous, max_receives=max_receives,
@@ -365,6 +104,15 @@ class SQLiteQueue(EnvelopeQueue):
         self.max_pending = max_pending
         self.max_batch = max_batch
         self.retry_after = retry_after
+        self.max_depth = max_depth
+        #: messages in the queue as the store last counted them
+        self.waiting = 0
+        #: why the last commit failed, until one succeeds
+        self.write_error: str | None = None
+        #: puts refused, by reason
+        self.refusals = {"stopped": 0, "busy": 0, "full": 0, "write failed": 0}
+        self._recounting = False
+        self._recount_call = None
         self._store: SQLiteQueueStore | None = None
         self._pool: ThreadPool | None = None
         self._closing = False
@@ -392,14 +140,19 @@ class SQLiteQueue(EnvelopeQueue):
         # One worker thread runs tasks in order: the store opens before any
         # put or receive reaches it. Were it to fail, each of those fails
         # (puts with Unavailable) instead of hanging.
-        deferToThreadPool(self.reactor, self._pool, self._open).addErrback(
+        deferToThreadPool(self.reactor, self._pool, self._open).addCallbacks(
+            self._counted,
             lambda f: log.failure("cannot open the queue {path}", f, path=str(self.path)))
 
-    def _open(self) -> None:
+    def _open(self) -> tuple[None, int]:
         self._store = self.open_store()
+        return None, self._store.waiting
 
     def stopService(self) -> Deferred[None]:
         super().stopService()  # from here on puts are refused
+        if self._recount_call is not None and self._recount_call.active():
+            self._recount_call.cancel()
+        self._recount_call, self._recounting = None, False
         pool = self._pool
         if pool is None:
             return succeed(None)
@@ -435,12 +188,20 @@ class SQLiteQueue(EnvelopeQueue):
             # A stopped pool silently drops work: that would be a Deferred
             # that never fires.
             return fail(Unavailable("queue stopped", max_age=self.retry_after))
-        return deferToThreadPool(self.reactor, self._pool, self._call_store, method, *args)
+        return deferToThreadPool(self.reactor, self._pool, self._call_store, method,
+                                 *args).addCallback(self._counted)
 
     def _call_store(self, method: str, *args):
-        if self._store is None:
+        store = self._store
+        if store is None:
             raise RuntimeError(f"queue {self.path} is not open")
-        return getattr(self._store, method)(*args)
+        # The count comes back with every result, to be set on the
+        # reactor's thread (one thread runs every call, in order).
+        return getattr(store, method)(*args), store.waiting
+
+    def _counted(self, outcome: tuple):
+        result, self.waiting = outcome
+        return result
 
     # -- puts, grouped ---------------------------------------------------------
 
@@ -458,12 +219,20 @@ class SQLiteQueue(EnvelopeQueue):
     def put_then(self, envelopes: list[Envelope],
                  done: Callable[[BaseException | None], object]) -> None:
         if not self.running:
+            self.refusals["stopped"] += 1
             done(Unavailable("queue stopped", max_age=self.retry_after))
             return
         if not envelopes:
             done(None)
             return
-        if self._pending_count + len(envelopes) > self.max_pending:
+        count = len(envelopes)
+        if self._pending_count + count > self.max_pending:
+            self.refusals["busy"] += 1
+            done(Unavailable("queue full", max_age=self.retry_after))
+            return
+        if self.waiting + self._pending_count + count > self.max_depth:
+            self.refusals["full"] += 1
+            self._recount()
             done(Unavailable("queue full", max_age=self.retry_after))
             return
         try:
@@ -480,6 +249,37 @@ class SQLiteQueue(EnvelopeQueue):
             # requests that arrived together share one transaction (the
             # reactor reads every waiting datagram in one turn).
             self._flush = self.reactor.callLater(0, self._flush_now)
+
+    def _recount(self) -> None:
+        """While full and refusing, count again from the file now and then:
+        another process may have drained it."""
+        if self._recounting or self._closing or self._pool is None:
+            return
+        self._recounting = True
+
+        def done(result: object) -> None:
+            self._recounting = False
+            if isinstance(result, Failure) and not result.check(Unavailable):
+                log.failure("queue {path}: counting failed", result, path=str(self.path))
+
+        def count() -> None:
+            self._recount_call = None
+            self._in_thread("count_waiting").addBoth(done)
+        # Not more often than the store trusts its count anyway.
+        self._recount_call = self.reactor.callLater(RECOUNT_INTERVAL, count)
+
+    def check(self) -> Deferred[None]:
+        """Fail with why puts are refused now: a failing disk, a full queue."""
+        if self.write_error is not None:
+            return fail(Unavailable(f"queue write failed: {self.write_error}",
+                                    max_age=self.retry_after))
+
+        def full(depth: dict[str, int]) -> None:
+            waiting = depth["visible"] + depth["in_flight"]
+            if waiting >= self.max_depth:
+                raise Unavailable(f"queue full: {waiting} envelopes waiting "
+                                  f"(queue.max_depth {self.max_depth})", max_age=self.retry_after)
+        return self.depth().addCallback(full)
 
     def _flush_now(self) -> None:
         self._flush = None
@@ -513,13 +313,22 @@ class SQLiteQueue(EnvelopeQueue):
                 d.callback(None)
         if isinstance(result, Failure):
             # Logged once per transaction, not once per waiting device.
-            log.failure("queue {path}: commit of {count} envelopes ({puts} puts) failed",
-                        result, path=str(self.path), count=sum(len(b) for b, _ in batch),
-                        puts=len(batch))
+            if self.write_error is None:
+                # Logged when writing starts failing, not for every commit
+                # of an outage (a full disk fails them all).
+                log.failure("queue {path}: commit of {count} envelopes ({puts} puts) failed",
+                            result, path=str(self.path), count=sum(len(b) for b, _ in batch),
+                            puts=len(batch))
+            self.write_error = f"{type(result.value).__name__}: {result.value}"[:200]
+            self.refusals["write failed"] += len(batch)
             error = Unavailable("queue write failed", max_age=self.retry_after)
             for _, done in batch:
                 self._notify(done, error)
         else:
+            if self.write_error is not None:
+                log.info("queue {path}: writing again after: {error}", path=str(self.path),
+                         error=self.write_error)
+                self.write_error = None
             for _, done in batch:
                 self._notify(done, None)
 
@@ -543,6 +352,12 @@ class SQLiteQueue(EnvelopeQueue):
     def release(self, receipt: str, reason: str, delay: float = 0.0) -> Deferred[None]:
         return self._in_thread("release", receipt, reason, delay)
 
+    def postpone(self, receipts: list[str], reason: str, delay: float = 0.0) -> Deferred[None]:
+        return self._in_thread("postpone", list(receipts), reason, delay)
+
+    def dead_letter(self, receipt: str, reason: str) -> Deferred[None]:
+        return self._in_thread("dead_letter", receipt, reason).addCallback(lambda _: None)
+
     def depth(self) -> Deferred[dict[str, int]]:
         return self._in_thread("depth")
 
@@ -565,7 +380,7 @@ def make_sqlite_queue(config, reactor) -> SQLiteQueue:
         raise ConfigError(f"queue.path: cannot open {path}: {e}") from None
     return SQLiteQueue(path, reactor, synchronous=q.synchronous, max_receives=q.max_receives,
                        visibility_timeout=q.visibility_timeout, max_pending=q.max_pending,
-                       max_batch=q.max_batch, retry_after=q.retry_after)
+                       max_batch=q.max_batch, retry_after=q.retry_after, max_depth=q.max_depth)
 
 
 @hookimpl

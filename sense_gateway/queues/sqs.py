@@ -16,6 +16,16 @@ processor to the dead-letter queue with its reason (a message attribute
 messages no processor could judge. ``sense dlq list`` and ``sense dlq
 replay`` work on that dead-letter queue.
 
+``queue.max_depth`` bounds the backlog: a put is refused with 5.03 and
+Max-Age while the queue's approximate count of messages (visible and in
+flight, read with GetQueueAttributes at most every ``DEPTH_INTERVAL``
+seconds while puts arrive) is at the bound; a failed send is refused
+the same way, and both are counted by reason (``refusals``). A message a
+sink refused goes to the dead-letter queue at once. Messages given back
+because a sink or the registry was unavailable are visible again at
+once, but SQS cannot take back their receive: the in-process processor
+then asks the sinks before it receives again (see docs/processing.md).
+
 Configuration: ``aws.queue_url`` (required), ``aws.region``,
 ``aws.endpoint_url`` (an AWS-compatible endpoint, for tests); credentials
 come from the usual AWS chain (environment, profile, instance role).
@@ -23,177 +33,29 @@ come from the usual AWS chain (environment, profile, instance role).
 
 from __future__ import annotations
 
-import json
-
-import boto3
-from botocore.config import Config as BotoConfig
-from botocore.exceptions import BotoCoreError, ClientError
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from sense_gateway.envelope import Envelope
 from sense_gateway.errors import ConfigError, Unavailable
 from sense_gateway.hookspecs import hookimpl
-from sense_gateway.queues import DeadLetter, EnvelopeQueue, Received
+from sense_gateway.queues import EnvelopeQueue, Received
+from sense_gateway.queues.sqs_client import (
+    MAX_BATCH_BYTES,
+    MAX_ENTRIES,
+    SENDERS,
+    SQSQueueClient,
+)
+
+__all__ = ["SQSQueue", "SQSQueueClient", "make_sqs_queue"]
 
 log = Logger()
 
-MAX_ENTRIES = 10
-MAX_BATCH_BYTES = 256 * 1024
-REASON_ATTRIBUTE = "sense-reason"
-#: SendMessageBatch calls in flight at once
-SENDERS = 8
-#: seconds a receive waits for messages at most (SQS allows 20)
-LONG_POLL = 20
-
-
-def sqs_client(aws):
-    return boto3.client(
-        "sqs", region_name=aws.region, endpoint_url=aws.endpoint_url or None,
-        config=BotoConfig(retries={"mode": "standard", "max_attempts": 3},
-                          connect_timeout=5, read_timeout=LONG_POLL + 10,
-                          max_pool_connections=SENDERS + 2))
-
-
-class SQSQueueClient:
-    """The synchronous SQS calls, usable from any thread (and from the CLI)."""
-
-    def __init__(self, aws, max_receives: int = 5, visibility_timeout: float = 30.0,
-                 wait: float = 1.0):
-        self.client = sqs_client(aws)
-        #: long-polling wait of a receive, whole seconds
-        self.wait = min(LONG_POLL, max(0, round(wait)))
-        self.url = aws.queue_url
-        self.max_receives = max_receives
-        self.visibility_timeout = visibility_timeout
-        self._dead_letter_url: str | None = None
-
-    def close(self) -> None:
-        self.client.close()
-
-    def send_batch(self, bodies: list[str]) -> list[str | None]:
-        """Send up to 10 bodies; returns, per body, None or why it failed."""
-        entries = [{"Id": str(i), "MessageBody": body} for i, body in enumerate(bodies)]
-        try:
-            response = self.client.send_message_batch(QueueUrl=self.url, Entries=entries)
-        except (BotoCoreError, ClientError) as e:
-            return [f"{type(e).__name__}"] * len(bodies)
-        errors: list[str | None] = [None] * len(bodies)
-        for failed in response.get("Failed", []):
-            errors[int(failed["Id"])] = failed.get("Code", "failed")
-        # Retry what failed, each on its own.
-        for i, error in enumerate(errors):
-            if error is not None:
-                try:
-                    self.client.send_message(QueueUrl=self.url, MessageBody=bodies[i])
-                    errors[i] = None
-                except (BotoCoreError, ClientError) as e:
-                    errors[i] = f"{error}, then {type(e).__name__}"
-        return errors
-
-    def receive(self, max_messages: int, visibility_timeout: float | None = None) -> list[Received]:
-        response = self.client.receive_message(
-            QueueUrl=self.url, MaxNumberOfMessages=min(max_messages, 10), WaitTimeSeconds=self.wait,
-            VisibilityTimeout=int(self.visibility_timeout if visibility_timeout is None
-                                  else visibility_timeout),
-            AttributeNames=["ApproximateReceiveCount"])
-        out = []
-        for message in response.get("Messages", []):
-            count = int(message["Attributes"].get("ApproximateReceiveCount", 1))
-            try:
-                envelope = Envelope.from_json(message["Body"])
-            except (ValueError, KeyError, TypeError) as e:
-                self.bury(message["ReceiptHandle"], message["Body"], f"undecodable envelope: {e}")
-                continue
-            out.append(Received(message["MessageId"], message["ReceiptHandle"], envelope, count))
-        return out
-
-    def delete(self, receipts: list[str]) -> int:
-        deleted = 0
-        for start in range(0, len(receipts), 10):
-            chunk = receipts[start:start + 10]
-            response = self.client.delete_message_batch(QueueUrl=self.url, Entries=[
-                {"Id": str(i), "ReceiptHandle": r} for i, r in enumerate(chunk)])
-            deleted += len(response.get("Successful", []))
-        return deleted
-
-    def release(self, receipt: str, delay: float) -> None:
-        self.client.change_message_visibility(QueueUrl=self.url, ReceiptHandle=receipt,
-                                              VisibilityTimeout=int(min(delay, 43200)))
-
-    @property
-    def dead_letter_url(self) -> str:
-        if self._dead_letter_url is None:
-            attributes = self.client.get_queue_attributes(
-                QueueUrl=self.url, AttributeNames=["RedrivePolicy"])["Attributes"]
-            if "RedrivePolicy" not in attributes:
-                raise ConfigError(f"aws.queue_url: {self.url} has no redrive policy "
-                                  "(no dead-letter queue)")
-            arn = json.loads(attributes["RedrivePolicy"])["deadLetterTargetArn"]
-            self._dead_letter_url = self.client.get_queue_url(QueueName=arn.rsplit(":", 1)[1])["QueueUrl"]
-        return self._dead_letter_url
-
-    def bury(self, receipt: str, body: str, reason: str) -> None:
-        """Move a message to the dead-letter queue with *reason*."""
-        self.client.send_message(QueueUrl=self.dead_letter_url, MessageBody=body,
-                                 MessageAttributes={REASON_ATTRIBUTE: {
-                                     "DataType": "String", "StringValue": reason[:1000]}})
-        self.client.delete_message(QueueUrl=self.url, ReceiptHandle=receipt)
-
-    def depth(self) -> dict[str, int]:
-        names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
-        main = self.client.get_queue_attributes(QueueUrl=self.url, AttributeNames=names)["Attributes"]
-        dead = self.client.get_queue_attributes(QueueUrl=self.dead_letter_url,
-                                                AttributeNames=names[:1])["Attributes"]
-        return {"visible": int(main[names[0]]), "in_flight": int(main[names[1]]),
-                "dead": int(dead[names[0]])}
-
-    def _dead_messages(self, limit: int, visibility: int):
-        messages = []
-        while len(messages) < limit:
-            response = self.client.receive_message(
-                QueueUrl=self.dead_letter_url, MaxNumberOfMessages=min(10, limit - len(messages)),
-                VisibilityTimeout=visibility, WaitTimeSeconds=0,
-                AttributeNames=["All"], MessageAttributeNames=[REASON_ATTRIBUTE])
-            batch = response.get("Messages", [])
-            if not batch:
-                break
-            messages.extend(batch)
-        return messages
-
-    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        # Reading a message hides it; listing gives each back at once.
-        messages = self._dead_messages(limit, visibility=30)
-        for start in range(0, len(messages), 10):
-            self.client.change_message_visibility_batch(QueueUrl=self.dead_letter_url, Entries=[
-                {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": 0}
-                for i, m in enumerate(messages[start:start + 10])])
-        out = []
-        for m in messages:
-            reason = m.get("MessageAttributes", {}).get(REASON_ATTRIBUTE, {}).get(
-                "StringValue", "moved by the queue's redrive policy")
-            sent = int(m["Attributes"].get("SentTimestamp", 0)) / 1000
-            try:
-                envelope = Envelope.from_json(m["Body"])
-            except (ValueError, KeyError, TypeError):
-                continue
-            out.append(DeadLetter(m["MessageId"], envelope, reason,
-                                  int(m["Attributes"].get("ApproximateReceiveCount", 0)), sent, sent))
-        return out
-
-    def replay(self, ids: list | None = None) -> int:
-        moved = 0
-        for m in self._dead_messages(10_000, visibility=30):
-            if ids is not None and m["MessageId"] not in ids:
-                self.client.change_message_visibility(
-                    QueueUrl=self.dead_letter_url, ReceiptHandle=m["ReceiptHandle"], VisibilityTimeout=0)
-                continue
-            self.client.send_message(QueueUrl=self.url, MessageBody=m["Body"])
-            self.client.delete_message(QueueUrl=self.dead_letter_url, ReceiptHandle=m["ReceiptHandle"])
-            moved += 1
-        return moved
+#: seconds the queue's approximate count is trusted for ``queue.max_depth``
+DEPTH_INTERVAL = 5.0
 
 
 class SQSQueue(EnvelopeQueue):
@@ -204,6 +66,14 @@ class SQSQueue(EnvelopeQueue):
         self.reactor = reactor
         self.retry_after = config.queue.retry_after
         self.max_pending = config.queue.max_pending
+        self.max_depth = config.queue.max_depth
+        #: the queue's approximate count when last read, and when
+        self.waiting = 0
+        self._counted_at: float | None = None
+        self._counting = False
+        #: why the last send failed, until one succeeds
+        self.write_error: str | None = None
+        self.refusals = {"stopped": 0, "busy": 0, "full": 0, "write failed": 0}
         self.client: SQSQueueClient | None = None
         self._pool: ThreadPool | None = None
         self._pending: list[tuple[str, defer.Deferred]] = []
@@ -241,14 +111,51 @@ class SQSQueue(EnvelopeQueue):
 
     def put(self, envelopes: list[Envelope]) -> defer.Deferred:
         if not self.running:
+            self.refusals["stopped"] += 1
             return defer.fail(Unavailable("queue stopped", max_age=self.retry_after))
-        if len(self._pending) + self._in_flight * MAX_ENTRIES >= self.max_pending:
+        unsent = len(self._pending) + self._in_flight * MAX_ENTRIES
+        if unsent >= self.max_pending:
+            self.refusals["busy"] += 1
+            return defer.fail(Unavailable("queue full", max_age=self.retry_after))
+        self._count()
+        if self.waiting + unsent + len(envelopes) > self.max_depth:
+            self.refusals["full"] += 1
             return defer.fail(Unavailable("queue full", max_age=self.retry_after))
         waiting = [self._enqueue(e.to_json().decode("utf-8")) for e in envelopes]
         if len(waiting) == 1:
             return waiting[0]
         return defer.gatherResults(waiting, consumeErrors=True).addCallbacks(
             lambda _: None, lambda f: f.value.subFailure)
+
+    def _count(self) -> None:
+        """Read the queue's count again if it is older than DEPTH_INTERVAL
+        (in the background: this put is judged by the count known now)."""
+        now = self.reactor.seconds()
+        if self._counting or (self._counted_at is not None
+                              and now - self._counted_at < DEPTH_INTERVAL):
+            return
+        self._counting = True
+
+        def counted(result):
+            self._counting = False
+            self._counted_at = self.reactor.seconds()
+            if isinstance(result, Failure):
+                log.warn("SQS: cannot read the queue's depth: {error}", error=result.value)
+            else:
+                self.waiting = result
+        self._call(self.client.waiting).addBoth(counted)
+
+    def check(self):
+        if self.write_error is not None:
+            return defer.fail(Unavailable(f"queue write failed: {self.write_error}",
+                                          max_age=self.retry_after))
+
+        def full(waiting):
+            self.waiting, self._counted_at = waiting, self.reactor.seconds()
+            if waiting >= self.max_depth:
+                raise Unavailable(f"queue full: {waiting} envelopes waiting "
+                                  f"(queue.max_depth {self.max_depth})", max_age=self.retry_after)
+        return self._call(self.client.waiting).addCallback(full)
 
     def _enqueue(self, body: str) -> defer.Deferred:
         d = defer.Deferred()
@@ -281,14 +188,20 @@ class SQSQueue(EnvelopeQueue):
             self._in_flight -= 1
             for (_, d), error in zip(batch, errors):
                 if error is None:
+                    self.write_error = None
+                    self.waiting += 1
                     d.callback(None)
                 else:
                     log.warn("SQS did not take a message: {error}", error=error)
+                    self.write_error = error[:200]
+                    self.refusals["write failed"] += 1
                     d.errback(Unavailable("queue unavailable", max_age=self.retry_after))
 
         def failed(failure):
             self._in_flight -= 1
             log.failure("SQS send failed", failure)
+            self.write_error = f"{type(failure.value).__name__}: {failure.value}"[:200]
+            self.refusals["write failed"] += len(batch)
             for _, d in batch:
                 d.errback(Unavailable("queue unavailable", max_age=self.retry_after))
 
@@ -313,6 +226,18 @@ class SQSQueue(EnvelopeQueue):
         if message is not None and message.receive_count >= self.client.max_receives:
             return self._call(self.client.bury, receipt, message.envelope.to_json().decode(), reason)
         return self._call(self.client.release, receipt, delay)
+
+    def postpone(self, receipts: list[str], reason: str, delay: float = 0.0):
+        # SQS counts every receive: the receipts can only be made visible.
+        for r in receipts:
+            self._received.pop(r, None)
+        return self._call(self.client.release_many, list(receipts), delay)
+
+    def dead_letter(self, receipt: str, reason: str):
+        message = self._received.pop(receipt, None)
+        if message is None:
+            return self._call(self.client.release, receipt, 0.0)
+        return self._call(self.client.bury, receipt, message.envelope.to_json().decode(), reason)
 
     def depth(self):
         return self._call(self.client.depth)

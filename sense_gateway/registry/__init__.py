@@ -54,6 +54,11 @@ class DeviceRegistry:
         """Every device id (backends that can, without reading the records)."""
         return [record.id for record in self.devices()]
 
+    def check(self) -> None:
+        """Raise if the registry cannot be used now (the processor does not
+        start until it can). Backends that connect when opened need not
+        check again."""
+
     def count(self) -> int:
         """How many devices there are (backends that can, count without
         reading the records)."""

@@ -36,11 +36,17 @@ class SinkError(Exception):
 
     ``retryable`` says whether the same points may succeed later (server
     down, overloaded) or will fail again (the server refused them).
+    ``refused``, for a refusal, holds the indices (into the points given
+    to ``write``) of the points the server named as the ones at fault;
+    empty when it did not say. The processor then writes the others
+    again and sends only the messages those points came from to the
+    dead letters.
     """
 
-    def __init__(self, message: str, retryable: bool = True):
+    def __init__(self, message: str, retryable: bool = True, refused: frozenset[int] = frozenset()):
         super().__init__(message)
         self.retryable = retryable
+        self.refused = refused
 
 
 class MetricSink:

@@ -22,15 +22,29 @@ Configuration (``[influxdb]``; enable with ``sinks.enabled = ["sqlite", "influxd
 Schema: measurement ``sense`` (or the reading's own), tag ``device`` plus
 the reading's tags, one field per value (numbers as floats), and the
 measurement ``sense_device`` with the per-device counters (received,
-duplicates, lost, resets, unsequenced). A server that refuses a batch
-(4xx other than 429) gets no retry: the processor then finds the message
-at fault. A server that is down or overloaded gets ``retries`` quick
-retries, then the batch goes back to the queue.
+duplicates, lost, resets, unsequenced). A server that is down or
+overloaded gets ``retries`` quick retries, then the batch goes back to
+the queue. A server that refuses a batch (4xx other than 429) gets no
+retry. When its message names the lines at fault, the points they came
+from are reported (``SinkError.refused``), and the processor sends only
+their messages to the dead letters, with the server's message, and
+writes the rest again at once. Two forms are recognised, as InfluxDB 1.x
+and 2.x word them:
+
+- ``unable to parse '<line>': <why>``, the line quoted;
+- ``field type conflict: input field "t" on measurement "sense" is type
+  string, already exists as type float``: the points of that measurement
+  whose field ``t`` is of the type named.
+
+VictoriaMetrics never refuses a line: it skips one it cannot parse and
+logs it, and answers 204 for the rest.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import time
 from urllib.parse import urlencode
 
@@ -107,6 +121,24 @@ def _fields(fields: dict) -> str:
     return ",".join(parts)
 
 
+_CONFLICT = re.compile(r'field type conflict: input field "((?:[^"\\]|\\.)*)" on measurement '
+                       r'"((?:[^"\\]|\\.)*)" is type (\w+)')
+_TYPES = {"float": float, "integer": int, "string": str, "boolean": bool}
+
+
+def _server_message(body: str) -> str:
+    """The error text of a response body (JSON ``error`` or ``message``)."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return body
+    if isinstance(document, dict):
+        text = document.get("error") or document.get("message")
+        if isinstance(text, str):
+            return text
+    return body
+
+
 def _retryable(status: int | None) -> bool:
     # 401/403/404 are the server's set-up (token, bucket), not the data's fault.
     return status is None or status in (401, 403, 404, 429) or status >= 500
@@ -165,26 +197,55 @@ class InfluxSink(MetricSink):
             return
         body = "\n".join(self.lines(points)).encode("utf-8")
         for attempt in range(self.settings.retries + 1):
-            status, reason = self._send(body)
+            status, text = self._send(body)
             if status is not None and status < 300:
                 return
-            if not _retryable(status) or attempt == self.settings.retries:
-                raise SinkError(f"influxdb: {reason}", retryable=_retryable(status))
+            if status is None:
+                reason = f"cannot reach {self.settings.url}: {text}"
+            else:
+                text = _server_message(text)
+                reason = f"HTTP {status}: {text[:300]}"
+            if not _retryable(status):
+                raise SinkError(f"influxdb: {reason}", retryable=False,
+                                refused=self.refused_points(text, points))
+            if attempt == self.settings.retries:
+                raise SinkError(f"influxdb: {reason}")
             self.sleep(min(0.25 * 2 ** attempt, 4.0))
 
+    def refused_points(self, message: str, points: list[MetricPoint]) -> frozenset[int]:
+        """Indices of the *points* the server's *message* names as refused."""
+        conflicts = [(field.replace('\\"', '"'), measurement.replace('\\"', '"'), _TYPES.get(kind))
+                     for field, measurement, kind in _CONFLICT.findall(message)]
+        quoted = "unable to parse '" in message
+        refused = set()
+        for i, point in enumerate(points):
+            for field, measurement, kind in conflicts:
+                if (point.measurement == measurement and field in point.fields
+                        and type(point.fields[field]) is kind):
+                    refused.add(i)
+            if quoted and i not in refused:
+                line = self.lines([point])
+                if line and f"unable to parse '{line[0]}'" in message:
+                    refused.add(i)
+        return frozenset(refused)
+
     def _send(self, body: bytes) -> tuple[int | None, str]:
+        """(HTTP status or None if the server was not reached, its answer)."""
         try:
             if self.settings.api == "v2":
                 self.write_api.write(bucket=self.settings.bucket, org=self.settings.org or "-",
                                      record=body, write_precision=self.precision)
-                return 204, "ok"
+                return 204, ""
             response = self.http.request("POST", self.write_url, body=body,
                                          headers={"Content-Type": "text/plain; charset=utf-8"})
-            return response.status, f"HTTP {response.status}: {response.data[:200]!r}"
+            return response.status, response.data[:64_000].decode("utf-8", "replace")
         except ApiException as e:
-            return e.status, f"HTTP {e.status}: {(e.body or '')[:200]}"
+            body = e.body or ""
+            if isinstance(body, bytes):
+                body = body.decode("utf-8", "replace")
+            return e.status, body[:64_000]
         except (urllib3.exceptions.HTTPError, OSError) as e:
-            return None, f"cannot reach {self.settings.url}: {type(e).__name__}"
+            return None, type(e).__name__
 
     def check(self) -> None:
         try:

@@ -2,9 +2,12 @@
 
 Enabled by default (``sinks.enabled = ["sqlite"]``): a newcomer gets a
 queryable history without any server, and the built-in dashboard reads
-it. One row per (device, measurement, field, timestamp); writing a point
+it. One row per (device, measurement, tags, field, timestamp), so two
+readings that differ only in their tags are both kept; writing a point
 again replaces it. Rows older than ``store.retention_days`` (default 7)
-are deleted as new ones arrive.
+are deleted as new ones arrive. A full disk fails the write like a
+server that is down: the readings stay in the queue and are written once
+there is room.
 
 Configuration (``[store]``): ``path`` (default
 ``<data_dir>/readings.sqlite3``), ``retention_days``.
@@ -15,6 +18,8 @@ from __future__ import annotations
 import sqlite3
 import time
 from pathlib import Path
+
+import orjson
 
 from sense_gateway.hookspecs import hookimpl
 from sense_gateway.sinks import MetricPoint, MetricSink, SinkError
@@ -27,10 +32,41 @@ CREATE TABLE IF NOT EXISTS readings (
     time_ns INTEGER NOT NULL,
     value REAL,
     text TEXT,
-    PRIMARY KEY (device, measurement, field, time_ns)
+    -- the reading's tags but device, as sorted JSON; '' for none
+    tags TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (device, measurement, field, tags, time_ns)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS readings_time ON readings (time_ns);
 """
+
+# A store from before tags were part of the key: its rows move to a table
+# with the new key, in one transaction, the first time it is opened.
+_UPGRADE = """
+BEGIN IMMEDIATE;
+ALTER TABLE readings RENAME TO readings_untagged;
+DROP INDEX IF EXISTS readings_time;
+{schema}
+INSERT INTO readings (device, measurement, field, time_ns, value, text)
+    SELECT device, measurement, field, time_ns, value, text FROM readings_untagged;
+DROP TABLE readings_untagged;
+COMMIT;
+"""
+
+
+def tags_key(tags: dict[str, str]) -> str:
+    """The store's text for a point's tags, the device's left out."""
+    if len(tags) == 1 and "device" in tags:
+        return ""  # nearly every point: nothing to encode
+    others = {k: v for k, v in tags.items() if k != "device"}
+    return orjson.dumps(others, option=orjson.OPT_SORT_KEYS).decode() if others else ""
+
+
+def _series_name(field: str, tags: str) -> str:
+    if not tags:
+        return field
+    pairs = ",".join(f"{k}={v}" for k, v in orjson.loads(tags).items())
+    return f"{field}{{{pairs}}}"
+
 
 #: seconds between retention sweeps
 SWEEP_INTERVAL = 60.0
@@ -48,20 +84,32 @@ class SQLiteStore(MetricSink):
         self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA busy_timeout=5000")
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(readings)")}
+        if columns and "tags" not in columns:
+            try:
+                self.db.executescript(_UPGRADE.format(schema=_SCHEMA))
+            except sqlite3.Error:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
         self.db.executescript(_SCHEMA)
 
     def write(self, points: list[MetricPoint]) -> None:
         rows = []
         for point in points:
             device = point.tags.get("device", "")
+            tags = tags_key(point.tags)
             for field, value in point.fields.items():
                 if isinstance(value, str):
-                    rows.append((device, point.measurement, field, point.time_ns, None, value))
+                    rows.append((device, point.measurement, field, point.time_ns, None, value, tags))
                 else:
-                    rows.append((device, point.measurement, field, point.time_ns, float(value), None))
+                    rows.append((device, point.measurement, field, point.time_ns, float(value),
+                                 None, tags))
         try:
             self.db.execute("BEGIN IMMEDIATE")
-            self.db.executemany("INSERT OR REPLACE INTO readings VALUES (?, ?, ?, ?, ?, ?)", rows)
+            self.db.executemany("INSERT OR REPLACE INTO readings "
+                                "(device, measurement, field, time_ns, value, text, tags) "
+                                "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             now = self.clock()
             if now >= self._next_sweep:
                 self.db.execute("DELETE FROM readings WHERE time_ns < ?",
@@ -74,34 +122,40 @@ class SQLiteStore(MetricSink):
             raise SinkError(f"sqlite store: {e}") from None
 
     def query(self, device: str, field: str, since_ns: int = 0,
-              measurement: str | None = None) -> list[tuple[int, float | str]]:
-        """(time_ns, value) of one device's field, oldest first."""
+              measurement: str | None = None,
+              tags: dict[str, str] | None = None) -> list[tuple[int, float | str]]:
+        """(time_ns, value) of one device's field, oldest first: of every
+        tag set, or only of the readings tagged exactly *tags*."""
         sql = ("SELECT time_ns, COALESCE(value, text) FROM readings "
                "WHERE device = ? AND field = ? AND time_ns >= ?")
         args: list = [device, field, since_ns]
         if measurement is not None:
             sql += " AND measurement = ?"
             args.append(measurement)
-        return list(self.db.execute(sql + " ORDER BY time_ns", args))
+        if tags is not None:
+            sql += " AND tags = ?"
+            args.append(tags_key(tags))
+        return list(self.db.execute(sql + " ORDER BY time_ns, tags", args))
 
     def series(self, device: str, since_ns: int = 0, limit: int = 5000
                ) -> dict[str, list[tuple[int, float]]]:
         """Every numeric field of one device's readings since *since_ns*, for
         the dashboard: ``{field: [(time_ns, value), ...]}``, oldest first, at
-        most the newest *limit* points per field. The device's own counters
-        (``sense_device``) are left out."""
-        fields = [f for (f,) in self.db.execute(
-            "SELECT DISTINCT field FROM readings WHERE device = ? AND time_ns >= ? "
-            "AND value IS NOT NULL AND measurement != 'sense_device' ORDER BY field",
-            (device, since_ns))]
+        most the newest *limit* points per field; a field of tagged readings
+        is one series per tag set, named ``field{name=value,...}``. The
+        device's own counters (``sense_device``) are left out."""
+        names = self.db.execute(
+            "SELECT DISTINCT field, tags FROM readings WHERE device = ? AND time_ns >= ? "
+            "AND value IS NOT NULL AND measurement != 'sense_device' ORDER BY field, tags",
+            (device, since_ns)).fetchall()
         out = {}
-        for field in fields:
+        for field, tags in names:
             rows = self.db.execute(
-                "SELECT time_ns, value FROM readings WHERE device = ? AND field = ? "
+                "SELECT time_ns, value FROM readings WHERE device = ? AND field = ? AND tags = ? "
                 "AND time_ns >= ? AND value IS NOT NULL AND measurement != 'sense_device' "
-                "ORDER BY time_ns DESC LIMIT ?", (device, field, since_ns, limit)).fetchall()
+                "ORDER BY time_ns DESC LIMIT ?", (device, field, tags, since_ns, limit)).fetchall()
             rows.reverse()
-            out[field] = rows
+            out[_series_name(field, tags)] = rows
         return out
 
     def close(self) -> None:

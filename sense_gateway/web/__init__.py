@@ -13,9 +13,12 @@ roles ``all`` and ``processor`` serve everything:
   history from the embedded store (``[[epoch ms, value], ...]``);
 - ``/api/series?device=ID&since=-1h|ISO8601``: every numeric field of a
   device at once (``{"fields": {name: [[epoch ms, value], ...]}}``);
-- ``/api/stats``: CoAP responses by code, processor outcomes, queue depth;
-- ``/healthz``: 200 when the queue, the registry and every sink answer,
-  503 naming the part that does not;
+- ``/api/stats``: CoAP responses by code, processor outcomes, queue depth,
+  the backlog against ``queue.max_depth`` and the queue's refusals;
+- ``/healthz``: 200 when the queue takes puts (not full, its disk
+  writing), the processor runs (started, no sink or registry
+  unavailable) and the registry and every sink answer; 503 naming each
+  part that does not, and why;
 - ``/metrics``: Prometheus text format.
 
 Everything that touches SQLite, boto3 or HTTP runs on the web's own
@@ -30,7 +33,6 @@ from pathlib import Path
 
 import orjson
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.application.internet import TCPServer
 from twisted.application.service import MultiService
@@ -40,7 +42,8 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web import pages, resource, server, static
 
-from sense_gateway.errors import code_text
+from sense_gateway.errors import Unavailable, code_text
+from sense_gateway.web.metrics import StatsCollector
 
 log = Logger()
 
@@ -247,17 +250,9 @@ class MetricsResource(_Async):
     def respond(self, request):
         stats = yield self.web.stats()
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_StatsCollector(stats, self.web.gateway))
+        registry.register(StatsCollector(stats, self.web.gateway))
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
         return generate_latest(registry)
-
-
-#: the message layers' counters as /metrics names them (``_total`` added)
-COAP_COUNTERS = {
-    "requests": "CoAP requests received (retransmissions not counted)",
-    "retransmissions": "Retransmitted CoAP requests recognised, answered again, not stored again",
-    "malformed": "Datagrams that are not acceptable CoAP messages",
-}
 
 
 def _directory_health(directory):
@@ -267,82 +262,6 @@ def _directory_health(directory):
     if not directory.directory.ready:
         raise RuntimeError("not loaded yet")
     return defer.succeed(None)
-
-
-def _security_metrics(security):
-    if security is None:
-        return
-    refused = CounterMetricFamily("sense_refused_requests", "Requests refused before storing, "
-                                  "by reason (rate limit, identity, plain CoAP policy, device "
-                                  "limits)", labels=["reason"])
-    for reason, count in sorted(security["refused"].items()):
-        refused.add_metric([reason], count)
-    yield refused
-    dtls = security.get("dtls")
-    if dtls is None:
-        return
-    for name, documentation in (("sessions", "Established DTLS sessions"),
-                                ("handshakes", "DTLS handshakes in progress")):
-        gauge = GaugeMetricFamily(f"sense_dtls_{name}", documentation)
-        gauge.add_metric([], dtls[name])
-        yield gauge
-    handshakes = CounterMetricFamily("sense_dtls_handshakes_refused", "DTLS handshakes "
-                                     "refused, by reason", labels=["reason"])
-    for key, count in sorted(dtls.items()):
-        if key.startswith("refused_"):
-            handshakes.add_metric([key[len("refused_"):]], count)
-    yield handshakes
-    events = CounterMetricFamily("sense_dtls_events", "DTLS engine events (handshakes "
-                                 "started and completed, cookies sent, sessions ended...)",
-                                 labels=["event"])
-    for key, count in sorted(dtls.items()):
-        if not key.startswith("refused_") and key not in ("sessions", "handshakes"):
-            events.add_metric([key], count)
-    yield events
-
-
-class _StatsCollector:
-    def __init__(self, stats, gateway):
-        self.stats, self.gateway = stats, gateway
-
-    def collect(self):
-        responses = CounterMetricFamily("sense_coap_responses", "CoAP responses sent, by code",
-                                        labels=["code"])
-        coap = self.stats.get("coap", {})
-        for code, count in coap.get("responses", {}).items():
-            responses.add_metric([code], count)
-        yield responses
-        for name, documentation in COAP_COUNTERS.items():
-            if name in coap:
-                counter = CounterMetricFamily(f"sense_coap_{name}", documentation)
-                counter.add_metric([], coap[name])
-                yield counter
-        yield from _security_metrics(self.stats.get("security"))
-        pipeline = getattr(self.gateway, "pipeline", None)
-        if pipeline is not None:
-            yield from pipeline.enqueue_latency.collect()
-        outcomes = CounterMetricFamily("sense_processed_messages",
-                                       "Messages processed, by outcome", labels=["outcome"])
-        for outcome, count in self.stats.get("processor", {}).items():
-            outcomes.add_metric([outcome], count)
-        yield outcomes
-        if "processor" in self.stats:
-            sink_failures = CounterMetricFamily("sense_sink_write_failures",
-                                                "Messages whose sink write failed")
-            sink_failures.add_metric([], self.stats["processor"].get("failed", 0))
-            yield sink_failures
-        depth = GaugeMetricFamily("sense_queue_messages", "Messages in the queue",
-                                  labels=["state"])
-        for state, count in self.stats.get("queue", {}).items():
-            depth.add_metric([state], count)
-        yield depth
-        dead = GaugeMetricFamily("sense_dead_letters", "Messages in the dead letters")
-        dead.add_metric([], self.stats.get("queue", {}).get("dead", 0))
-        yield dead
-        if "devices" in self.stats:
-            devices = GaugeMetricFamily("sense_devices", "Devices in the registry")
-            devices.add_metric([], self.stats["devices"])
-            yield devices
 
 
 class WebService(MultiService):
@@ -398,7 +317,13 @@ class WebService(MultiService):
             out["security"] = security
         if gateway.worker is not None:
             out["processor"] = {o.value: n for o, n in gateway.worker.counts.items()}
-        out["queue"] = yield gateway.queue.depth()
+        out["queue"] = depth = yield gateway.queue.depth()
+        # What the dashboard shows as the backlog, against its bound.
+        out["backlog"] = {"waiting": depth.get("visible", 0) + depth.get("in_flight", 0),
+                          "max_depth": getattr(gateway.queue, "max_depth", None)}
+        refusals = getattr(gateway.queue, "refusals", None)
+        if refusals is not None:
+            out["queue_refusals"] = dict(refusals)
         if self.backends is not None:
             out["devices"] = yield self.in_thread(self.backends.count_devices)
         return out
@@ -406,7 +331,10 @@ class WebService(MultiService):
     @defer.inlineCallbacks
     def health(self):
         failing = {}
-        checks = [("queue", self.gateway.queue.depth)]
+        worker = self.gateway.worker
+        if worker is not None and worker.problem is not None:
+            failing["processor"] = worker.problem
+        checks = [("queue", self.gateway.queue.check)]
         directory = self.gateway.directory
         if directory is not None:
             checks.append(("directory", lambda: _directory_health(directory)))
@@ -417,7 +345,9 @@ class WebService(MultiService):
             try:
                 yield check()
             except Exception as e:
-                failing[part] = f"{type(e).__name__}: {e}"[:200]
+                # A queue that refuses says why in its own words.
+                text = str(e) if isinstance(e, Unavailable) else f"{type(e).__name__}: {e}"
+                failing[part] = text[:300]
         return failing
 
     def startService(self):

@@ -4,7 +4,8 @@
 //   node tests/browser/dashboard.mjs URL SCREENSHOT.png
 //
 // Each line on stdin is what to wait for, as JSON:
-//   {"rows": 3, "charts": 5, "points": [["node-7", "temperature", 4], ...]}
+//   {"rows": 3, "charts": 5, "points": [["node-7", "temperature", 4], ...],
+//    "stats": {"backlog": "40 of 40"}}
 // When the page shows it (without being reloaded), one JSON report goes to
 // stdout and the screenshot is saved. The browser closes at end of input.
 import { createInterface } from "node:readline";
@@ -36,9 +37,11 @@ async function look(want) {
       const charts = [...document.querySelectorAll('figure.chart[data-drawn="true"]')];
       const points = (device, field) => Number((charts.find(
         (f) => f.dataset.device === device && f.dataset.field === field) || {dataset: {}}).dataset.points || 0);
+      const stat = (name) => (document.querySelector(`#summary dd[data-stat="${name}"]`) || {}).textContent;
       return document.querySelectorAll("#devices tbody tr").length >= (want.rows || 0) &&
         charts.length >= (want.charts || 0) &&
-        (want.points || []).every(([device, field, n]) => points(device, field) >= n);
+        (want.points || []).every(([device, field, n]) => points(device, field) >= n) &&
+        Object.entries(want.stats || {}).every(([name, text]) => stat(name) === text);
     }, want, {timeout: 20000, polling: 100});
   } catch (error) {
     report.error = String(error);
@@ -60,6 +63,7 @@ async function look(want) {
   }));
   report.stats = await page.$$eval("#summary dd", (dds) =>
     Object.fromEntries(dds.map((dd) => [dd.dataset.stat, dd.textContent])));
+  report.highlighted = await page.$$eval("#summary dd.full", (dds) => dds.map((dd) => dd.dataset.stat));
   report.notice = await page.$eval("#notice", (n) => (n.hidden ? null : n.textContent));
   report.console = seen.console;
   report.origins = [...seen.requests];

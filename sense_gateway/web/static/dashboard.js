@@ -55,13 +55,24 @@
       devices: stats.devices,
       acknowledged: ((stats.coap || {}).responses || {})["2.04"],
       written: (stats.processor || {}).written,
-      queued: (queue.visible || 0) + (queue.in_flight || 0),
       dead: queue.dead,
     };
     for (const [name, value] of Object.entries(values)) {
       document.querySelector(`[data-stat="${name}"]`).textContent =
         value === undefined ? "–" : value.toLocaleString();
     }
+    // The backlog against its bound (queue.max_depth): at the bound, new
+    // readings are refused with 5.03 until the processor catches up.
+    const backlog = stats.backlog || {};
+    const waiting = backlog.waiting === undefined
+      ? (queue.visible || 0) + (queue.in_flight || 0) : backlog.waiting;
+    const cell = document.querySelector('[data-stat="backlog"]');
+    const bound = backlog.max_depth;
+    cell.textContent = bound ? `${waiting.toLocaleString()} of ${bound.toLocaleString()}`
+      : waiting.toLocaleString();
+    cell.classList.toggle("full", Boolean(bound) && waiting >= bound);
+    cell.title = bound && waiting >= bound
+      ? "The queue is full: new readings are refused until the processor catches up" : "";
   }
 
   function showDevices(devices) {

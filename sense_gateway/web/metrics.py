@@ -1,0 +1,116 @@
+"""What ``/metrics`` serves: the gateway's counters as Prometheus metric
+families, from the same statistics ``/api/stats`` serves."""
+
+from __future__ import annotations
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+
+#: the message layers' counters as /metrics names them (``_total`` added)
+COAP_COUNTERS = {
+    "requests": "CoAP requests received (retransmissions not counted)",
+    "retransmissions": "Retransmitted CoAP requests recognised, answered again, not stored again",
+    "malformed": "Datagrams that are not acceptable CoAP messages",
+}
+
+
+def _security_metrics(security):
+    if security is None:
+        return
+    refused = CounterMetricFamily("sense_refused_requests", "Requests refused before storing, "
+                                  "by reason (rate limit, identity, plain CoAP policy, device "
+                                  "limits)", labels=["reason"])
+    for reason, count in sorted(security["refused"].items()):
+        refused.add_metric([reason], count)
+    yield refused
+    dtls = security.get("dtls")
+    if dtls is None:
+        return
+    for name, documentation in (("sessions", "Established DTLS sessions"),
+                                ("handshakes", "DTLS handshakes in progress")):
+        gauge = GaugeMetricFamily(f"sense_dtls_{name}", documentation)
+        gauge.add_metric([], dtls[name])
+        yield gauge
+    handshakes = CounterMetricFamily("sense_dtls_handshakes_refused", "DTLS handshakes "
+                                     "refused, by reason", labels=["reason"])
+    for key, count in sorted(dtls.items()):
+        if key.startswith("refused_"):
+            handshakes.add_metric([key[len("refused_"):]], count)
+    yield handshakes
+    events = CounterMetricFamily("sense_dtls_events", "DTLS engine events (handshakes "
+                                 "started and completed, cookies sent, sessions ended...)",
+                                 labels=["event"])
+    for key, count in sorted(dtls.items()):
+        if not key.startswith("refused_") and key not in ("sessions", "handshakes"):
+            events.add_metric([key], count)
+    yield events
+
+
+class StatsCollector:
+    """A prometheus_client collector over one snapshot of the statistics."""
+
+    def __init__(self, stats, gateway):
+        self.stats, self.gateway = stats, gateway
+
+    def collect(self):
+        responses = CounterMetricFamily("sense_coap_responses", "CoAP responses sent, by code",
+                                        labels=["code"])
+        coap = self.stats.get("coap", {})
+        for code, count in coap.get("responses", {}).items():
+            responses.add_metric([code], count)
+        yield responses
+        for name, documentation in COAP_COUNTERS.items():
+            if name in coap:
+                counter = CounterMetricFamily(f"sense_coap_{name}", documentation)
+                counter.add_metric([], coap[name])
+                yield counter
+        yield from _security_metrics(self.stats.get("security"))
+        pipeline = getattr(self.gateway, "pipeline", None)
+        if pipeline is not None:
+            yield from pipeline.enqueue_latency.collect()
+        outcomes = CounterMetricFamily("sense_processed_messages",
+                                       "Messages processed, by outcome", labels=["outcome"])
+        for outcome, count in self.stats.get("processor", {}).items():
+            outcomes.add_metric([outcome], count)
+        yield outcomes
+        if "processor" in self.stats:
+            sink_failures = CounterMetricFamily("sense_sink_write_failures",
+                                                "Messages whose sink write failed")
+            sink_failures.add_metric([], self.stats["processor"].get("failed", 0))
+            yield sink_failures
+        depth = GaugeMetricFamily("sense_queue_messages", "Messages in the queue",
+                                  labels=["state"])
+        for state, count in self.stats.get("queue", {}).items():
+            depth.add_metric([state], count)
+        yield depth
+        dead = GaugeMetricFamily("sense_dead_letters", "Messages in the dead letters")
+        dead.add_metric([], self.stats.get("queue", {}).get("dead", 0))
+        yield dead
+        max_depth = self.stats.get("backlog", {}).get("max_depth")
+        if max_depth is not None:
+            bound = GaugeMetricFamily("sense_queue_max_depth",
+                                      "Messages the queue takes at most (queue.max_depth)")
+            bound.add_metric([], max_depth)
+            yield bound
+        if "queue_refusals" in self.stats:
+            refusals = CounterMetricFamily("sense_queue_refusals",
+                                           "Puts the queue refused, by reason", labels=["reason"])
+            for reason, count in self.stats["queue_refusals"].items():
+                refusals.add_metric([reason], count)
+            yield refusals
+        worker = getattr(self.gateway, "worker", None)
+        if worker is not None:
+            settle = CounterMetricFamily("sense_settle_failures",
+                                         "Deletes, releases and dead letters the queue failed")
+            settle.add_metric([], worker.settle_failures)
+            yield settle
+            running = GaugeMetricFamily("sense_processor_running",
+                                        "1 while the processor processes, 0 while it waits")
+            running.add_metric([], 1 if worker.problem is None else 0)
+            yield running
+        if "devices" in self.stats:
+            devices = GaugeMetricFamily("sense_devices", "Devices in the registry")
+            devices.add_metric([], self.stats["devices"])
+            yield devices
+
+
