@@ -37,8 +37,12 @@ class DeviceDirectory:
                  new_devices_per_minute: float):
         self._now = now
         self.max_devices = max_devices
-        #: False until the first load: nothing can be judged before it
+        #: False until the credentials are first loaded: nothing can be
+        #: judged before
         self.ready = False
+        #: whether the registered ids are known (until they are, the limits
+        #: on new devices cannot be judged and do not apply)
+        self.registered_known = False
         self._keys: dict[str, bytes] = {}
         self._known: set[str] = set()
         # devices this gateway let plain CoAP create, not registered yet
@@ -69,6 +73,8 @@ class DeviceDirectory:
         if so (a new device is counted from now on), else why not."""
         if device in self._known or device in self._admitted or device in self._keys:
             return None
+        if not self.registered_known:
+            return None
         if self.devices() >= self.max_devices:
             return f"device limit reached ({self.max_devices})"
         if self._new_devices.take(source):
@@ -94,6 +100,7 @@ class DeviceDirectory:
     def apply_registered(self, ids) -> None:
         """The ids the registry holds now."""
         self._known = set(ids)
+        self.registered_known = True
         oldest = self._now() - ADMITTED_LIFETIME
         self._admitted = {device: at for device, at in self._admitted.items()
                           if device not in self._known and at > oldest}
@@ -168,15 +175,23 @@ class DirectoryService(Service):
                 self._store = self._open_store()
             serial = self._store.serial()
             changes = self._store.changes(since) if serial != since else []
-        ids = None
+        ids = ids_failure = None
         if want_ids:
-            if self._registry is None:
-                self._registry = self._open_registry()
-            ids = self._registry.ids()
-        return serial, changes, ids
+            # The registry may be down while readings are still queued: the
+            # limits on new devices wait for it, nothing else does.
+            try:
+                if self._registry is None:
+                    self._registry = self._open_registry()
+                ids = self._registry.ids()
+            except Exception as e:
+                ids_failure = f"registry: {type(e).__name__}: {e}"[:200]
+                if self._registry is not None:
+                    self._registry.close()
+                    self._registry = None
+        return serial, changes, ids, ids_failure
 
     def _apply(self, result, want_ids: bool) -> None:
-        serial, changes, ids = result
+        serial, changes, ids, ids_failure = result
         directory = self.directory
         directory.apply_changes(serial, changes)
         if changes:
@@ -185,11 +200,15 @@ class DirectoryService(Service):
         if ids is not None:
             directory.apply_registered(ids)
             self._ids_due = self.reactor.seconds() + self.registry_interval
+        elif ids_failure is not None:
+            log.warn("device ids not loaded (limits on new devices wait): {why}",
+                     why=ids_failure)
+        self.failure = ids_failure
+        if not directory.ready:
             directory.ready = True
             waiting, self._waiting_ready = self._waiting_ready, []
             for d in waiting:
                 d.callback(None)
-        self.failure = None
 
     def _failed(self, failure) -> None:
         self.failure = f"{failure.type.__name__}: {failure.getErrorMessage()}"[:200]

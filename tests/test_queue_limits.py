@@ -123,8 +123,7 @@ def coap_post(peer: RawCoapPeer, port: int, body: dict, mid: int):
 
 
 def max_age(response) -> int | None:
-    options = response.opt.getOption(coap.MAX_AGE)
-    return options[0].value if options else None
+    return response.option(coap.MAX_AGE)
 
 
 class FullDiskProcessTests(TestCase):

@@ -6,6 +6,7 @@ a metrics server (``--end-to-end``).
                 [--devices D] [--format json|cbor|senml|senml-cbor|text] [--non] [--json]
     sense bench --compare [--duration S] [--peers udp-ack,aiocoap,txthings] [--json]
     sense bench --end-to-end [--readings 100000] [--devices 1000] [--json]
+    sense bench --dtls [--devices 1000] [--duration S] [--json]
 
 Manual: docs/bench.md.
 """
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="start the peers and our gateway, same load against each, print ratios")
     mode.add_argument("--end-to-end", action="store_true",
                       help="readings through the gateway and processor into VictoriaMetrics")
+    mode.add_argument("--dtls", action="store_true",
+                      help="CoAPS (DTLS PSK, a key and session per device) beside plain CoAP "
+                           "against one gateway: handshakes/s and readings/s")
     load = p.add_argument_group("load")
     load.add_argument("--window", type=int, default=64,
                       help="closed loop: requests in flight (default 64)")
@@ -210,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         from sense_gateway.bench.endtoend import run_end_to_end
 
         return run_end_to_end(args)
+    if args.dtls:
+        from sense_gateway.bench.dtls import run_dtls
+
+        return run_dtls(args)
     try:
         host, port = parse_target(args.target)
         settings = settings_from(args, host, port)
