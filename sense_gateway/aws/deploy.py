@@ -2,7 +2,7 @@
 
 What ``./deploy.sh --mode lambda`` runs after building the package: the
 dead-letter queue, the queue (redrive to it after ``--max-receive-count``
-receives), the device table, the function's log group, role and
+receives), the device and credential tables, the function's log group, role and
 least-privilege policy, the function (code, configuration, reserved
 concurrency), the SQS event-source mapping (batch size 10,
 ReportBatchItemFailures, maximum concurrency) and an alarm on the
