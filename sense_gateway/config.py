@@ -177,6 +177,8 @@ class Config:
     plugins_dir: str = "plugins"
     keep_raw: bool = False
     stats_interval: float = 60.0
+    #: seconds a stop waits for requests being stored to be answered
+    shutdown_timeout: float = 10.0
     disable_plugins: tuple[str, ...] = ()
     coap: CoapConfig = field(default_factory=CoapConfig)
     coaps: CoapsConfig = field(default_factory=CoapsConfig)
@@ -389,6 +391,7 @@ def validate(config: Config) -> None:
         "coap.time_interval": config.coap.time_interval,
         "coap.exchange_lifetime": config.coap.exchange_lifetime,
         "coap.rate_burst": config.coap.rate_burst,
+        "shutdown_timeout": config.shutdown_timeout,
         "coaps.max_sessions": config.coaps.max_sessions,
         "coaps.handshake_timeout": config.coaps.handshake_timeout,
         "coaps.idle_timeout": config.coaps.idle_timeout,

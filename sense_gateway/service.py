@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from txthings import resource as txresource
 
@@ -41,9 +41,10 @@ log = Logger()
 class GatewayService(MultiService):
     """The running gateway; tests and ``sense`` commands reach its parts here."""
 
-    def __init__(self, config: Config, pm, queue):
+    def __init__(self, config: Config, pm, queue, reactor=None):
         super().__init__()
         self.config = config
+        self.reactor = reactor
         self.plugin_manager = pm
         self.queue = queue
         self.pipeline = self.dispatcher = self.coap_server = self.worker = self.web = None
@@ -62,11 +63,31 @@ class GatewayService(MultiService):
         if not self.running:
             return
         Service.stopService(self)
+        yield self._drain()
         for child in reversed(list(self)):
             try:
                 yield defer.maybeDeferred(child.stopService)
             except Exception:
                 log.failure("{service} did not stop cleanly", service=type(child).__name__)
+
+    @defer.inlineCallbacks
+    def _drain(self):
+        """Stop taking requests and wait, at most ``shutdown_timeout``
+        seconds, until every one taken is answered (its commit done)."""
+        if not self.layers:
+            return
+        waiting = sum(layer.in_flight for layer in self.layers)
+        drained = defer.DeferredList([layer.drain() for layer in self.layers])
+        if waiting:
+            log.info("stopping: {waiting} requests still being stored", waiting=waiting)
+        timeout = task.deferLater(self.reactor, self.config.shutdown_timeout, lambda: "timeout")
+        result = yield defer.DeferredList([drained, timeout], fireOnOneCallback=True,
+                                          consumeErrors=True)
+        if result[1] == 1:
+            log.warn("stopping: {waiting} requests not answered within shutdown_timeout",
+                     waiting=sum(layer.in_flight for layer in self.layers))
+        else:
+            timeout.cancel()
 
     def add_gateway(self, parts: GatewayParts) -> None:
         self.pipeline, self.dispatcher = parts.pipeline, parts.dispatcher
@@ -138,7 +159,7 @@ def make_service(config: Config, reactor=None) -> GatewayService:
                            config.queue.backend, "queue.backend")
     processor = processor_factory(config, pm) if config.role in ("all", "processor") else None
     queue = queue_factory(config, reactor)
-    service = GatewayService(config, pm, queue)
+    service = GatewayService(config, pm, queue, reactor)
     queue.setServiceParent(service)
     if config.role in ("all", "gateway"):
         service.add_gateway(_make_gateway(config, pm, queue, reactor))

@@ -398,3 +398,23 @@ class MessageIdTests(SynchronousTestCase):
             # One sequence per peer: consecutive, from where it started.
             self.assertEqual([(m - sequence[0]) & 0xFFFF for m in sequence[:5]], [0, 1, 2, 3, 4])
         self.assertNotEqual(ids[PEER][:100], ids[OTHER_PEER][:100])
+
+
+class DrainTests(LayerTestCase):
+    """A graceful stop: what was taken is answered, nothing new is taken."""
+
+    def test_requests_being_stored_are_answered_and_new_ones_refused(self):
+        self.send(request_datagram(payload=b"1", mid=1, token=b"a"))
+        drained = self.layer.drain()
+        refused = self.only(request_datagram(payload=b"2", mid=2, token=b"b"))
+        self.assertEqual((refused.code, refused.payload, refused.option(MAX_AGE)),
+                         (SERVICE_UNAVAILABLE, b"shutting down", 5))
+        self.assertNoResult(drained)
+        self.queue.commit()
+        self.assertEqual(parse(self.written()[-1]).code, CHANGED)
+        self.clock.advance(0)
+        self.successResultOf(drained)
+        self.assertEqual(len(self.queue.stored), 1)
+
+    def test_an_idle_layer_is_drained_at_once(self):
+        self.successResultOf(self.layer.drain())

@@ -3,8 +3,10 @@ its own, spoken to by libcoap's client, killed, and restarted."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import textwrap
+import time
 from pathlib import Path
 
 import orjson
@@ -14,8 +16,8 @@ from txthings import coap
 
 from sense_gateway.coap.message import parse
 from sense_gateway.registry.sqlite import SQLiteRegistry
-from tests.support import (BIN, GatewayProcess, RawCoapPeer, coap_url, libcoap_request,
-                           eventually, queued, request_datagram)
+from tests.support import (BIN, GatewayProcess, RawCoapPeer, coap_url, deferLater,
+                           libcoap_request, eventually, queued, request_datagram)
 
 README_EXAMPLE = b'{"id":"node-7","seq":1,"data":{"temperature":21.5}}'
 
@@ -115,3 +117,51 @@ class GatewayProcessTests(TestCase):
         output = gateway.process.stdout.read().decode().strip()
         self.assertEqual(output, "sense-gateway: environment queue.max_receives: "
                                  "expected int, got 'often'")
+
+
+class GracefulStopTests(TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_sigterm_under_load_answers_every_committed_request_and_stores_each_once(self):
+        gateway = GatewayProcess(self, "--role", "gateway", env={"SENSE_COAP_RATE_LIMIT": "0"})
+        yield gateway.wait_listening()
+        peer = RawCoapPeer(self)
+        answers = {}
+        seq = 0
+
+        def collect():
+            while True:
+                try:
+                    data, _ = peer.sock.recvfrom(65535)
+                except BlockingIOError:
+                    return
+                response = parse(data)
+                answers.setdefault(response.mid, response.code)
+        # A steady stream, 64 in flight, then SIGTERM in the middle of it.
+        deadline = time.monotonic() + 1.0
+        stopped_at = None
+        while time.monotonic() < deadline + 1.0:
+            collect()
+            while seq - len(answers) < 64 and seq < 60000:
+                body = orjson.dumps({"id": "node-t", "seq": seq, "data": {"t": seq}})
+                peer.send(request_datagram(payload=body, content_format=50, mid=seq), gateway.port)
+                seq += 1
+            if stopped_at is None and time.monotonic() > deadline:
+                gateway.process.send_signal(signal.SIGTERM)
+                stopped_at = seq
+            yield deferLater(0.001)
+        # twistd stops cleanly, then reports the signal that stopped it.
+        self.assertIn(gateway.process.wait(30), (0, -signal.SIGTERM))
+        self.assertIn(b"Server Shut Down", gateway.log_path.read_bytes())
+        collect()
+        stored = [e.seq for e in queued(gateway.queue_path)]
+        self.assertEqual(len(stored), len(set(stored)), "a reading stored twice")
+        acknowledged = {mid for mid, code in answers.items() if code == coap.CHANGED}
+        self.assertGreater(len(acknowledged), 100)
+        # Every acknowledged reading is stored, and every stored one was
+        # acknowledged: nothing committed was left unanswered.
+        self.assertEqual(set(stored), acknowledged)
+        refused = {code for mid, code in answers.items() if code != coap.CHANGED}
+        self.assertLessEqual(refused, {coap.SERVICE_UNAVAILABLE})
+        self.assertIn(b"stopping", gateway.log_path.read_bytes())

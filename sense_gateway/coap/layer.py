@@ -23,6 +23,7 @@ import random
 import time
 from collections import Counter, OrderedDict, deque
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from sense_gateway.coap.exchanges import ExchangeMemory
@@ -146,6 +147,9 @@ class MessageLayer:
         # (host, port) -> next message id for that peer (RFC 7252 4.4)
         self._next_mid: OrderedDict = OrderedDict()
         self._stopped = False
+        #: shutting down: new requests get 5.03, those taken are answered
+        self.draining = False
+        self._drained: list[defer.Deferred] = []
 
     # -- receiving -----------------------------------------------------------
 
@@ -203,6 +207,9 @@ class MessageLayer:
         if message.problem is not None:
             self.answer(request, BAD_OPTION, message.problem[1].encode())
             return
+        if self.draining:
+            self.answer(request, SERVICE_UNAVAILABLE, b"shutting down", ((MAX_AGE, 5),))
+            return
         if self.rate_limit is not None:
             wait = self.rate_limit.take(addr[0])
             if wait:
@@ -257,6 +264,8 @@ class MessageLayer:
         self._pending.pop(request.key, None)
         if self._stopped:
             return
+        if self.draining and not self.in_flight:
+            self.reactor_call_soon(self._fire_drained)
         message = request.message
         self.responses[code] += 1
         if code >= 0x80 and code != TOO_MANY_REQUESTS:  # those are counted, not logged
@@ -350,6 +359,27 @@ class MessageLayer:
 
     # -- sending and stopping ------------------------------------------------
 
+    def drain(self) -> defer.Deferred:
+        """Refuse new requests from now on (5.03 with Max-Age) and fire once
+        every request already taken has been answered: a graceful stop
+        answers what the queue has committed."""
+        self.draining = True
+        d = defer.Deferred()
+        self._drained.append(d)
+        if not self.in_flight:
+            self._fire_drained()
+        return d
+
+    def reactor_call_soon(self, f) -> None:
+        # After the answer that emptied the layer has been sent.
+        self.clock.callLater(0, f)
+
+    def _fire_drained(self) -> None:
+        waiting, self._drained = self._drained, []
+        for d in waiting:
+            if not d.called:
+                d.callback(None)
+
     def _send(self, datagram: bytes, addr) -> None:
         if self._stopped:
             return
@@ -363,6 +393,7 @@ class MessageLayer:
     def stop(self) -> None:
         """Send nothing more and leave no timer behind in the reactor."""
         self._stopped = True
+        self._fire_drained()
         if self._empty_ack_timer is not None and self._empty_ack_timer.active():
             self._empty_ack_timer.cancel()
         self._empty_ack_timer = None
