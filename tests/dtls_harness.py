@@ -23,6 +23,7 @@ from collections import defaultdict
 from twisted.internet import defer, protocol, reactor, utils
 
 from sense_gateway.bench.dtls_client import DTLSClient
+from tests.support import RawCoapPeer
 from sense_gateway.coap.dtls import DTLSServer
 from sense_gateway.coap.dtls_records import split_records
 
@@ -168,19 +169,12 @@ def libcoap_post(client: str, url: str, identity: str, key: bytes, wait: int = 5
     return LibcoapResult(codes[-1].decode() if codes else None, out, err, status)
 
 
-class DTLSPeer:
+class DTLSPeer(RawCoapPeer):
     """A :class:`MemoryClient` on a real UDP socket: a DTLS device talking
     to a gateway over loopback, polled without blocking the reactor."""
 
     def __init__(self, testcase, identity: str, key: bytes, host: str = "::1"):
-        import socket
-
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.host = host
-        self.sock = socket.socket(family, socket.SOCK_DGRAM)
-        self.sock.bind((host, 0))
-        self.sock.setblocking(False)
-        testcase.addCleanup(self.sock.close)
+        super().__init__(testcase, host)
         self.client = MemoryClient(identity, key)
         self.port = None
 

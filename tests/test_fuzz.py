@@ -69,13 +69,17 @@ def mutate(rng: random.Random, datagram: bytes) -> bytes:
     return bytes(data)
 
 
-def datagrams(seed: int, count: int) -> list[bytes]:
+def datagrams(seed: int, count: int, seeds=None, noise: float = 0.15,
+              noise_size: int = 64) -> list[bytes]:
+    """*count* datagrams: pure noise (a share *noise* of them, up to
+    *noise_size* bytes) and mutations of *seeds* (valid CoAP requests
+    unless given)."""
     rng = random.Random(seed)
-    seeds = seed_requests(rng)
+    seeds = seeds or seed_requests(rng)
     out = []
     for _ in range(count):
-        if rng.random() < 0.15:
-            out.append(rng.randbytes(rng.randrange(0, 64)))
+        if rng.random() < noise:
+            out.append(rng.randbytes(rng.randrange(0, noise_size)))
         else:
             out.append(mutate(rng, rng.choice(seeds)))
     return out
@@ -174,22 +178,15 @@ class FuzzCoapsTests(TestCase):
         live._send = lambda datagrams: (recorded.extend(datagrams), send(datagrams))
         self.assertTrue((yield live.connect(gateway.coaps_port)))
         yield live.request(post_datagram(reading("fuzz-ok"), 1))
-        rng = random.Random(20261201)
         noise = RawCoapPeer(self)
         process = psutil.Process(gateway.process.pid)
 
-        def batch(count):
-            out = []
-            for _ in range(count):
-                if rng.random() < 0.2:
-                    out.append(rng.randbytes(rng.randrange(0, 300)))
-                else:
-                    out.append(mutate(rng, rng.choice(recorded)))
-            return out
-        yield blast(noise, gateway.coaps_port, batch(3000))
+        def batch(seed):
+            return datagrams(seed, 3000, seeds=recorded, noise=0.2, noise_size=300)
+        yield blast(noise, gateway.coaps_port, batch(20261201))
         warmed = process.memory_info().rss
-        for _ in range(2):
-            yield blast(noise, gateway.coaps_port, batch(3000))
+        for seed in (2, 3):
+            yield blast(noise, gateway.coaps_port, batch(seed))
         grown = process.memory_info().rss - warmed
         self.assertLess(grown, 8 * 1024 * 1024, f"RSS grew by {grown} bytes")
         self.assertIsNone(gateway.process.poll())

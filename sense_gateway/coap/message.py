@@ -15,6 +15,13 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+# The error codes a request can end in are the error hierarchy's.
+from sense_gateway.errors import (  # noqa: F401 (re-exported)
+    BAD_OPTION, BAD_REQUEST, FORBIDDEN, INTERNAL_SERVER_ERROR, METHOD_NOT_ALLOWED, NOT_FOUND,
+    REQUEST_ENTITY_TOO_LARGE, SERVICE_UNAVAILABLE, TOO_MANY_REQUESTS, UNAUTHORIZED,
+    UNSUPPORTED_CONTENT_FORMAT, code_text,
+)
+
 # Message types.
 CON, NON, ACK, RST = range(4)
 
@@ -24,19 +31,8 @@ GET, POST, PUT, DELETE, FETCH, PATCH, IPATCH = 1, 2, 3, 4, 5, 6, 7
 CHANGED = 0x44  # 2.04
 CONTENT = 0x45  # 2.05
 CONTINUE = 0x5F  # 2.31
-BAD_REQUEST = 0x80  # 4.00
-UNAUTHORIZED = 0x81  # 4.01
-BAD_OPTION = 0x82  # 4.02
-FORBIDDEN = 0x83  # 4.03
-NOT_FOUND = 0x84  # 4.04
-METHOD_NOT_ALLOWED = 0x85  # 4.05
 NOT_ACCEPTABLE = 0x86  # 4.06
 REQUEST_ENTITY_INCOMPLETE = 0x88  # 4.08
-REQUEST_ENTITY_TOO_LARGE = 0x8D  # 4.13
-UNSUPPORTED_CONTENT_FORMAT = 0x8F  # 4.15
-TOO_MANY_REQUESTS = 0x9D  # 4.29 (RFC 8516)
-INTERNAL_SERVER_ERROR = 0xA0  # 5.00
-SERVICE_UNAVAILABLE = 0xA3  # 5.03
 PROXYING_NOT_SUPPORTED = 0xA5  # 5.05
 
 
@@ -175,11 +171,6 @@ class Message:
                 f"payload={len(self.payload)} bytes>")
 
 
-def code_text(code: int) -> str:
-    """``0x84`` -> ``"4.04"``."""
-    return f"{code >> 5}.{code & 0x1F:02d}"
-
-
 def _typed(spec: OptionSpec, raw: bytes):
     fmt = spec.format
     if fmt == UINT:
@@ -188,6 +179,20 @@ def _typed(spec: OptionSpec, raw: bytes):
         value = int.from_bytes(raw, "big")
         return Block(value >> 4, bool(value & 0x08), value & 0x07)
     return raw
+
+
+def _read_extended(nibble: int, data: bytes, at: int, what: str, mtype: int, mid: int):
+    """An option delta or length over 12 (RFC 7252 3.1): its value, and
+    where the option goes on."""
+    if nibble == 13:
+        if at >= len(data):
+            raise MalformedMessage(f"truncated option {what}", mtype, mid)
+        return data[at] + 13, at + 1
+    if nibble == 14:
+        if at + 2 > len(data):
+            raise MalformedMessage(f"truncated option {what}", mtype, mid)
+        return ((data[at] << 8) | data[at + 1]) + 269, at + 2
+    raise MalformedMessage(f"reserved option {what} 15", mtype, mid)
 
 
 def parse(data: bytes) -> Message:
@@ -234,31 +239,9 @@ def parse(data: bytes) -> Message:
         delta = byte >> 4
         length = byte & 0x0F
         if delta > 12:
-            if delta == 13:
-                if at >= size:
-                    raise MalformedMessage("truncated option delta", mtype, mid)
-                delta = data[at] + 13
-                at += 1
-            elif delta == 14:
-                if at + 2 > size:
-                    raise MalformedMessage("truncated option delta", mtype, mid)
-                delta = ((data[at] << 8) | data[at + 1]) + 269
-                at += 2
-            else:
-                raise MalformedMessage("reserved option delta 15", mtype, mid)
+            delta, at = _read_extended(delta, data, at, "delta", mtype, mid)
         if length > 12:
-            if length == 13:
-                if at >= size:
-                    raise MalformedMessage("truncated option length", mtype, mid)
-                length = data[at] + 13
-                at += 1
-            elif length == 14:
-                if at + 2 > size:
-                    raise MalformedMessage("truncated option length", mtype, mid)
-                length = ((data[at] << 8) | data[at + 1]) + 269
-                at += 2
-            else:
-                raise MalformedMessage("reserved option length 15", mtype, mid)
+            length, at = _read_extended(length, data, at, "length", mtype, mid)
         end = at + length
         if end > size:
             raise MalformedMessage("truncated option value", mtype, mid)
