@@ -84,13 +84,6 @@ class Unavailable(RequestError):
         self.max_age = max_age
 
 
-class TooManyRequests(Unavailable):
-    """The source is over its request rate (RFC 8516); Max-Age says when to
-    try again."""
-
-    code = TOO_MANY_REQUESTS
-
-
 class ConfigError(Exception):
     """A configuration value is wrong; the message names the key."""
 

@@ -77,7 +77,8 @@ class Dispatcher:
             if self.uploads:
                 # A plain request to the path of an upload from the same
                 # peer ends that upload.
-                self.uploads.discard((path, request.host, request.port, request.transport))
+                self.uploads.discard((path, request.host, request.port, request.transport,
+                                      request.identity))
             if ingest is None:
                 self.tree.handle(layer, request)
                 return
@@ -109,7 +110,8 @@ class Dispatcher:
         completes the upload; then ``(payload, content format, options of
         the final answer)``."""
         message = request.message
-        key = (message.path, request.host, request.port, request.transport)
+        # An upload is one peer's: over DTLS one identity's.
+        key = (message.path, request.host, request.port, request.transport, request.identity)
         if block.number == 0 and key not in self.uploads and ingest is None:
             # Known before the first block is kept: nothing to assemble for.
             resource = self.tree.find(message.path)

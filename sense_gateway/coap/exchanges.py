@@ -21,8 +21,8 @@ from collections.abc import Callable, Hashable
 
 
 class ExchangeMemory:
-    """``(message id, host, port)`` -> encoded response, or ``None`` while
-    none has been sent.
+    """``(message id, host, port, ...)`` -> encoded response, or ``None``
+    while none has been sent; the host is the key's second item.
 
     Keys are tuples of numbers and strings and values bytes, which the
     garbage collector stops tracking: tens of thousands of remembered

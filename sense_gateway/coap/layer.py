@@ -178,7 +178,10 @@ class MessageLayer:
         if mtype > NON:
             self.malformed += 1  # a request must be CON or NON
             return
-        key = (message.mid, addr[0], addr[1])
+        # An exchange is the peer's (RFC 7252 4.5), and over DTLS the
+        # peer is its identity too: another device that takes over the
+        # address never gets a predecessor's answers.
+        key = (message.mid, addr[0], addr[1], identity)
         pending = self._pending.get(key)
         if pending is not None:
             # A retransmission while the first copy is still being handled.
