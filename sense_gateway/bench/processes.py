@@ -114,8 +114,10 @@ class Gateway(Child):
         self.web_port = free_port(socket.SOCK_STREAM, "127.0.0.1")
         self.log_path = data_dir / f"twistd-{role}.log"
         environment = {k: v for k, v in os.environ.items() if not k.startswith("SENSE_")}
-        # The load comes from one address: no per-source rate limit.
-        settings = {"coap.rate_limit": 0, **(settings or {})}
+        # The load comes from one address: no per-source limits on requests
+        # or on the devices it creates.
+        settings = {"coap.rate_limit": 0, "registry.new_devices_per_minute": 1e9,
+                    **(settings or {})}
         environment.update({f"SENSE_{k.replace('.', '_').upper()}": str(v)
                             for k, v in settings.items()})
         command = [executable("twistd"), "-n", "--pidfile=", f"--logfile={self.log_path}",
