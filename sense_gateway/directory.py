@@ -7,8 +7,9 @@ answered from memory here (:class:`DeviceDirectory`), never by a query on
 the reactor thread. :class:`DirectoryService` keeps that memory fresh from
 the credential store and the registry on a thread of its own: it polls the
 store's change serial every ``security.refresh_interval`` seconds (a new,
-rotated or revoked key is in effect within that time, without a restart)
-and reloads the registered ids every ``registry.refresh_interval``.
+rotated or revoked key is in effect within that time, without a restart),
+and every ``registry.refresh_interval`` reloads the registered ids and
+every key (so nothing a missed change left behind outlives that).
 """
 
 from __future__ import annotations
@@ -97,6 +98,21 @@ class DeviceDirectory:
                     log.failure("ending sessions of {device} failed", device=credential.device)
         self.serial = serial
 
+    def replace_keys(self, serial: int, credentials) -> None:
+        """Every credential the store holds (:meth:`CredentialStore.changes`
+        from 0): a full reconcile, which also drops keys the store no
+        longer mentions (a store restored from a backup, say)."""
+        keys = {c.device: c.key for c in credentials if c.key is not None}
+        withdrawn = [device for device, key in self._keys.items() if keys.get(device) != key]
+        self._keys = keys
+        self.serial = serial
+        if self.on_key_withdrawn is not None:
+            for device in withdrawn:
+                try:
+                    self.on_key_withdrawn(device)
+                except Exception:
+                    log.failure("ending sessions of {device} failed", device=device)
+
     def apply_registered(self, ids) -> None:
         """The ids the registry holds now."""
         self._known = set(ids)
@@ -169,12 +185,18 @@ class DirectoryService(Service):
         return d
 
     def _read(self, since: int, want_ids: bool):
-        serial, changes = 0, []
+        serial, changes, full = 0, [], False
         if self._open_store is not None:
             if self._store is None:
                 self._store = self._open_store()
             serial = self._store.serial()
-            changes = self._store.changes(since) if serial != since else []
+            # Now and then (with the device ids), and whenever the serial
+            # went back, everything is read again, not only what changed.
+            full = want_ids or serial < since
+            if full:
+                changes = self._store.changes(0)
+            elif serial != since:
+                changes = self._store.changes(since)
         ids = ids_failure = None
         if want_ids:
             # The registry may be down while readings are still queued: the
@@ -188,13 +210,16 @@ class DirectoryService(Service):
                 if self._registry is not None:
                     self._registry.close()
                     self._registry = None
-        return serial, changes, ids, ids_failure
+        return serial, changes, full, ids, ids_failure
 
     def _apply(self, result, want_ids: bool) -> None:
-        serial, changes, ids, ids_failure = result
+        serial, changes, full, ids, ids_failure = result
         directory = self.directory
-        directory.apply_changes(serial, changes)
-        if changes:
+        if full:
+            directory.replace_keys(serial, changes)
+        else:
+            directory.apply_changes(serial, changes)
+        if changes and not full:
             log.info("credentials: {count} changed, {credentialed} devices with a key",
                      count=len(changes), credentialed=directory.credentialed())
         if ids is not None:

@@ -216,3 +216,13 @@ class DirectoryTests(SynchronousTestCase):
         self.assertEqual(self.withdrawn, ["a", "a"])
         self.assertIsNone(self.directory.psk_for("a"))
         self.assertEqual(self.directory.serial, 3)
+
+    def test_a_full_reconcile_drops_keys_the_store_no_longer_has(self):
+        self.directory.apply_changes(5, [Credential("a", b"1" * 16, 0, 4),
+                                         Credential("b", b"2" * 16, 0, 5)])
+        # A store restored from a backup: serial 3, only "a", with another key.
+        self.directory.replace_keys(3, [Credential("a", b"3" * 16, 0, 3)])
+        self.assertEqual((self.directory.psk_for("a"), self.directory.psk_for("b")),
+                         (b"3" * 16, None))
+        self.assertEqual(sorted(self.withdrawn), ["a", "b"])
+        self.assertEqual(self.directory.serial, 3)

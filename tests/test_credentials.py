@@ -41,6 +41,34 @@ class StoreContract:
         self.store.set_key("node-9", b"\x04" * 16)
         self.assertEqual([c.device for c in self.store.changes(since)], ["node-9"])
 
+    def test_concurrent_writers_never_share_a_serial_or_lose_a_change(self):
+        import threading
+
+        def write(store, prefix):
+            for n in range(15):
+                store.set_key(f"{prefix}-{n}", bytes([n]) * 16)
+        other, watcher = self.another_store(), self.another_store()
+        threads = [threading.Thread(target=write, args=(store, prefix))
+                   for store, prefix in ((self.store, "a"), (other, "b"))]
+        for thread in threads:
+            thread.start()
+        # A gateway's way of following the store: poll the serial, read
+        # what changed since the last one it saw.
+        seen, since = {}, 0
+        while True:
+            writing = any(thread.is_alive() for thread in threads)
+            serial = watcher.serial()
+            if serial != since:
+                seen.update((c.device, c.key) for c in watcher.changes(since))
+                since = serial
+            if not writing:
+                break
+        changes = self.store.changes(0)
+        self.assertEqual(seen, {c.device: c.key for c in changes})
+        self.assertEqual(len(changes), 30)
+        self.assertEqual(sorted(c.serial for c in changes), list(range(1, 31)))
+        self.assertEqual(self.store.serial(), 30)
+
     def test_a_credential_never_shows_its_key(self):
         credential = self.store.set_key("node-7", b"secret-key-bytes")
         self.assertNotIn("secret", repr(credential))
@@ -50,8 +78,12 @@ class StoreContract:
 class SQLiteStoreTests(StoreContract, TestCase):
     def setUp(self):
         self.path = Path(self.mktemp()) / "credentials.sqlite3"
-        self.store = SQLiteCredentialStore(self.path)
-        self.addCleanup(self.store.close)
+        self.store = self.another_store()
+
+    def another_store(self):
+        store = SQLiteCredentialStore(self.path)
+        self.addCleanup(store.close)
+        return store
 
     def test_the_file_is_readable_by_its_owner_only(self):
         self.store.set_key("node-7", b"\x01" * 16)
@@ -69,7 +101,11 @@ class DynamoDBStoreTests(StoreContract, TestCase):
             TableName="creds", BillingMode="PAY_PER_REQUEST",
             KeySchema=[{"AttributeName": "device", "KeyType": "HASH"}],
             AttributeDefinitions=[{"AttributeName": "device", "AttributeType": "S"}])
-        self.store = DynamoDBCredentialStore("creds", "us-east-1", moto.url)
+        self.url = moto.url
+        self.store = self.another_store()
+
+    def another_store(self):
+        return DynamoDBCredentialStore("creds", "us-east-1", self.url)
 
 
 class DevicesCommandTests(TestCase):

@@ -4,25 +4,30 @@ registry.
 One item per device in the table ``registry.credentials_table`` (partition
 key ``device``, a string): ``key`` (binary, absent once revoked),
 ``changed`` and ``serial``; and one item, ``COUNTER``, holding the latest
-serial (its key has a space, which no device id can have). A gateway polls
-that one item and scans only when it changed. The table is created by the
+serial (its key has a space, which no device id can have), written in the
+same transaction as each change. A gateway polls that one item and scans
+only when it changed. The table is created by the
 deployment (``etc/aws``).
 """
 
 from __future__ import annotations
 
+import random
 import time
 from decimal import Decimal
 
 import boto3
 from boto3.dynamodb.conditions import Attr
 from botocore.config import Config as BotoConfig
+from botocore.exceptions import ClientError
 
 from sense_gateway.credentials import Credential, CredentialStore
 from sense_gateway.hookspecs import hookimpl
 
 #: the counter item's key: a space cannot be in a device id
 COUNTER = "# serial"
+#: tries of a change that other writers keep overtaking
+MAX_ATTEMPTS = 50
 
 
 class DynamoDBCredentialStore(CredentialStore):
@@ -32,25 +37,46 @@ class DynamoDBCredentialStore(CredentialStore):
             config=BotoConfig(retries={"max_attempts": 3, "mode": "standard"}))
         self.table = resource.Table(table)
 
-    def _next_serial(self) -> int:
-        answer = self.table.update_item(
-            Key={"device": COUNTER}, UpdateExpression="ADD serial :one",
-            ExpressionAttributeValues={":one": 1}, ReturnValues="UPDATED_NEW")
-        return int(answer["Attributes"]["serial"])
+    def _change(self, device: str, key: bytes | None) -> Credential:
+        """Write the device's item and the next serial in one transaction,
+        conditional on the serial read: a gateway never sees a serial
+        whose change it cannot read, and two writers never share one."""
+        client = self.table.meta.client
+        for attempt in range(MAX_ATTEMPTS):
+            current = self.serial()
+            serial, now = current + 1, time.time()
+            item = {"device": device, "changed": Decimal(repr(now)), "serial": serial}
+            if key is not None:
+                item["key"] = bytes(key)
+            counter = {"TableName": self.table.name, "Key": {"device": COUNTER},
+                       "UpdateExpression": "SET serial = :next",
+                       "ExpressionAttributeValues": {":next": serial}}
+            if current:
+                counter["ConditionExpression"] = "serial = :current"
+                counter["ExpressionAttributeValues"][":current"] = current
+            else:
+                counter["ConditionExpression"] = "attribute_not_exists(serial)"
+            try:
+                client.transact_write_items(TransactItems=[
+                    {"Update": counter}, {"Put": {"TableName": self.table.name, "Item": item}}])
+            except ClientError as e:
+                if e.response["Error"]["Code"] != "TransactionCanceledException":
+                    raise
+                # Another writer took this serial: read it again, after a
+                # random pause so two writers do not keep colliding.
+                time.sleep(random.uniform(0, 0.005 * (attempt + 1)))
+                continue
+            return Credential(device, item.get("key"), now, serial)
+        raise RuntimeError(f"credentials: {MAX_ATTEMPTS} concurrent writers won over this one")
 
     def set_key(self, device: str, key: bytes) -> Credential:
-        serial, now = self._next_serial(), time.time()
-        self.table.put_item(Item={"device": device, "key": bytes(key),
-                                  "changed": Decimal(repr(now)), "serial": serial})
-        return Credential(device, bytes(key), now, serial)
+        return self._change(device, key)
 
     def revoke(self, device: str) -> bool:
         item = self.table.get_item(Key={"device": device}, ConsistentRead=True).get("Item")
         if item is None or "key" not in item:
             return False
-        serial, now = self._next_serial(), time.time()
-        self.table.put_item(Item={"device": device, "changed": Decimal(repr(now)),
-                                  "serial": serial})
+        self._change(device, None)
         return True
 
     def serial(self) -> int:
