@@ -74,7 +74,8 @@ ENV PATH=/opt/sense-gateway/bin:$PATH \
     SENSE_CONFIG=/etc/sense-gateway/sense-gateway.toml \
     SENSE_DATA_DIR=/var/lib/sense-gateway \
     SENSE_PLUGINS_DIR=/etc/sense-gateway/plugins \
-    SENSE_WEB_NODE_MODULES=/opt/sense-gateway/node_modules
+    SENSE_WEB_NODE_MODULES=/opt/sense-gateway/node_modules \
+    SENSE_SECURITY_PLAIN_INGEST=off
 USER sense-gateway
 WORKDIR /var/lib/sense-gateway
 VOLUME ["/var/lib/sense-gateway"]

@@ -644,7 +644,7 @@ class DockerfileTests(TestCase):
         return [tuple(line.split(None, 1)) for line in text.splitlines()
                 if line.strip() and not line.startswith("#")]
 
-    def test_image_runs_twistd_as_an_unprivileged_user_with_coap_exposed(self):
+    def test_image_runs_twistd_as_an_unprivileged_user_with_coap_exposed_and_plain_ingest_off(self):
         instructions = self.instructions()
         final = instructions[max(i for i, (k, _) in enumerate(instructions) if k == "FROM"):]
         values = {}
@@ -652,6 +652,9 @@ class DockerfileTests(TestCase):
             values.setdefault(keyword, []).append(value)
         self.assertEqual(values["USER"], ["sense-gateway"])
         self.assertIn("5683/udp", values["EXPOSE"][0].split())
+        self.assertIn("5684/udp", values["EXPOSE"][0].split())
+        # Safe by default: plain CoAP stores nothing unless told otherwise.
+        self.assertTrue(any("SENSE_SECURITY_PLAIN_INGEST=off" in v for v in values["ENV"]))
         self.assertEqual(json.loads(values["ENTRYPOINT"][0])[:1] + json.loads(values["ENTRYPOINT"][0])[-1:],
                          ["twistd", "sense-gateway"])
         self.assertIn("--nodaemon", values["ENTRYPOINT"][0])
