@@ -24,6 +24,13 @@ class IngestPolicy:
         #: refusals by reason (the same names in /metrics)
         self.refused: Counter[str] = Counter()
 
+    def check_transfer(self, identity) -> None:
+        """A block-wise upload starting: refused at its first block when
+        plain CoAP may not write at all (its blocks would only take room)."""
+        if identity is None and self.plain_ingest == "off":
+            self.refused["plain_ingest_off"] += 1
+            raise Unauthorized("write over coaps (DTLS) only")
+
     def check(self, device: str, context) -> None:
         """Raise the error the device gets, or return if it may write."""
         identity = context.identity

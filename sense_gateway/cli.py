@@ -3,7 +3,7 @@
     sense plugins           loaded plugins, where each came from, its hooks
     sense queue             queue depth (visible, in flight, dead letters)
     sense devices           the device registry (--json for scripts), who has a credential
-    sense devices add ID --psk-hex HEX | --generate
+    sense devices add ID --generate | --psk-file FILE|- | --psk-hex HEX
                             give a device its DTLS pre-shared key (docs/security.md)
     sense devices rotate ID [--psk-hex HEX]   a new key; the old one stops working
     sense devices revoke ID   the key stops working, the device's sessions end
@@ -212,6 +212,10 @@ def _new_key(args) -> tuple[bytes, bool]:
     """The key the command line gives, or a generated one (then True)."""
     from sense_gateway.credentials import generate_key, parse_key_hex
 
+    if getattr(args, "psk_file", None):
+        # Kept off the command line (shell history, the process list).
+        text = sys.stdin.read() if args.psk_file == "-" else open(args.psk_file).read()
+        return parse_key_hex(text.strip()), False
     if getattr(args, "psk_hex", None):
         return parse_key_hex(args.psk_hex), False
     return generate_key(), True
@@ -224,8 +228,9 @@ def cmd_devices_add(config, args) -> int:
     if problem is not None:
         print(f"sense: {args.device!r}: {problem}", file=sys.stderr)
         return 2
-    if not args.psk_hex and not args.generate:
-        print("sense: devices add: give --psk-hex HEX or --generate", file=sys.stderr)
+    if not args.psk_hex and not args.psk_file and not args.generate:
+        print("sense: devices add: give --generate, --psk-file FILE or --psk-hex HEX",
+              file=sys.stderr)
         return 2
     return _set_key(config, args, "added")
 
@@ -311,13 +316,19 @@ def main(argv: list[str] | None = None) -> int:
     add = device_commands.add_parser("add", help="give a device a DTLS pre-shared key")
     add.add_argument("device")
     key = add.add_mutually_exclusive_group()
-    key.add_argument("--psk-hex", metavar="HEX", help="the key, in hexadecimal")
+    key.add_argument("--psk-hex", metavar="HEX", help="the key, in hexadecimal (it shows in "
+                                                      "the process list: prefer --psk-file)")
+    key.add_argument("--psk-file", metavar="FILE",
+                     help="read the key, in hexadecimal, from FILE (- for standard input)")
     key.add_argument("--generate", action="store_true",
                      help="a fresh random 16-byte key, printed once as hex")
     add.set_defaults(run=cmd_devices_add)
     rotate = device_commands.add_parser("rotate", help="a new key (generated unless given)")
     rotate.add_argument("device")
-    rotate.add_argument("--psk-hex", metavar="HEX", help="the new key, in hexadecimal")
+    new_key = rotate.add_mutually_exclusive_group()
+    new_key.add_argument("--psk-hex", metavar="HEX", help="the new key, in hexadecimal")
+    new_key.add_argument("--psk-file", metavar="FILE",
+                         help="read the new key, in hexadecimal, from FILE (- for standard input)")
     rotate.set_defaults(run=cmd_devices_rotate)
     revoke = device_commands.add_parser("revoke", help="withdraw a device's key")
     revoke.add_argument("device")

@@ -56,8 +56,12 @@ class CoapsConfig:
     #: OpenSSL drops the bad Finished without an alert)
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0
-    #: new handshakes one source address may start per second
+    #: new handshakes one source address may start per second, and have
+    #: in progress at once (eight times that from one IPv6 /64)
     handshakes_per_source: float = 5.0
+    handshakes_in_progress_per_source: int = 4
+    #: established sessions one identity may hold (a newer one ends its oldest)
+    max_sessions_per_identity: int = 4
     #: a PSK identity hint to send (empty: none, RFC 7925)
     identity_hint: str = ""
 
@@ -396,6 +400,8 @@ def validate(config: Config) -> None:
         "coaps.handshake_timeout": config.coaps.handshake_timeout,
         "coaps.idle_timeout": config.coaps.idle_timeout,
         "coaps.handshakes_per_source": config.coaps.handshakes_per_source,
+        "coaps.handshakes_in_progress_per_source": config.coaps.handshakes_in_progress_per_source,
+        "coaps.max_sessions_per_identity": config.coaps.max_sessions_per_identity,
         "security.refresh_interval": config.security.refresh_interval,
         "registry.max_devices": config.registry.max_devices,
         "registry.new_devices_per_minute": config.registry.new_devices_per_minute,

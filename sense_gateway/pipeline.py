@@ -180,5 +180,6 @@ class IngestPipeline:
             if problems:
                 raise ValidationError(problems[0])
         if self.policy is not None:
-            self.policy.check(device, context)
+            # The device as it stands after the validators: what is stored.
+            self.policy.check(envelope.device, context)
         return envelope

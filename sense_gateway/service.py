@@ -225,18 +225,19 @@ def _make_gateway(config, pm, queue, reactor) -> GatewayParts:
         raise PluginLoadError(str(e)) from None
 
     tree = ResourceTree(txresource.Endpoint(root), max_observers=config.coap.max_observers)
-    dispatcher = Dispatcher(pipeline, tree, Uploads(config.coap.max_payload, clock),
+    dispatcher = Dispatcher(pipeline, tree, lambda: Uploads(config.coap.max_payload, clock),
                             wall_clock=reactor)
     coap = config.coap
-    # One budget per source address, whichever port it uses.
-    rate_limit = TokenBuckets(coap.rate_limit, coap.rate_burst, clock.seconds) \
-        if coap.rate_limit > 0 else None
     transports = [(UDPTransport(), coap.bind, coap.port, "CoAP")]
     if config.coaps.enabled:
         transports.append((_dtls_transport(config, directory, clock), config.coaps.bind,
                            config.coaps.port, "CoAPS"))
     layers, servers = [], []
     for transport, bind, port, label in transports:
+        # One budget per source address (whichever port), per transport: a
+        # spoofed plain datagram cannot spend a DTLS device's budget.
+        rate_limit = TokenBuckets(coap.rate_limit, coap.rate_burst, clock.seconds) \
+            if coap.rate_limit > 0 else None
         layer = MessageLayer(transport, dispatcher, clock,
                              exchange_lifetime=coap.exchange_lifetime,
                              max_exchanges=coap.dedup_entries,
@@ -259,7 +260,9 @@ def _dtls_transport(config, directory, clock):
                         handshake_timeout=coaps.handshake_timeout,
                         idle_timeout=coaps.idle_timeout,
                         handshakes_per_source=coaps.handshakes_per_source,
-                        identity_hint=coaps.identity_hint.encode() or None)
+                        identity_hint=coaps.identity_hint.encode() or None,
+                        handshakes_in_progress_per_source=coaps.handshakes_in_progress_per_source,
+                        max_sessions_per_identity=coaps.max_sessions_per_identity)
     # A revoked or rotated key ends the sessions made with the old one.
     directory.on_key_withdrawn = engine.end_sessions
     return DTLSTransport(engine)

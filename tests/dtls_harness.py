@@ -218,14 +218,26 @@ class DTLSPeer(RawCoapPeer):
 
     @defer.inlineCallbacks
     def request(self, datagram: bytes, timeout: float = 5.0):
-        """Send one CoAP datagram on the session; the next one back, or None."""
-        before = len(self.client.received)
+        """Send one CoAP request on the session; its response (past an
+        empty ACK, acknowledging a separate one), or None."""
+        token = datagram[4:4 + (datagram[0] & 0x0F)]
+        seen = len(self.client.received)
         self._send(self.client.send(datagram))
-        yield self._pump(lambda: len(self.client.received) > before or
-                         self.client.closed_by_server or self.client.error, timeout)
-        if len(self.client.received) > before:
-            return self.client.received[before]
-        return None
+
+        def answered():
+            nonlocal seen
+            for message in self.client.received[seen:]:
+                seen += 1
+                if len(message) >= 4 and message[1] != 0 and \
+                        message[4:4 + (message[0] & 0x0F)] == token:
+                    if (message[0] >> 4) & 3 == 0:  # a separate response: ACK it
+                        self._send(self.client.send(bytes([0x60, 0]) + message[2:4]))
+                    self.answer = message
+                    return True
+            return self.client.closed_by_server or self.client.error
+        self.answer = None
+        yield self._pump(answered, timeout)
+        return self.answer
 
     def send_raw(self, datagrams) -> None:
         """Datagrams from this peer's address that are not its session's."""

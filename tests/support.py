@@ -437,7 +437,8 @@ class CoapEndpoint:
         self.time = TimeResource(self.clock, interval=60, max_observers=max_observers)
         self.root = build_tree(self.pipeline, {"/time": self.time, **(resources or {})})
         self.tree = ResourceTree(txresource.Endpoint(self.root), max_observers=max_observers)
-        self.dispatcher = Dispatcher(self.pipeline, self.tree, Uploads(max_payload, self.clock),
+        self.dispatcher = Dispatcher(self.pipeline, self.tree,
+                                     lambda: Uploads(max_payload, self.clock),
                                      wall_clock=self.clock)
         self.transport = transport or DatagramTransport()
         self.layer = MessageLayer(self.transport, self.dispatcher, self.clock,

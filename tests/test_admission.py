@@ -127,6 +127,12 @@ class OffTests(PolicyTestCase):
             response = self.endpoint.only(request_datagram(code=tx.GET, path=path))
             self.assertEqual(response.code, 0x45)
 
+    def test_a_block_wise_upload_is_refused_at_its_first_block(self):
+        first = request_datagram(payload=b"1" * 16, content_format=0, path="named",
+                                 options=[tx.BlockOption(tx.BLOCK1, (0, True, 0))])
+        self.assertEqual(self.endpoint.only(first).code, UNAUTHORIZED)
+        self.assertEqual(len(self.endpoint.dispatcher.uploads("coap")), 0)
+
     def test_dtls_writes_still_go_through(self):
         self.assertEqual(self.post("named", b"node-7", identity="node-7").code, CHANGED)
 
@@ -174,18 +180,28 @@ class RateLimitTests(SynchronousTestCase):
         codes = [self.endpoint.only(request_datagram(payload=b"1", mid=n)).code for n in range(3)]
         self.assertEqual(codes, [CHANGED, CHANGED, TOO_MANY_REQUESTS])
         refused = parse(self.endpoint.written()[-1])
-        self.assertEqual((refused.payload, refused.option(MAX_AGE)), (b"too many requests", 1))
+        # No payload: an address over its rate gets a few bytes at most.
+        self.assertEqual((refused.payload, refused.option(MAX_AGE)), (b"", 1))
         # Meanwhile another source is served...
         other = self.endpoint.only(request_datagram(payload=b"1", mid=9), ("2001:db8::5", 5683))
         self.assertEqual(other.code, CHANGED)
-        # ...a retransmission of the refused request gets the same answer
-        # without costing a token, and after a second the source may again.
-        again = self.endpoint.send(request_datagram(payload=b"1", mid=2))
-        self.assertEqual(again, [self.endpoint.written()[2]])
+        # ...more from the busy one within the second get nothing at all,
+        # and after a second the source may send again.
+        for mid in range(2, 6):
+            self.assertEqual(self.endpoint.send(request_datagram(payload=b"1", mid=mid)), [])
         self.endpoint.clock.advance(1)
         self.assertEqual(self.endpoint.only(request_datagram(payload=b"1", mid=3)).code, CHANGED)
-        self.assertEqual(self.endpoint.layer.rate_limited, 1)
+        self.assertEqual(self.endpoint.layer.rate_limited, 5)
         self.assertEqual(len(self.endpoint.queue.stored), 4)
+
+    def test_retransmissions_and_bad_options_cost_tokens_too(self):
+        datagram = request_datagram(payload=b"1", mid=1)
+        self.assertEqual(self.endpoint.only(datagram).code, CHANGED)
+        self.assertEqual(len(self.endpoint.send(datagram)), 1)  # replayed, one token
+        self.assertEqual(parse(self.endpoint.send(datagram)[0]).code, TOO_MANY_REQUESTS)
+        self.assertEqual(self.endpoint.send(request_datagram(
+            payload=b"1", mid=7, options=[tx.OpaqueOption(2049, b"x")])), [])
+        self.assertEqual(len(self.endpoint.queue.stored), 1)
 
     def test_ports_of_one_address_share_its_budget(self):
         codes = [self.endpoint.only(request_datagram(payload=b"1"), ("::1", 40000 + n)).code

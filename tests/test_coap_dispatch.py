@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from txthings import coap as tx
 
 from sense_gateway.coap.blockwise import Uploads
-from sense_gateway.coap.layer import MAX_RETRANSMIT
+from sense_gateway.coap.confirmable import MAX_RETRANSMIT
 from sense_gateway.coap.message import (
     ACK, BAD_REQUEST, BLOCK1, BLOCK2, CHANGED, CON, CONTENT, CONTINUE, MAX_AGE, METHOD_NOT_ALLOWED,
     NOT_ACCEPTABLE, NOT_FOUND, OBSERVE, REQUEST_ENTITY_INCOMPLETE, REQUEST_ENTITY_TOO_LARGE,
@@ -106,23 +106,23 @@ class BlockwiseUploadTests(DispatchTestCase):
         response = self.only(request_datagram(payload=b"1" * 16, mid=2, options=[block1(2, True)]))
         self.assertEqual((response.code, response.payload),
                          (REQUEST_ENTITY_INCOMPLETE, b"expected the block at byte 16"))
-        self.assertEqual(len(self.endpoint.dispatcher.uploads), 0)
+        self.assertEqual(len(self.endpoint.dispatcher.uploads("coap")), 0)
 
     def test_upload_to_unknown_path_is_not_found_before_assembly(self):
         first = request_datagram(path="nowhere", payload=b"1" * 16, options=[block1(0, True)])
         self.assertEqual(self.only(first).code, NOT_FOUND)
-        self.assertEqual(len(self.endpoint.dispatcher.uploads), 0)
+        self.assertEqual(len(self.endpoint.dispatcher.uploads("coap")), 0)
 
     def test_plain_post_during_an_upload_ends_it(self):
         self.only(request_datagram(payload=b"1" * 16, mid=1, options=[block1(0, True)]))
         self.assertEqual(self.only(request_datagram(payload=b"2", mid=2)).code, CHANGED)
-        self.assertEqual(len(self.endpoint.dispatcher.uploads), 0)
+        self.assertEqual(len(self.endpoint.dispatcher.uploads("coap")), 0)
 
     def test_one_source_cannot_take_every_upload_slot(self):
         def start(peer, mid):
             return self.only(request_datagram(payload=b"1" * 16, mid=mid,
                                               options=[block1(0, True)]), peer=peer)
-        per_source = self.endpoint.dispatcher.uploads.max_per_source
+        per_source = self.endpoint.dispatcher.uploads("coap").max_per_source
         # One address, many ports: the ports do not multiply its share.
         for n in range(per_source):
             self.assertEqual(start(("10.0.0.9", 40000 + n), n).code, CONTINUE)
@@ -133,7 +133,7 @@ class BlockwiseUploadTests(DispatchTestCase):
         self.assertEqual(start(("10.0.0.10", 40000), 101).code, CONTINUE)
 
     def test_abandoned_uploads_are_forgotten(self):
-        uploads = self.endpoint.dispatcher.uploads = Uploads(64, self.clock, max_uploads=2)
+        uploads = self.endpoint.dispatcher._uploads["coap"] = Uploads(64, self.clock, max_uploads=2)
         for n in range(2):
             self.only(request_datagram(payload=b"1" * 16, mid=n, options=[block1(0, True)]),
                       peer=(f"10.0.0.{n + 1}", 40000))

@@ -9,8 +9,9 @@ from twisted.internet import task
 from twisted.trial.unittest import SynchronousTestCase
 from txthings import coap as tx
 
-from sense_gateway.coap import layer as layer_module
-from sense_gateway.coap.layer import ACK_RANDOM_FACTOR, ACK_TIMEOUT, EMPTY_ACK_DELAY
+from sense_gateway.coap import confirmable as confirmables
+from sense_gateway.coap.confirmable import ACK_RANDOM_FACTOR, ACK_TIMEOUT
+from sense_gateway.coap.layer import EMPTY_ACK_DELAY
 from sense_gateway.coap.message import (
     ACK, BAD_OPTION, CHANGED, CON, EMPTY, MAX_AGE, NO_RESPONSE, NON, PROXYING_NOT_SUPPORTED, RST,
     SERVICE_UNAVAILABLE, encode, parse,
@@ -140,7 +141,7 @@ class AnswerAfterCommitTests(LayerTestCase):
         self.queue.commit()
         for _ in range(10):
             self.clock.advance(100)
-        self.assertEqual(len(self.written()), 2 + layer_module.MAX_RETRANSMIT)
+        self.assertEqual(len(self.written()), 2 + confirmables.MAX_RETRANSMIT)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_retransmission_while_storing_is_stored_once_even_after_eviction(self):
@@ -264,6 +265,15 @@ class MessageLayerTests(LayerTestCase):
         self.assertEqual(len(self.send(datagram)), 1)  # still a retransmission
         self.assertEqual(len(self.queue.stored), 1)
         self.assertEqual(self.queue.stored[0].received, 0.0)
+
+    def test_a_new_dtls_session_from_the_same_address_is_a_new_peer(self):
+        # A device that rebooted and handshook again from the same port,
+        # starting its message ids where it did before.
+        datagram = request_datagram(payload=b"1", mid=21)
+        self.layer.datagram_received(datagram, PEER, "node-7", 1)
+        self.layer.datagram_received(datagram, PEER, "node-7", 1)  # a retransmission
+        self.layer.datagram_received(datagram, PEER, "node-7", 2)  # the new session
+        self.assertEqual(len(self.queue.stored), 2)
 
     def test_unknown_critical_option_gets_bad_option(self):
         response = self.only(request_datagram(payload=b"1", options=[tx.OpaqueOption(2049, b"x")]))

@@ -115,11 +115,11 @@ class DevicesCommandTests(TestCase):
         self.data_dir = Path(self.mktemp()).resolve()
         self.data_dir.mkdir(parents=True)
 
-    def sense(self, *args, check=True):
+    def sense(self, *args, check=True, stdin=None):
         env = {k: v for k, v in os.environ.items() if not k.startswith("SENSE_")}
         result = subprocess.run([str(BIN / "sense"), "--data-dir", str(self.data_dir),
                                  "--plugins-dir", str(self.data_dir / "none"), "devices", *args],
-                                capture_output=True, text=True, timeout=60, env=env)
+                                capture_output=True, text=True, timeout=60, env=env, input=stdin)
         if check:
             self.assertEqual(result.returncode, 0, result.stderr)
         return result
@@ -140,6 +140,13 @@ class DevicesCommandTests(TestCase):
         self.addCleanup(store.close)
         [credential] = store.changes(0)
         self.assertEqual(credential.key, bytes.fromhex("00112233445566778899aabbccddeeff"))
+
+    def test_key_from_standard_input_stays_off_the_command_line(self):
+        self.sense("add", "node-9", "--psk-file", "-", stdin="a0a1a2a3a4a5a6a7\n")
+        store = SQLiteCredentialStore(self.data_dir / "credentials.sqlite3")
+        self.addCleanup(store.close)
+        [credential] = store.changes(0)
+        self.assertEqual(credential.key, bytes.fromhex("a0a1a2a3a4a5a6a7"))
 
     def test_rotate_and_revoke(self):
         self.sense("add", "node-7", "--psk-hex", "0011")

@@ -20,7 +20,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sense_gateway.coap.dtls import DTLSServer
-from sense_gateway.coap.dtls_admission import CookieJar, SourceRateLimit
+from sense_gateway.coap.dtls_admission import CookieJar
 from sense_gateway.coap.dtls_records import (
     DTLS_1_0, parse_client_hello, split_records,
 )
@@ -471,12 +471,13 @@ class LimitTests(SynchronousTestCase):
         for addr, client in clients.items():
             self.assertTrue(f.works(client, addr))
 
-    def test_handshakes_in_progress_count_against_max_sessions(self):
-        f = Fixture(max_sessions=2)
+    def test_handshakes_in_progress_count_against_max_sessions_and_the_oldest_gives_way(self):
+        f = Fixture(max_sessions=2, max_handshakes=2)
         self.stalled_handshake(f, ("192.0.2.1", 5000))
         self.stalled_handshake(f, ("192.0.2.2", 5000))
-        self.assertFalse(f.connect(("192.0.2.3", 5000)).established)
-        self.assertEqual(f.server.counters["refused_full"], 1)
+        self.assertTrue(f.connect(("192.0.2.3", 5000)).established)
+        self.assertEqual(f.server.counters["handshakes_evicted"], 1)
+        self.assertEqual((f.server.session_count(), f.server.handshake_count()), (1, 1))
 
     def test_handshakes_per_source_are_limited_and_other_sources_go_on(self):
         f = Fixture(handshakes_per_source=2.0)
@@ -490,13 +491,58 @@ class LimitTests(SynchronousTestCase):
         self.assertTrue(f.connect(("192.0.2.1", 5003)).established)
 
     def test_the_source_table_is_bounded(self):
-        limit = SourceRateLimit(task.Clock(), 5.0, max_sources=10)
-        for i in range(1000):
-            limit.allow(f"2001:db8::{i:x}")
-        self.assertEqual(len(limit), 10)
+        f = Fixture(max_sessions=2)
+        for i in range(6000):
+            f.server._rate.take(f"2001:db8::{i:x}")
+        self.assertEqual(len(f.server._rate), 4096)
+
+    def test_quiet_handshakes_cannot_lock_new_devices_out(self):
+        # Peers past the cookie exchange that never finish: at most 4 from
+        # one address, at most half the slots, and the oldest gives way.
+        f = Fixture(max_sessions=10, handshakes_per_source=1000.0, max_sessions_per_identity=10)
+        for port in range(6):
+            self.stalled_handshake(f, ("192.0.2.1", 5000 + port))
+        self.assertEqual(f.server.handshake_count(), 4)
+        self.assertEqual(f.server.counters["refused_source_busy"], 2)
+        for host in range(2, 9):
+            for port in range(4):
+                self.stalled_handshake(f, (f"192.0.2.{host}", 5000 + port))
+        self.assertEqual(f.server.handshake_count(), 5)
+        # Devices that finish still get in, until the sessions fill the rest.
+        for n in range(10):
+            self.assertTrue(f.connect((f"198.51.100.{n}", 5000)).established, n)
+        self.assertEqual(f.server.session_count(), 10)
+        self.assertEqual(f.server.handshake_count(), 0)
+        self.assertFalse(f.connect(("198.51.100.99", 5000)).established)
+        self.assertEqual(f.server.counters["refused_full"], 1)
+
+    def test_one_ipv6_prefix_holds_only_so_many_handshakes(self):
+        f = Fixture(max_sessions=200, handshakes_per_source=1000.0)
+        for n in range(40):
+            self.stalled_handshake(f, (f"2001:db8:0:1::{n + 1:x}", 5000))
+        self.assertEqual(f.server.handshake_count(), 32)
+        self.assertTrue(f.connect(("2001:db8:0:2::1", 5000)).established)
+
+    def test_one_identity_holds_only_so_many_sessions(self):
+        f = Fixture(max_sessions_per_identity=2)
+        clients = [f.connect((f"192.0.2.{n}", 5000)) for n in range(1, 4)]
+        self.assertTrue(all(c.established for c in clients))
+        self.assertEqual(f.server.session_count(), 2)
+        self.assertEqual(f.server.counters["sessions_over_identity_limit"], 1)
+        self.assertTrue(f.works(clients[2], ("192.0.2.3", 5000)))
+        self.assertFalse(f.works(clients[0], ("192.0.2.1", 5000)))
+
+    def test_each_session_has_its_own_number(self):
+        f = Fixture()
+        addr = ("192.0.2.1", 5000)
+        f.connect(addr)
+        first = f.server.session_number(addr)
+        f.connect(addr)  # the device restarted: a new session at the same address
+        self.assertNotEqual(f.server.session_number(addr), first)
+        self.assertIsNone(f.server.session_number(("192.0.2.9", 1)))
 
     def test_one_timer_serves_every_session_and_handshake(self):
-        f = Fixture()
+        f = Fixture(max_sessions_per_identity=100)
         for i in range(20):
             f.connect((f"192.0.2.{i}", 5000))
         for i in range(5):

@@ -116,7 +116,8 @@ class FuzzInProcessTests(TestCase):
 
     @defer.inlineCallbacks
     def test_noise_leaves_gateway_answering_within_bounds(self):
-        gateway = yield start_gateway(self, **{"coap.dedup_entries": 500, "coap.max_observers": 8})
+        gateway = yield start_gateway(self, **{"coap.dedup_entries": 500, "coap.max_observers": 8,
+                                                "coap.rate_limit": 0})
         peer = RawCoapPeer(self)
         yield blast(peer, gateway.port, datagrams(seed=20261128, count=4000))
         yield still_answers(self, peer, gateway.port)
@@ -124,7 +125,7 @@ class FuzzInProcessTests(TestCase):
         self.assertGreater(layer.malformed, 100)
         self.assertLessEqual(len(layer.exchanges), 500)
         self.assertGreater(layer.exchanges.evicted_from_source, 0)
-        uploads = gateway.dispatcher.uploads
+        uploads = gateway.dispatcher.uploads("coap")
         self.assertLessEqual(len(uploads), uploads.max_per_source)  # one source sent them all
         time_resource = gateway.dispatcher.tree.find((b"time",))
         self.assertLessEqual(len(time_resource.observers), 8)

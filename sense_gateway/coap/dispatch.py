@@ -49,10 +49,13 @@ def device_host(host: str) -> str:
 class Dispatcher:
     """The handler of every message layer: see the module docstring."""
 
-    def __init__(self, pipeline, tree: ResourceTree, uploads: Uploads, wall_clock):
+    def __init__(self, pipeline, tree: ResourceTree, uploads, wall_clock):
+        """*uploads* makes the :class:`Uploads` of a transport (each has its
+        own: peers of one cannot take the other's room)."""
         self.pipeline = pipeline
         self.tree = tree
-        self.uploads = uploads
+        self._make_uploads = uploads
+        self._uploads: dict[str, Uploads] = {}
         #: receive times of readings are wall-clock times
         self.wall_clock = wall_clock
         #: Uri-Path segments -> ingest path
@@ -74,11 +77,11 @@ class Dispatcher:
         ingest = self.ingest_paths.get(path) if message.code == POST else None
         if block1 is None:
             payload, content_format, options = message.payload, message.content_format, ()
-            if self.uploads:
+            uploads = self._uploads.get(request.transport)
+            if uploads:
                 # A plain request to the path of an upload from the same
                 # peer ends that upload.
-                self.uploads.discard((path, request.host, request.port, request.transport,
-                                      request.identity))
+                uploads.discard((path, request.host, request.port, request.session))
             if ingest is None:
                 self.tree.handle(layer, request)
                 return
@@ -105,14 +108,30 @@ class Dispatcher:
         except RequestError as e:
             answer_error(layer, request, e)
 
+    def uploads(self, transport: str) -> Uploads:
+        """The uploads being assembled for peers of *transport*."""
+        uploads = self._uploads.get(transport)
+        if uploads is None:
+            uploads = self._uploads[transport] = self._make_uploads()
+        return uploads
+
     def _block(self, layer, request, block: Block, ingest):
         """One block of an upload (RFC 7959 2.3): answered here unless it
         completes the upload; then ``(payload, content format, options of
         the final answer)``."""
         message = request.message
-        # An upload is one peer's: over DTLS one identity's.
-        key = (message.path, request.host, request.port, request.transport, request.identity)
-        if block.number == 0 and key not in self.uploads and ingest is None:
+        uploads = self.uploads(request.transport)
+        # An upload is one peer's: over DTLS one session's.
+        key = (message.path, request.host, request.port, request.session)
+        if block.number == 0 and key not in uploads and ingest is not None:
+            policy = self.pipeline.policy
+            if policy is not None:
+                try:
+                    policy.check_transfer(request.identity)
+                except RequestError as e:
+                    answer_error(layer, request, e)
+                    return None
+        if block.number == 0 and key not in uploads and ingest is None:
             # Known before the first block is kept: nothing to assemble for.
             resource = self.tree.find(message.path)
             if resource is None:
@@ -123,8 +142,8 @@ class Dispatcher:
                 layer.answer(request, METHOD_NOT_ALLOWED, b"method not allowed")
                 return None
         try:
-            complete = self.uploads.receive(key, block, message.payload, message.content_format,
-                                            message.option(SIZE1))
+            complete = uploads.receive(key, block, message.payload, message.content_format,
+                                       message.option(SIZE1))
         except BlockError as e:
             layer.answer(request, e.code, e.reason.encode(), e.options)
             return None

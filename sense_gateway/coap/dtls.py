@@ -13,7 +13,6 @@ RFC 7925 (its IoT profile), RFC 7252 section 9 (CoAP over DTLS).
 
 from __future__ import annotations
 
-import heapq
 import itertools
 from collections import Counter, OrderedDict
 from typing import Callable
@@ -21,8 +20,10 @@ from typing import Callable
 from OpenSSL import SSL
 from twisted.logger import Logger
 
-from sense_gateway.coap.dtls_admission import CookieJar, SourceRateLimit
+from sense_gateway.coap.dtls_admission import CookieJar, source_keys
+from sense_gateway.coap.dtls_timing import Timing
 from sense_gateway.coap.dtls_openssl import CIPHERS, DATAGRAM_MTU, MAX_PLAINTEXT, ServerContext, Session
+from sense_gateway.limits import TokenBuckets
 from sense_gateway.coap.dtls_records import (
     APPLICATION_DATA, acceptable_during_handshake, hello_verify_request, parse_client_hello,
     split_records,
@@ -32,16 +33,12 @@ __all__ = ["CIPHERS", "DATAGRAM_MTU", "MAX_PLAINTEXT", "DTLSServer"]
 
 log = Logger()
 
-#: Never wake up sooner than this for a retransmission OpenSSL says is due.
-_MIN_WAKEUP = 0.01
-
-
 def _peer(addr) -> str:
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class DTLSServer:
+class DTLSServer(Timing):
     """Sans-IO DTLS 1.2 server with pre-shared keys, for every peer of one socket.
 
     Set :attr:`send` (write one datagram to an address) and :attr:`deliver`
@@ -54,27 +51,49 @@ class DTLSServer:
     at once; a handshake must finish within ``handshake_timeout`` seconds;
     an established session without application data either way for
     ``idle_timeout`` seconds is closed; each source host may start
-    ``handshakes_per_source`` handshakes a second. New handshakes past a
-    limit are refused and counted in :attr:`counters`; sessions in place
-    go on.
+    ``handshakes_per_source`` handshakes a second. Handshakes in progress
+    hold at most ``max_handshakes`` of the slots (half by default), at
+    most ``handshakes_in_progress_per_source`` from one address and eight
+    times that from one IPv6 /64; when the slots are taken, the oldest
+    handshake in progress gives way to a new one. One identity holds at most
+    ``max_sessions_per_identity`` established sessions; a newer one ends
+    its oldest. New handshakes past a limit are refused and counted in
+    :attr:`counters`; sessions in place go on.
     """
 
     send: Callable[[bytes, tuple], None]
     deliver: Callable[[bytes, tuple, str], None]
 
     def __init__(self, psk_for: Callable[[str], bytes | None], clock, *,
-                 max_sessions: int = 1000, handshake_timeout: float = 30.0,
+                 max_sessions: int = 1000, handshake_timeout: float = 10.0,
                  idle_timeout: float = 300.0, handshakes_per_source: float = 5.0,
-                 identity_hint: bytes | None = None):
+                 identity_hint: bytes | None = None, max_handshakes: int | None = None,
+                 handshakes_in_progress_per_source: int = 4,
+                 max_sessions_per_identity: int = 4):
+        if handshakes_per_source <= 0:
+            raise ValueError("handshakes_per_source must be positive")
         self._clock = clock
         self.max_sessions = max_sessions
+        self.max_handshakes = max_handshakes or max(1, max_sessions // 2)
+        self.in_progress_per_source = handshakes_in_progress_per_source
+        self.max_sessions_per_identity = max_sessions_per_identity
+        # Handshakes in progress by source address and IPv6 /64, and all
+        # of them oldest first.
+        self._in_progress: Counter[str] = Counter()
+        self._handshaking: OrderedDict[int, Session] = OrderedDict()
+        # Established sessions of each identity, oldest first.
+        self._by_identity: dict[str, OrderedDict] = {}
+        self._numbers = itertools.count(1)
+        self._log_budget = TokenBuckets(5, 20, clock.seconds)
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
         self.counters: Counter = Counter()
         self._openssl = ServerContext(psk_for, identity_hint)
         self._cookies = CookieJar(clock)
-        self._rate = SourceRateLimit(clock, handshakes_per_source,
-                                     max_sources=max(4096, 4 * max_sessions))
+        # New handshakes per source host, after the cookie (so a spoofer
+        # cannot fill the table with addresses it does not hold).
+        self._rate = TokenBuckets(handshakes_per_source, max(1.0, handshakes_per_source),
+                                  clock.seconds, max_keys=max(4096, 4 * max_sessions))
         # By peer address. A primary session is established or in handshake;
         # a successor is a handshake from the address of an established
         # session, which replaces it only once it completes (RFC 6347 4.2.8),
@@ -214,13 +233,30 @@ class DTLSServer:
         if pending is not None:
             self._end(pending, "handshakes_abandoned")
             current = self._sessions.get(addr)
-        if not self._rate.allow(addr[0]):
+        if self._rate.take(addr[0]):
             self._refuse("rate", addr)
             return
-        if len(self._sessions) + len(self._successors) >= self.max_sessions:
+        keys = source_keys(addr[0])
+        limits = (self.in_progress_per_source, 8 * self.in_progress_per_source)
+        if any(self._in_progress[key] >= limit for key, limit in zip(keys, limits)):
+            self._refuse("source_busy", addr)
+            return
+        # Slots for handshakes: the oldest in progress gives way to the new
+        # one (a real handshake is done in a few round trips; one that
+        # stalls is most likely not a device), so peers that pass the
+        # cookie exchange and go quiet cannot lock new devices out.
+        full = len(self._sessions) + len(self._successors) >= self.max_sessions
+        if (full or self.handshake_count() >= self.max_handshakes) and self._handshaking:
+            _, oldest = next(iter(self._handshaking.items()))
+            self._end(oldest, "handshakes_evicted")
+        elif full:
             self._refuse("full", addr)
             return
         session = Session(self._openssl, addr, hello, self._clock.seconds() + self.handshake_timeout)
+        session.number = next(self._numbers)
+        session.in_progress = keys
+        self._in_progress.update(keys)
+        self._handshaking[session.number] = session
         try:
             session.listen(data)
         except SSL.Error:
@@ -239,8 +275,10 @@ class DTLSServer:
         """Count a handshake refused before it started, or one that failed (with its session)."""
         self.counters["handshakes_refused"] += 1
         self.counters["refused_" + reason] += 1
-        log.debug("DTLS handshake from {peer} as {identity!r} refused: {reason}", peer=_peer(addr),
-                  identity=session.identity if session else None, reason=reason)
+        if not self._log_budget.take("refused"):  # counted; a few lines a second at most
+            log.debug("DTLS handshake from {peer} as {identity!r} refused: {reason}",
+                      peer=_peer(addr), identity=session.identity if session else None,
+                      reason=reason)
         if session is not None:
             self._remove(session)
 
@@ -293,10 +331,16 @@ class DTLSServer:
             if old is not None:
                 self._end(old, "sessions_replaced")
         session.established = True
+        self._not_in_progress(session)
         self._sessions[addr] = session
         self._idle[addr] = session
         session.last_active = self._clock.seconds()
         self.counters["handshakes_completed"] += 1
+        mine = self._by_identity.setdefault(session.identity, OrderedDict())
+        mine[addr] = session
+        while len(mine) > self.max_sessions_per_identity:
+            _, oldest = next(iter(mine.items()))
+            self._close(oldest, "sessions_over_identity_limit")
         log.info("DTLS session with {peer} as {identity!r}, {cipher}", peer=_peer(addr),
                  identity=session.identity, cipher=session.conn.get_cipher_name())
 
@@ -316,8 +360,28 @@ class DTLSServer:
         self.counters[counter] += 1
         self._remove(session)
 
+    def _not_in_progress(self, session: Session) -> None:
+        self._handshaking.pop(session.number, None)
+        keys, session.in_progress = session.in_progress, ()
+        for key in keys:
+            self._in_progress[key] -= 1
+            if not self._in_progress[key]:
+                del self._in_progress[key]
+
+    def session_number(self, addr: tuple) -> int | None:
+        """The established session at *addr*, as a number no other session
+        of this server gets (the message layer keys exchanges by it)."""
+        session = self._sessions.get(addr)
+        return session.number if session is not None and session.established else None
+
     def _remove(self, session: Session) -> None:
         session.closed = True
+        self._not_in_progress(session)
+        mine = self._by_identity.get(session.identity)
+        if mine is not None and mine.get(session.addr) is session:
+            del mine[session.addr]
+            if not mine:
+                del self._by_identity[session.identity]
         addr = session.addr
         if self._sessions.get(addr) is session:
             del self._sessions[addr]
@@ -335,76 +399,3 @@ class DTLSServer:
         except Exception as e:
             self.counters["send_errors"] += 1
             log.debug("cannot send to {peer}: {error}", peer=_peer(addr), error=e)
-
-    # -- time ------------------------------------------------------------------------
-
-    def _arm(self, session: Session) -> None:
-        """Put a handshake on the heap for its next retransmission or its deadline."""
-        wakeup = session.deadline
-        retransmit = session.retransmit_in()
-        if retransmit is not None:
-            # OpenSSL keeps its retransmission timer on the wall clock; we ask
-            # how far off it is and come back then, by our own clock.
-            wakeup = min(wakeup, self._clock.seconds() + max(retransmit, _MIN_WAKEUP))
-        if wakeup != session.wakeup:
-            session.wakeup = wakeup
-            heapq.heappush(self._wakeups, (wakeup, next(self._order), session))
-
-    @staticmethod
-    def _stale(entry) -> bool:
-        wakeup, _, session = entry
-        return session.closed or session.established or session.wakeup != wakeup
-
-    def _schedule(self) -> None:
-        """Keep the one timer set for the soonest thing due."""
-        if self._stopped:
-            return
-        if len(self._wakeups) > 2 * self.handshake_count() + 64:
-            self._wakeups = [entry for entry in self._wakeups if not self._stale(entry)]
-            heapq.heapify(self._wakeups)
-        while self._wakeups and self._stale(self._wakeups[0]):
-            heapq.heappop(self._wakeups)
-        soonest = self._wakeups[0][0] if self._wakeups else None
-        if self._idle:
-            expiry = next(iter(self._idle.values())).last_active + self.idle_timeout
-            soonest = expiry if soonest is None else min(soonest, expiry)
-        timer = self._timer
-        if timer is not None and timer.active():
-            if soonest is not None and self._timer_at <= soonest:
-                return   # it fires early at worst, and looks again then
-            timer.cancel()
-        self._timer = None
-        if soonest is not None:
-            self._timer_at = soonest
-            self._timer = self._clock.callLater(max(0.0, soonest - self._clock.seconds()), self._tick)
-
-    def _tick(self) -> None:
-        self._timer = None
-        try:
-            now = self._clock.seconds()
-            while self._wakeups and self._wakeups[0][0] <= now:
-                entry = heapq.heappop(self._wakeups)
-                if not self._stale(entry):
-                    self._handshake_due(entry[2], now)
-            while self._idle:
-                oldest = next(iter(self._idle.values()))
-                if oldest.last_active + self.idle_timeout > now:
-                    break
-                self._close(oldest, "sessions_expired")
-        except Exception:
-            self.counters["internal_errors"] += 1
-            log.failure("DTLS timer failed")
-        self._schedule()
-
-    def _handshake_due(self, session: Session, now: float) -> None:
-        if now >= session.deadline:
-            self._refuse("timeout", session.addr, session)
-            return
-        try:
-            session.handle_timeout()
-        except SSL.Error:
-            self._flush(session)
-            self._refuse("failed", session.addr, session)
-            return
-        self._flush(session)
-        self._arm(session)

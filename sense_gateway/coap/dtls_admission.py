@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import os
 from collections import OrderedDict
 
@@ -75,37 +76,13 @@ class CookieJar:
                 and hmac.compare_digest(hello.cookie, self._mac(self._previous, addr, hello)))
 
 
-class SourceRateLimit:
-    """A token bucket of new handshakes per source host, over a bounded table.
-
-    Each host may start ``rate`` handshakes a second, with a burst of
-    ``max(1, rate)``. The table holds at most ``max_sources`` hosts; the
-    one heard from least recently is forgotten first, which only gives it
-    a full bucket again. Sources are counted only after a valid cookie, so
-    a spoofer cannot fill the table with addresses it does not hold.
-    """
-
-    def __init__(self, clock, rate: float, max_sources: int = 4096):
-        if rate <= 0:
-            raise ValueError("handshakes_per_source must be positive")
-        self._clock = clock
-        self.rate = rate
-        self.burst = max(1.0, rate)
-        self.max_sources = max_sources
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
-
-    def __len__(self):
-        return len(self._buckets)
-
-    def allow(self, host: str) -> bool:
-        """Take one token for ``host``; False if it has none left."""
-        now = self._clock.seconds()
-        tokens, stamp = self._buckets.pop(host, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - stamp) * self.rate)
-        allowed = tokens >= 1.0
-        if allowed:
-            tokens -= 1.0
-        if len(self._buckets) >= self.max_sources:
-            self._buckets.popitem(last=False)
-        self._buckets[host] = (tokens, now)
-        return allowed
+def source_keys(host: str) -> tuple[str, ...]:
+    """What a handshake from *host* counts against: the address, and for
+    IPv6 its /64 too (one subscriber is easily given a whole /64)."""
+    if ":" not in host or host.startswith("::ffff:"):
+        return (host,)
+    try:
+        prefix = ipaddress.IPv6Network(f"{host.split('%')[0]}/64", strict=False)
+    except ValueError:
+        return (host,)
+    return (host, str(prefix))

@@ -114,7 +114,8 @@ class Session:
     """
 
     __slots__ = ("addr", "conn", "_owner", "identity", "established", "closed", "deadline",
-                 "wakeup", "last_active", "hello_random", "hello_cookie", "refusal")
+                 "wakeup", "last_active", "hello_random", "hello_cookie", "refusal", "number",
+                 "in_progress")
 
     def __init__(self, owner: ServerContext, addr: tuple, hello, deadline: float):
         self.addr = addr
@@ -131,6 +132,8 @@ class Session:
         self.hello_random = hello.random
         self.hello_cookie = hello.cookie
         self.refusal: str | None = None    # why the PSK callback said no
+        self.number = 0                    # unique for the server's lifetime
+        self.in_progress: tuple = ()       # the keys counting it as a handshake in progress
 
     def __repr__(self):
         state = "established" if self.established else "handshake"

@@ -19,14 +19,17 @@ gateway's :class:`MonotonicClock`; ``task.Clock`` in tests).
 from __future__ import annotations
 
 import math
-import random
-import time
 from collections import Counter, OrderedDict, deque
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from sense_gateway.coap.confirmable import MAX_PEERS, Confirmables
 from sense_gateway.coap.exchanges import ExchangeMemory
+from sense_gateway.coap.request import (  # noqa: F401 (MonotonicClock, Request: re-exported)
+    ANSWERED, EMPTY_ACK_SENT, WAITING, MonotonicClock, Request, source_text,
+)
+from sense_gateway.limits import TokenBuckets
 from sense_gateway.coap.message import (
     ACK, CON, EMPTY, INTERNAL_SERVER_ERROR, MAX_AGE, NO_RESPONSE, NON, RST,
     SERVICE_UNAVAILABLE, BAD_OPTION, TOO_MANY_REQUESTS, MalformedMessage, code_text, encode,
@@ -35,69 +38,17 @@ from sense_gateway.coap.message import (
 
 log = Logger()
 
-# RFC 7252 4.8 transmission parameters.
-ACK_TIMEOUT = 2.0
-ACK_RANDOM_FACTOR = 1.5
-MAX_RETRANSMIT = 4
 #: a confirmable request still unanswered after this gets an empty ACK
 EMPTY_ACK_DELAY = 0.1
 
 #: requests received and not yet answered, at most; beyond that, 5.03
 MAX_IN_FLIGHT = 65536
-#: peers whose next message id is remembered (the oldest forgotten first)
-MAX_PEERS = 65536
+#: rejections logged a second at most (the rest are counted)
+REJECTIONS_LOGGED_PER_SECOND = 5
 
-# States of a Request.
-WAITING, EMPTY_ACK_SENT, ANSWERED = range(3)
 
 # No-Response (RFC 7967 2.1): bit per response class to suppress.
 _NO_RESPONSE_BITS = {2: 0x02, 4: 0x08, 5: 0x10}
-
-
-class MonotonicClock:
-    """The reactor's timers with a monotonic ``seconds()``: lifetimes and
-    delays do not move when the wall clock is stepped."""
-
-    def __init__(self, reactor):
-        self.callLater = reactor.callLater
-
-    @staticmethod
-    def seconds() -> float:
-        return time.monotonic()
-
-
-class Request:
-    """A request received from a peer, until it is answered."""
-
-    __slots__ = ("message", "addr", "identity", "transport", "key", "received", "state")
-
-    def __init__(self, message, addr, identity, transport, key, received):
-        self.message = message
-        self.addr = addr
-        self.identity = identity
-        self.transport = transport
-        self.key = key
-        self.received = received
-        self.state = WAITING
-
-    @property
-    def host(self) -> str:
-        return self.addr[0]
-
-    @property
-    def port(self) -> int:
-        return self.addr[1]
-
-
-class _Outgoing:
-    """A confirmable message of ours, retransmitted until acknowledged."""
-
-    __slots__ = ("datagram", "addr", "timeout", "count", "timer", "on_end")
-
-    def __init__(self, datagram, addr, timeout, on_end):
-        self.datagram, self.addr, self.timeout, self.on_end = datagram, addr, timeout, on_end
-        self.count = 0
-        self.timer = None
 
 
 class MessageLayer:
@@ -123,8 +74,13 @@ class MessageLayer:
                                         clock.seconds)
         self.max_in_flight = max_in_flight
         self.rate_limit = rate_limit
-        #: requests refused 4.29 because their source was over its rate
+        #: requests refused (4.29, or dropped) because their source was over its rate
         self.rate_limited = 0
+        # address -> when it was last told it is over its rate
+        self._told_over_rate: OrderedDict = OrderedDict()
+        self._log_budget = TokenBuckets(REJECTIONS_LOGGED_PER_SECOND,
+                                        4 * REJECTIONS_LOGGED_PER_SECOND, clock.seconds)
+        self._rejections_not_logged = 0
         #: new requests handed to the handler
         self.requests = 0
         #: retransmitted requests recognised (answered again, not handled again)
@@ -142,10 +98,9 @@ class MessageLayer:
         # still waiting after EMPTY_ACK_DELAY: one timer for all.
         self._waiting: deque[Request] = deque()
         self._empty_ack_timer = None
-        # (mid, host, port) -> _Outgoing
-        self._outgoing: dict = {}
-        # (host, port) -> next message id for that peer (RFC 7252 4.4)
-        self._next_mid: OrderedDict = OrderedDict()
+        # Separate responses and notifications, and our message ids.
+        self.confirmables = Confirmables(clock, self._send)
+        self.next_mid = self.confirmables.next_mid
         self._stopped = False
         #: shutting down: new requests get 5.03, those taken are answered
         self.draining = False
@@ -153,15 +108,17 @@ class MessageLayer:
 
     # -- receiving -----------------------------------------------------------
 
-    def datagram_received(self, data: bytes, addr, identity: str | None = None) -> None:
+    def datagram_received(self, data: bytes, addr, identity: str | None = None,
+                          session=None) -> None:
         """One datagram from *addr*; *identity* is who the transport
-        authenticated the peer as (``None`` for plain UDP)."""
+        authenticated the peer as (``None`` for plain UDP), *session* the
+        secure session it came over (RFC 7252 9.1.2: an exchange belongs
+        to one session; ``None`` for plain UDP)."""
         try:
             message = parse(data)
         except MalformedMessage as e:
+            # Counted, not logged: anyone can send these, from any address.
             self.malformed += 1
-            log.debug("malformed datagram from {host} port {port}: {reason}",
-                      host=addr[0], port=addr[1], reason=e.reason)
             if e.mtype == CON and e.mid is not None:
                 self._send(encode(RST, EMPTY, e.mid), addr)
             return
@@ -178,10 +135,19 @@ class MessageLayer:
         if mtype > NON:
             self.malformed += 1  # a request must be CON or NON
             return
-        # An exchange is the peer's (RFC 7252 4.5), and over DTLS the
-        # peer is its identity too: another device that takes over the
-        # address never gets a predecessor's answers.
-        key = (message.mid, addr[0], addr[1], identity)
+        if self.rate_limit is not None:
+            # Every request datagram costs a token, retransmissions and
+            # unacceptable ones too: what the gateway sends to an address
+            # (possibly spoofed) is bounded by that address's rate.
+            wait = self.rate_limit.take(addr[0])
+            if wait:
+                self._over_rate(message, addr, identity, session, wait)
+                return
+        # An exchange is the peer's (RFC 7252 4.5), and over DTLS the peer
+        # is its session: a device that handshakes again from the same
+        # address (or another that takes it over) never gets a
+        # predecessor's answers.
+        key = (message.mid, addr[0], addr[1], session)
         pending = self._pending.get(key)
         if pending is not None:
             # A retransmission while the first copy is still being handled.
@@ -203,7 +169,7 @@ class MessageLayer:
             self._send(encode(RST, EMPTY, message.mid), addr)
             return
         request = Request(message, addr, identity, self._transport_name, key,
-                          self._seconds())
+                          self._seconds(), session)
         # Counted until answered, exactly once, whichever way.
         self.in_flight += 1
         self._pending[key] = request
@@ -213,13 +179,6 @@ class MessageLayer:
         if self.draining:
             self.answer(request, SERVICE_UNAVAILABLE, b"shutting down", ((MAX_AGE, 5),))
             return
-        if self.rate_limit is not None:
-            wait = self.rate_limit.take(addr[0])
-            if wait:
-                self.rate_limited += 1
-                self.answer(request, TOO_MANY_REQUESTS, b"too many requests",
-                            ((MAX_AGE, min(max(1, math.ceil(wait)), 3600)),))
-                return
         if self.in_flight > self.max_in_flight:
             self.answer(request, SERVICE_UNAVAILABLE, b"too many requests in flight",
                         ((MAX_AGE, 1),))
@@ -238,6 +197,25 @@ class MessageLayer:
                 self._empty_ack_timer = self.clock.callLater(EMPTY_ACK_DELAY,
                                                              self._send_empty_acks)
 
+    def _over_rate(self, message, addr, identity, session, wait: float) -> None:
+        """A request from an address over its rate: 4.29 with Max-Age and no
+        payload (RFC 8516), at most once a second to that address, else
+        nothing; not handled, not remembered."""
+        self.rate_limited += 1
+        now = self._seconds()
+        told = self._told_over_rate
+        host = addr[0]
+        if told.get(host, float("-inf")) > now - 1.0:
+            return
+        told.pop(host, None)
+        if len(told) >= MAX_PEERS:
+            told.popitem(last=False)
+        told[host] = now
+        request = Request(message, addr, identity, self._transport_name, None, now, session)
+        self.in_flight += 1
+        self.answer(request, TOO_MANY_REQUESTS, b"",
+                    ((MAX_AGE, min(max(1, math.ceil(wait)), 3600)),))
+
     def _empty_received(self, message, addr) -> None:
         mtype = message.mtype
         if mtype == CON:
@@ -246,14 +224,7 @@ class MessageLayer:
         if mtype == NON:
             self.malformed += 1  # RFC 7252 4.3: a NON is never empty
             return
-        # An ACK or Reset: only the peer a message went to may end it.
-        outgoing = self._outgoing.pop((message.mid, addr[0], addr[1]), None)
-        if outgoing is None:
-            return
-        if outgoing.timer is not None and outgoing.timer.active():
-            outgoing.timer.cancel()
-        if mtype == RST and outgoing.on_end is not None:
-            outgoing.on_end()
+        self.confirmables.ended(message.mid, addr, reset=mtype == RST)
 
     # -- answering -----------------------------------------------------------
 
@@ -272,8 +243,7 @@ class MessageLayer:
         message = request.message
         self.responses[code] += 1
         if code >= 0x80 and code != TOO_MANY_REQUESTS:  # those are counted, not logged
-            log.info("rejected {source}: {code} {reason}", source=source_text(request.addr),
-                     code=code_text(code), reason=payload.decode("utf-8", "replace"))
+            self._log_rejection(request, code, payload)
         if message.options and _suppressed(message, code):
             # RFC 7967: the peer does not want this answer; a confirmable
             # request still gets its (empty) acknowledgement.
@@ -294,49 +264,25 @@ class MessageLayer:
         else:
             self._send(encode(NON, code, self.next_mid(addr), token, options, payload), addr)
 
+    def _log_rejection(self, request: Request, code: int, payload: bytes) -> None:
+        """A line per refused request helps a device's developer; a flood of
+        them must not fill the disk: at most a few a second, with a count
+        of those left out."""
+        if self._log_budget.take("rejected"):
+            self._rejections_not_logged += 1
+            return
+        left_out, self._rejections_not_logged = self._rejections_not_logged, 0
+        log.info("rejected {source}: {code} {reason}{more}", source=source_text(request.addr),
+                 code=code_text(code), reason=payload.decode("utf-8", "replace"),
+                 more=f" ({left_out} more not logged)" if left_out else "")
+
     def send_confirmable(self, addr, code: int, token: bytes, options=(), payload: bytes = b"",
                          on_end=None) -> None:
-        """Send a confirmable response (a separate one, or a notification);
-        *on_end* is called if the peer resets it or never acknowledges it."""
-        if self._stopped:
-            return
-        mid = self.next_mid(addr)
-        datagram = encode(CON, code, mid, token, options, payload)
-        key = (mid, addr[0], addr[1])
-        outgoing = _Outgoing(datagram, addr,
-                             random.uniform(ACK_TIMEOUT, ACK_TIMEOUT * ACK_RANDOM_FACTOR), on_end)
-        old = self._outgoing.pop(key, None)
-        if old is not None and old.timer is not None and old.timer.active():
-            old.timer.cancel()
-        self._outgoing[key] = outgoing
-        outgoing.timer = self.clock.callLater(outgoing.timeout, self._retransmit, key, outgoing)
-        self._send(datagram, addr)
-
-    def _retransmit(self, key, outgoing: _Outgoing) -> None:
-        if self._outgoing.get(key) is not outgoing:
-            return
-        if outgoing.count >= MAX_RETRANSMIT:
-            del self._outgoing[key]
-            if outgoing.on_end is not None:
-                outgoing.on_end()
-            return
-        outgoing.count += 1
-        outgoing.timeout *= 2
-        outgoing.timer = self.clock.callLater(outgoing.timeout, self._retransmit, key, outgoing)
-        self._send(outgoing.datagram, outgoing.addr)
-
-    def next_mid(self, addr) -> int:
-        """A message id for a message of ours to *addr*: one sequence per
-        peer, starting at a random value (RFC 7252 4.4)."""
-        peer = (addr[0], addr[1])
-        table = self._next_mid
-        mid = table.get(peer)
-        if mid is None:
-            mid = random.randrange(0x10000)
-            if len(table) >= MAX_PEERS:
-                table.popitem(last=False)
-        table[peer] = (mid + 1) & 0xFFFF
-        return mid
+        """Send a confirmable response (a separate one, or a notification),
+        retransmitted until acknowledged; *on_end* is called if the peer
+        resets it or never acknowledges it."""
+        if not self._stopped:
+            self.confirmables.send(addr, code, token, options, payload, on_end)
 
     def _send_empty_acks(self) -> None:
         """Acknowledge, empty, every confirmable request still waiting after
@@ -402,10 +348,7 @@ class MessageLayer:
         self._empty_ack_timer = None
         self._waiting.clear()
         self._pending.clear()
-        for outgoing in self._outgoing.values():
-            if outgoing.timer is not None and outgoing.timer.active():
-                outgoing.timer.cancel()
-        self._outgoing.clear()
+        self.confirmables.stop()
 
 
 def _suppressed(message, code: int) -> bool:
@@ -414,11 +357,3 @@ def _suppressed(message, code: int) -> bool:
         if number == NO_RESPONSE:
             return bool(value & _NO_RESPONSE_BITS.get(code >> 5, 0))
     return False
-
-
-def source_text(addr) -> str:
-    """``[::1]:5683`` or ``127.0.0.1:5683``, IPv4-mapped addresses unmapped."""
-    host, port = addr[0], addr[1]
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

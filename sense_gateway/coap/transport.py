@@ -86,7 +86,7 @@ class DTLSTransport(DatagramProtocol):
         self.engine.datagram_received(data, addr)
 
     def _deliver(self, plaintext: bytes, addr, identity: str) -> None:
-        self.layer.datagram_received(plaintext, addr, identity)
+        self.layer.datagram_received(plaintext, addr, identity, self.engine.session_number(addr))
 
     def _send_ciphertext(self, datagram: bytes, addr) -> None:
         try:
