@@ -128,6 +128,19 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True)
+class DevicesConfig:
+    """When a device counts as late or offline (sense_gateway/liveness.py)."""
+
+    #: silent for this many expected intervals: late; for this many: offline
+    late_after: float = 2.0
+    offline_after: float = 5.0
+    #: seconds between the processor's sweeps writing silent devices' state
+    sweep_interval: float = 60.0
+    #: devices /metrics lists one by one at most (offline and late first)
+    metrics_limit: int = 1000
+
+
+@dataclass(frozen=True)
 class SinksConfig:
     enabled: tuple[str, ...] = ("sqlite",)
 
@@ -187,6 +200,7 @@ class Config:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     processor: ProcessorConfig = field(default_factory=ProcessorConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
     sinks: SinksConfig = field(default_factory=SinksConfig)
     influxdb: InfluxConfig = field(default_factory=InfluxConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -220,7 +234,8 @@ class Config:
 
 _TABLES = {"coap": CoapConfig, "coaps": CoapsConfig, "security": SecurityConfig,
            "queue": QueueConfig, "validation": ValidationConfig,
-           "processor": ProcessorConfig, "registry": RegistryConfig, "sinks": SinksConfig,
+           "processor": ProcessorConfig, "registry": RegistryConfig, "devices": DevicesConfig,
+           "sinks": SinksConfig,
            "influxdb": InfluxConfig, "store": StoreConfig, "aws": AwsConfig,
            "web": WebConfig}
 
@@ -412,6 +427,9 @@ def validate(config: Config) -> None:
         "processor.retry_max": config.processor.retry_max,
         "influxdb.timeout": config.influxdb.timeout,
         "store.retention_days": config.store.retention_days,
+        "devices.late_after": config.devices.late_after,
+        "devices.offline_after": config.devices.offline_after,
+        "devices.sweep_interval": config.devices.sweep_interval,
     }
     for key, value in positive.items():
         if not value > 0:  # NaN too
@@ -424,6 +442,7 @@ def validate(config: Config) -> None:
         "coap.rate_limit": config.coap.rate_limit,
         "influxdb.retries": config.influxdb.retries,
         "validation.max_future": config.validation.max_future,
+        "devices.metrics_limit": config.devices.metrics_limit,
     }
     for key, value in at_least_zero.items():
         if not value >= 0:
@@ -431,6 +450,9 @@ def validate(config: Config) -> None:
     if config.processor.retry_max < config.processor.retry_base:
         raise ConfigError(f"processor.retry_max: must be at least processor.retry_base "
                           f"({config.processor.retry_base}), got {config.processor.retry_max}")
+    if config.devices.offline_after <= config.devices.late_after:
+        raise ConfigError(f"devices.offline_after: must be more than devices.late_after "
+                          f"({config.devices.late_after}), got {config.devices.offline_after}")
     if config.influxdb.api not in ("v1", "v2"):
         raise ConfigError(f"influxdb.api: must be 'v1' or 'v2', got {config.influxdb.api!r}")
     if config.influxdb.precision not in ("ns", "ms", "s"):
