@@ -7,7 +7,9 @@ are always written as floats, so a field sent once as ``21`` and once as
 the measurement ``sense_device``, with the device's liveness at the
 point's time (sense_gateway/liveness.py): ``state`` (text: online, late,
 offline, new), ``silent`` (seconds since its last message) and
-``interval`` (the expected interval in seconds, when known).
+``interval`` (the expected interval in seconds, when known). A field's
+unit, when the device named one, travels with the point (``units``);
+each sink keeps it its own way.
 
 Sinks are synchronous objects called from the processor's thread. Every
 enabled sink gets every batch; a batch counts as written only when all of
@@ -32,6 +34,8 @@ class MetricPoint:
     fields: dict[str, float | int | bool | str]
     #: nanoseconds since the epoch
     time_ns: int
+    #: field -> unit, for the fields the device named a unit of
+    units: dict[str, str] | None = None
 
 
 class SinkError(Exception):
@@ -94,7 +98,7 @@ def reading_points(envelope: Envelope) -> list[MetricPoint]:
                 fields = {name: _field(value) for name, value in fields.items()}
                 break
         points.append(MetricPoint(reading.measurement, tags, fields,
-                                  round(reading.ts * 1_000_000) * 1000))
+                                  round(reading.ts * 1_000_000) * 1000, reading.units))
     return points
 
 
