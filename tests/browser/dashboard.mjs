@@ -88,7 +88,7 @@ async function look(want) {
   }));
   report.stats = await page.$$eval("#summary dd", (dds) =>
     Object.fromEntries(dds.map((dd) => [dd.dataset.stat, dd.textContent])));
-  report.highlighted = await page.$$eval("#summary dd.full", (dds) => dds.map((dd) => dd.dataset.stat));
+  report.highlighted = await page.$$eval("#summary dd.full, #summary dd.alarm", (dds) => dds.map((dd) => dd.dataset.stat));
   report.notice = await page.$eval("#notice", (n) => (n.hidden ? null : n.textContent));
   report.console = seen.console;
   report.origins = [...seen.requests];
