@@ -109,7 +109,8 @@ def device_point(record: DeviceRecord, at: float, judged=None) -> MetricPoint:
               "resets": c.resets, "unsequenced": c.unsequenced}
     if judged is not None:
         fields["state"] = judged.state.value
-        fields["silent"] = round(judged.silent, 3)
+        # Always a float: an integer once would conflict in InfluxDB later.
+        fields["silent"] = round(float(judged.silent), 3)
         if judged.interval is not None:
             fields["interval"] = float(judged.interval)
     return MetricPoint(DEVICE_MEASUREMENT, {"device": record.id}, fields, to_ns(at))
