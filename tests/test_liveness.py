@@ -3,9 +3,18 @@ hand), the states it gives, and what the processor keeps and writes."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import time
 from pathlib import Path
 
+import orjson
 from twisted.trial.unittest import SynchronousTestCase
+
+import sense_gateway.aws.lambda_handler as lambda_handler
+from sense_gateway.registry.dynamodb import DynamoDBRegistry
+from tests.support import BIN
+from tests.test_cloud import NOW, CloudTestCase
 
 from sense_gateway.envelope import Envelope, Reading, new_envelope_id
 from sense_gateway.liveness import (DeviceState, LivenessPolicy, fleet_order, learned_interval,
@@ -129,3 +138,37 @@ class ProcessorLivenessTests(SynchronousTestCase):
         self.assertEqual((stored.interval, stored.state.counters.received), (60.0, 3))
         self.assertTrue(self.registry.set_interval("node-1", None))
         self.assertIsNone(self.registry.devices()[0].interval)
+
+
+class LambdaLivenessTests(CloudTestCase):
+    """The Lambda path: the handler keeps the intervals in DynamoDB, the
+    state is derived from them wherever the registry is read, and a
+    scheduled invocation sweeps the silent devices into the sinks."""
+
+    def test_lambda_learns_intervals_sweeps_and_sense_devices_reads_them(self):
+        records = [{"messageId": f"m{seq}", "body": envelope("node-l", NOW + 60 * seq, seq)
+                    .to_json().decode()} for seq in range(1, 5)]
+        self.assertEqual(lambda_handler.handler({"Records": records}, None),
+                         {"batchItemFailures": []})
+        registry = DynamoDBRegistry("sense-devices", "us-east-1", self.moto.url)
+        [stored] = registry.devices()
+        self.assertEqual(stored.intervals, (60.0, 60.0, 60.0))
+        # Sent in 2025: offline by now.
+        self.assertEqual(liveness(stored, time.time()).state, DeviceState.OFFLINE)
+        self.assertEqual(lambda_handler.handler({"source": "aws.events",
+                                                 "detail-type": "Scheduled Event"}, None),
+                         {"swept": 1})
+        self.assertIn(("sense_device_silent", "node-l"), self.vm.points())
+
+        self.assertTrue(registry.set_interval("node-l", 3600 * 24 * 3650.0))
+        self.assertFalse(registry.set_interval("node-x", 60.0))
+        [stored] = registry.devices()
+        self.assertEqual((stored.interval, stored.intervals), (3600 * 24 * 3650.0, (60.0,) * 3))
+        out = subprocess.run([str(BIN / "sense"), "devices", "--json"], capture_output=True,
+                             text=True, timeout=60, env=os.environ.copy())
+        self.assertEqual(out.returncode, 0, out.stderr)
+        [row] = orjson.loads(out.stdout)
+        self.assertEqual((row["id"], row["state"], row["interval_source"]),
+                         ("node-l", "online", "set"))
+        self.assertTrue(registry.set_interval("node-l", None))
+        self.assertIsNone(registry.devices()[0].interval)
