@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 PIP_INSTALL := $(BIN)/pip install --quiet --config-settings editable_mode=compat
 # Debian packages the tests use: command -> package.
 SYSTEM_PACKAGES := coap-client-notls:libcoap3-bin victoria-metrics:victoria-metrics influxd:influxdb \
-	chromium:chromium shellcheck:shellcheck npm:npm systemd-analyze:systemd
+	chromium:chromium shellcheck:shellcheck npm:npm systemd-analyze:systemd promtool:prometheus
 
 .PHONY: run test test-pytest test-trial system-packages web-packages clean
 

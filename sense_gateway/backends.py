@@ -52,12 +52,15 @@ def processor_factory(config, pm: SensePluginManager) -> Callable:
     """A function building the :class:`~sense_gateway.processor.BatchProcessor`
     the configuration asks for; names are checked now, connections are
     made when it is called (on the thread that will use them)."""
+    from sense_gateway.liveness import LivenessPolicy
     from sense_gateway.processor import BatchProcessor
 
     registry = registry_factory(config, pm)
     sinks = sink_factories(config, pm)
+    policy = LivenessPolicy.from_config(config)
 
     def build() -> BatchProcessor:
-        return BatchProcessor(registry(config), [make(config) for make in sinks])
+        return BatchProcessor(registry(config), [make(config) for make in sinks],
+                              policy=policy)
 
     return build

@@ -2,7 +2,9 @@
 
     sense plugins           loaded plugins, where each came from, its hooks
     sense queue             queue depth (visible, in flight, dead letters)
-    sense devices           the device registry (--json for scripts), who has a credential
+    sense devices           the device registry (--json for scripts): liveness, who has a credential
+    sense devices set ID --interval 60s|auto
+                            the interval a device reports at (auto: learned)
     sense devices add ID --generate | --psk-file FILE|- | --psk-hex HEX
                             give a device its DTLS pre-shared key (docs/security.md)
     sense devices rotate ID [--psk-hex HEX]   a new key; the old one stops working
@@ -10,6 +12,7 @@
     sense dlq list|replay   dead letters with their reasons; back into the queue
     sense plugin-docs       docs/plugins.md, assembled from the code
     sense bench             a CoAP load generator; --compare, --end-to-end
+    sense send              simulated devices posting readings (coap:// or coaps://)
     sense package-lambda    the AWS Lambda zip of the processor
 
 Both read the same configuration as the gateway (``--config``, ``SENSE_*``).
@@ -160,11 +163,19 @@ def _credentials(config) -> dict:
         store.close()
 
 
-def cmd_devices(config, args) -> int:
+def _registry(config):
     from sense_gateway.backends import registry_factory
 
     pm = make_plugin_manager(config.disable_plugins, plugins_dir=config.plugins_dir)
-    registry = registry_factory(config, pm)(config)
+    return registry_factory(config, pm)(config)
+
+
+def cmd_devices(config, args) -> int:
+    import time
+
+    from sense_gateway.liveness import LivenessPolicy, duration_text, fleet_order
+
+    registry = _registry(config)
     try:
         records = registry.devices()
     finally:
@@ -174,30 +185,68 @@ def cmd_devices(config, args) -> int:
     except ConfigError:
         credentials = {}
     rows = []
-    for r in records:
+    # Offline and late devices first, silent longest first: what to look at.
+    for r, judged in fleet_order(records, time.time(), LivenessPolicy.from_config(config)):
         c = r.state.counters
-        rows.append({"id": r.id, "first_seen": _iso(r.first_seen), "last_seen": _iso(r.last_seen),
+        rows.append({"id": r.id, "state": judged.state.value, "silent": round(judged.silent, 3),
+                     "interval": judged.interval, "interval_source": judged.interval_source,
+                     "first_seen": _iso(r.first_seen), "last_seen": _iso(r.last_seen),
                      "last_source": r.last_source, "last_seq": r.state.last_seq,
                      "received": c.received, "lost": c.lost, "duplicates": c.duplicates,
                      "resets": c.resets, "unsequenced": c.unsequenced,
                      "credential": _credential_state(credentials.pop(r.id, None))})
     # Devices with a credential that have not written yet.
     for device, credential in sorted(credentials.items()):
-        rows.append({"id": device, "first_seen": None, "last_seen": None, "last_source": None,
-                     "last_seq": None, "received": 0, "lost": 0, "duplicates": 0, "resets": 0,
-                     "unsequenced": 0, "credential": _credential_state(credential)})
-    rows.sort(key=lambda row: row["id"])
+        rows.append({"id": device, "state": None, "silent": None, "interval": None,
+                     "interval_source": None, "first_seen": None, "last_seen": None,
+                     "last_source": None, "last_seq": None, "received": 0, "lost": 0,
+                     "duplicates": 0, "resets": 0, "unsequenced": 0,
+                     "credential": _credential_state(credential)})
     if args.json:
         sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
     if not rows:
         print("no devices yet")
         return 0
-    columns = ["id", "credential", "first_seen", "last_seen", "received", "lost", "duplicates",
-               "resets"]
-    print(_table([["-" if r[c] is None else str(r[c]) for c in columns] for r in rows],
-                 ["device", "credential", "first seen", "last seen", "received", "lost",
-                  "duplicates", "resets"]))
+    table = []
+    for r in rows:
+        interval = duration_text(r["interval"])
+        if r["interval_source"] == "set":
+            interval += " (set)"
+        silent = duration_text(r["silent"]) if r["state"] in ("late", "offline") else "-"
+        table.append(["-" if r[c] is None else str(r[c]) for c in ("id", "state")]
+                     + [silent, interval]
+                     + ["-" if r[c] is None else str(r[c]) for c in
+                        ("credential", "first_seen", "last_seen", "received", "lost",
+                         "duplicates", "resets")])
+    print(_table(table, ["device", "state", "silent", "interval", "credential", "first seen",
+                         "last seen", "received", "lost", "duplicates", "resets"]))
+    return 0
+
+
+def cmd_devices_set(config, args) -> int:
+    from sense_gateway.liveness import duration_text, parse_duration
+
+    if args.interval is None:
+        print("sense: devices set: give --interval DURATION (60s, 5m) or --interval auto",
+              file=sys.stderr)
+        return 2
+    try:
+        seconds = None if args.interval == "auto" else parse_duration(args.interval)
+    except ValueError as e:
+        print(f"sense: --interval: {e}", file=sys.stderr)
+        return 2
+    registry = _registry(config)
+    try:
+        found = registry.set_interval(args.device, seconds)
+    finally:
+        registry.close()
+    if not found:
+        print(f"sense: {args.device}: not registered (a device is registered by its first "
+              "message)", file=sys.stderr)
+        return 1
+    print(f"{args.device}: interval " + ("learned from its messages" if seconds is None
+                                         else f"set to {duration_text(seconds)}"))
     return 0
 
 
@@ -288,6 +337,7 @@ def cmd_plugin_docs(config, args) -> int:
 DELEGATED = {
     "bench": ("sense_gateway.bench", "CoAP load generator: throughput, latency, --compare, --end-to-end"),
     "package-lambda": ("sense_gateway.aws.package", "build the AWS Lambda zip of the processor"),
+    "send": ("sense_gateway.send", "simulated devices posting readings, over CoAP or CoAPS"),
 }
 
 
@@ -333,6 +383,13 @@ def main(argv: list[str] | None = None) -> int:
     revoke = device_commands.add_parser("revoke", help="withdraw a device's key")
     revoke.add_argument("device")
     revoke.set_defaults(run=cmd_devices_revoke)
+    setting = device_commands.add_parser(
+        "set", help="the interval a device reports at: late after 2, offline after "
+                    "devices.offline_after intervals of silence")
+    setting.add_argument("device")
+    setting.add_argument("--interval", metavar="DURATION",
+                         help="60s, 5m, 1h; auto: learn it from the device's messages")
+    setting.set_defaults(run=cmd_devices_set)
     dlq = commands.add_parser("dlq", help="dead letters: list them, replay them")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
     dlq_list = dlq_commands.add_parser("list", help="list dead letters with their reasons")

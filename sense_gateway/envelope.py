@@ -28,12 +28,16 @@ FieldValue = Union[float, int, bool, str]
 
 @dataclass(slots=True)
 class Reading:
-    """One point: a measurement with fields and tags at a time (epoch s)."""
+    """One point: a measurement with fields and tags at a time (epoch s),
+    and the unit of some fields (field -> unit as the device named it,
+    e.g. SenML's ``Cel``), if it said."""
 
     fields: dict[str, FieldValue]
     ts: float | None = None
     measurement: str = "sense"
     tags: dict[str, str] = field(default_factory=dict)
+    #: None rather than an empty dict: most readings carry no units
+    units: dict[str, str] | None = None
 
 
 @dataclass(slots=True)
@@ -91,7 +95,8 @@ class Envelope:
             "path": self.path,
             "cf": self.content_format,
             "readings": [
-                {"m": r.measurement, "ts": r.ts, "f": r.fields, "t": r.tags}
+                {"m": r.measurement, "ts": r.ts, "f": r.fields, "t": r.tags, "u": r.units}
+                if r.units else {"m": r.measurement, "ts": r.ts, "f": r.fields, "t": r.tags}
                 for r in self.readings
             ],
         }
@@ -113,7 +118,7 @@ class Envelope:
         return cls(
             doc["id"], doc["device"], doc["seq"], doc["received"], doc["source"],
             doc["transport"], doc["identity"], doc["path"], doc["cf"],
-            [Reading(r["f"], r["ts"], r["m"], r["t"]) for r in doc["readings"]],
+            [Reading(r["f"], r["ts"], r["m"], r["t"], r.get("u")) for r in doc["readings"]],
             base64.b64decode(raw) if raw is not None else None,
             doc.get("boot"),
         )

@@ -153,7 +153,7 @@ class IngestPipeline:
 
         received = context.received
         readings = [
-            r if r.ts is not None else Reading(r.fields, received, r.measurement, r.tags)
+            r if r.ts is not None else Reading(r.fields, received, r.measurement, r.tags, r.units)
             for r in decoded.readings
         ]
         host = context.source_host

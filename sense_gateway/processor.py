@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sense_gateway.envelope import Envelope
+from sense_gateway.liveness import DeviceState, LivenessPolicy, add_arrival, liveness
 from sense_gateway.registry import RECENT_ENVELOPES, DeviceRecord, DeviceRegistry, RegistryUnavailable
 from sense_gateway.sequence import content_digest, judge
 from sense_gateway.sinks import MetricSink, SinkError, device_point, reading_points
@@ -64,10 +65,12 @@ _REDELIVERED = Result(Outcome.DUPLICATE, "already processed")
 
 class BatchProcessor:
     def __init__(self, registry: DeviceRegistry, sinks: list[MetricSink],
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time,
+                 policy: LivenessPolicy = LivenessPolicy()):
         self.registry = registry
         self.sinks = sinks
         self.clock = clock
+        self.policy = policy
 
     def process_batch(self, envelopes: list[Envelope]) -> list[Result]:
         """One :class:`Result` per envelope, in order.
@@ -139,7 +142,8 @@ class BatchProcessor:
         redelivered: set[int] = set()
         points = []
         # Per device touched: [record as loaded, state, last_seen, last_source,
-        # recent ids]; the records are rebuilt once per device, not per message.
+        # recent ids, inter-arrival times]; the records are rebuilt once per
+        # device, not per message.
         touched: dict[str, list] = {}
         for i, envelope in enumerate(envelopes):
             if i in refused:
@@ -150,7 +154,7 @@ class BatchProcessor:
                 record = records.get(envelope.device) or DeviceRecord(
                     envelope.device, envelope.received, envelope.received, envelope.source)
                 work = [record, record.state, record.last_seen, record.last_source,
-                        list(record.recent)]
+                        list(record.recent), list(record.intervals)]
             recent = work[4]
             if envelope.id in recent:
                 # The queue delivered this envelope again (at-least-once):
@@ -164,6 +168,8 @@ class BatchProcessor:
                             envelope.boot) if seq is not None else judge(work[1], None)
             work[1] = verdict.state
             if envelope.received >= work[2]:
+                # Any message shows the device alive, a duplicate too.
+                add_arrival(work[5], work[2], envelope.received)
                 work[2] = envelope.received
                 work[3] = envelope.source
             recent.append(envelope.id)
@@ -175,10 +181,14 @@ class BatchProcessor:
                 results[i] = Result(Outcome.DUPLICATE, f"sequence number {seq} seen before")
         # Built field by field: dataclasses.replace costs several times more.
         updated = {device: DeviceRecord(record.id, record.first_seen, last_seen, last_source,
-                                        state, tuple(recent), record.version)
-                   for device, (record, state, last_seen, last_source, recent) in touched.items()}
+                                        state, tuple(recent), record.version, tuple(intervals),
+                                        record.interval)
+                   for device, (record, state, last_seen, last_source, recent, intervals)
+                   in touched.items()}
         now = self.clock()
-        points.extend(device_point(record, now) for record in updated.values())
+        policy = self.policy
+        points.extend(device_point(record, now, liveness(record, now, policy))
+                      for record in updated.values())
         return results, redelivered, points, updated
 
     def _write(self, points) -> SinkError | None:
@@ -198,6 +208,22 @@ class BatchProcessor:
         """Everything but redeliveries failed and is to be retried."""
         failure = Result(Outcome.FAILED, reason, retryable, unavailable)
         return [results[i] if i in redelivered else failure for i in range(len(results))]
+
+    def sweep(self) -> int:
+        """Write the state of every late and offline device to every sink
+        (a ``sense_device`` point now, with ``state``, ``silent`` and
+        ``interval``): a silent device sends nothing that would. Returns
+        how many devices were written; a sink's failure raises."""
+        now = self.clock()
+        points = []
+        for record in self.registry.devices():
+            judged = liveness(record, now, self.policy)
+            if judged.state in (DeviceState.LATE, DeviceState.OFFLINE):
+                points.append(device_point(record, now, judged))
+        failure = self._write(points) if points else None
+        if failure is not None:
+            raise failure
+        return len(points)
 
     def check(self) -> None:
         """Raise if the registry or a sink cannot be reached now."""

@@ -19,6 +19,8 @@ Limits come from the ``[validation]`` table (``SENSE_VALIDATION_*``):
   floats, or strings of at most ``max_string_length`` (256) characters;
   tag values are non-empty strings of that length; neither may hold
   control characters (line protocol cannot carry a newline);
+- a unit (SenML ``u``, SENSE v1 ``units``) names a field of its reading
+  and is 1 to ``max_name_length`` characters without control characters;
 - timestamps are finite epoch seconds, not before ``min_timestamp``
   (946684800, 2000-01-01) and at most ``max_future`` (300) seconds
   ahead of the gateway's receive time.
@@ -152,6 +154,16 @@ def _reading_problems(reading: Reading, where: str, limits: ValidationConfig,
                     problem = _text_problem(value, limits)
             if problem:
                 problems.append(f"{where}: tag {_shown(name)}: {problem}")
+    units = reading.units
+    if units:
+        for name, unit in units.items():
+            if not isinstance(fields, dict) or name not in fields:
+                problems.append(f"{where}: unit for {_shown(name)}: no such field")
+            elif not isinstance(unit, str) or not unit or len(unit) > limits.max_name_length:
+                problems.append(f"{where}: unit for {_shown(name)}: must be 1 to "
+                                f"{limits.max_name_length} characters")
+            elif _CONTROL_CHARACTER.search(unit):
+                problems.append(f"{where}: unit for {_shown(name)}: control character")
     problem = _name_problem(reading.measurement, limits)
     if problem:
         problems.append(f"{where}: measurement {_shown(reading.measurement)}: {problem}")

@@ -26,6 +26,11 @@ worker is not processing, for ``/healthz``. A failure to settle one
 message (a release, a dead letter) is logged and counted; it never keeps
 the round's deletes from being written. An empty queue is polled every
 ``processor.poll_interval`` seconds.
+
+Every ``devices.sweep_interval`` seconds the worker also writes the state
+of the devices that are late or offline to the sinks (one registry read
+on the worker's thread, between batches; no timer per device), so a
+device that went silent shows as such in InfluxDB too.
 """
 
 from __future__ import annotations
@@ -64,6 +69,10 @@ class ProcessorService(Service):
         self.poll_interval = config.processor.poll_interval
         self.retry_base = config.processor.retry_base
         self.retry_max = config.processor.retry_max
+        self.sweep_interval = config.devices.sweep_interval
+        self._sweeper: task.LoopingCall | None = None
+        #: devices the last liveness sweep wrote as late or offline
+        self.swept = 0
         self.reactor = reactor
         self.processor: BatchProcessor | None = None
         self._pool: ThreadPool | None = None
@@ -93,6 +102,21 @@ class ProcessorService(Service):
         self._pool.start()
         self._round = self._start()
         self._round.addErrback(lambda f: log.failure("processor stopped", f))
+        self._sweeper = task.LoopingCall(self._sweep)
+        self._sweeper.clock = self.reactor
+        self._sweeper.start(self.sweep_interval, now=False).addErrback(
+            lambda f: log.failure("liveness sweeps stopped", f))
+
+    @defer.inlineCallbacks
+    def _sweep(self):
+        # Not while starting or in an outage: the sinks are down anyway.
+        if self.processor is None or self.problem is not None:
+            return
+        try:
+            self.swept = yield self._in_thread(self.processor.sweep)
+        except Exception as e:
+            # LoopingCall stops for good after one exception.
+            log.warn("liveness sweep failed: {reason}", reason=f"{type(e).__name__}: {e}")
 
     def _in_thread(self, function, *args):
         return deferToThreadPool(self.reactor, self._pool, function, *args)
@@ -270,6 +294,8 @@ class ProcessorService(Service):
     @defer.inlineCallbacks
     def stopService(self):
         super().stopService()
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
         if self._sleep is not None:
             self._sleep.cancel()
         try:

@@ -195,3 +195,28 @@ class MotoServer(ServerProcess):
 
         return boto3.client(service, endpoint_url=self.url, region_name="us-east-1",
                             aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+class Prometheus(ServerProcess):
+    """A real Prometheus server (Debian package ``prometheus``) with the
+    given configuration (YAML text); query it with :meth:`api`."""
+
+    name = "prometheus"
+
+    def __init__(self, testcase, config: str):
+        self.port = free_tcp_port()
+        root = Path(testcase.mktemp()).resolve()
+        root.mkdir()
+        (root / "prometheus.yml").write_text(config)
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(testcase, [
+            "prometheus", f"--config.file={root / 'prometheus.yml'}",
+            f"--storage.tsdb.path={root / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}",
+            "--log.level=warn"], f"{self.url}/-/ready")
+
+    def api(self, path: str, **params) -> dict:
+        query = urllib.parse.urlencode(params)
+        status, body = http("GET", f"{self.url}/api/v1/{path}" + (f"?{query}" if query else ""))
+        if status != 200:
+            raise RuntimeError(f"prometheus {path}: {status} {body[:200]!r}")
+        return json.loads(body)["data"]

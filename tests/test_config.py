@@ -93,3 +93,13 @@ class ConfigTests(SynchronousTestCase):
 
     def test_missing_file(self):
         self.assertConfigError("no such file", self.mktemp(), environ={})
+
+
+class DevicesConfigTests(SynchronousTestCase):
+    def test_offline_must_come_after_late(self):
+        error = self.assertRaises(ConfigError, load_config, environ={
+            "SENSE_DEVICES_OFFLINE_AFTER": "2", "SENSE_DEVICES_LATE_AFTER": "3"})
+        self.assertIn("devices.offline_after: must be more than devices.late_after (3.0)",
+                      str(error))
+        self.assertEqual(load_config(environ={"SENSE_DEVICES_METRICS_LIMIT": "0"})
+                         .devices.metrics_limit, 0)

@@ -150,9 +150,9 @@ class DashboardTests(TestCase):
         self.assertNotIn("error", first, first)
         self.assertEqual({r["device"] for r in first["rows"]}, {"greenhouse-1", "boiler-room", "::1"})
         rows = {r["device"]: r["cells"] for r in first["rows"]}
-        # device, last seen, readings, lost, loss, duplicates, resets
-        self.assertEqual(rows["boiler-room"][2:5], ["4", "1", "20.0 %"])
-        self.assertEqual(rows["greenhouse-1"][2:5], ["4", "0", "0.0 %"])
+        # device, state, last seen, readings, lost, loss, duplicates, resets
+        self.assertEqual(rows["boiler-room"][3:6], ["4", "1", "20.0 %"])
+        self.assertEqual(rows["greenhouse-1"][3:6], ["4", "0", "0.0 %"])
         charts = {(c["device"], c["field"]): c for c in first["charts"]}
         self.assertEqual(set(charts), {("greenhouse-1", "temperature"), ("greenhouse-1", "humidity"),
                                        ("boiler-room", "pressure"), ("boiler-room", "temperature"),
@@ -162,6 +162,9 @@ class DashboardTests(TestCase):
             self.assertEqual(chart["points"], 3 if key[0] == "::1" else 40, key)
             self.assertGreater(chart["painted"], 500, f"{key}: the canvas is blank")
         self.assertEqual(first["stats"]["devices"], "3")
+        # The original SENSE devices send hundredths of a degree Celsius.
+        self.assertEqual(charts[("::1", "temperature")]["unit"], "°C")
+        self.assertEqual(charts[("greenhouse-1", "humidity")]["unit"], "")
         # Everything processed: nothing waits, against the default bound.
         self.assertEqual(first["stats"]["backlog"], "0 of 1,000,000")
         self.assertIsNone(first["notice"])

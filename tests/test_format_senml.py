@@ -64,23 +64,25 @@ GOOD_PACKS = {
     "rfc_multiple_datapoints": (
         [{"bn": DEVICE + ":", "n": "voltage", "u": "V", "v": 120.1},
          {"n": "current", "u": "A", "v": 1.2}],
-        Decoded([Reading({"voltage": 120.1, "current": 1.2}, ts=RECEIVED)], DEVICE)),
-    # RFC 8428 5.1.3: bt plus negative t; the last current shares bt with voltage.
+        Decoded([Reading({"voltage": 120.1, "current": 1.2}, ts=RECEIVED,
+                         units={"voltage": "V", "current": "A"})], DEVICE)),
+    # RFC 8428 5.1.3: bt plus negative t; the last current shares bt with
+    # voltage; the base unit is the unit of the records that name none.
     "rfc_multiple_measurements": (
         [{"bn": DEVICE + ":", "bt": BT, "bu": "A", "bver": 5, "n": "voltage", "u": "V", "v": 120.1},
          {"n": "current", "t": -5, "v": 1.2}, {"n": "current", "t": -4, "v": 1.3},
          {"n": "current", "t": -3, "v": 1.4}, {"n": "current", "t": -2, "v": 1.5},
          {"n": "current", "t": -1, "v": 1.6}, {"n": "current", "v": 1.7}],
-        Decoded([Reading({"current": 1.2}, ts=BT - 5), Reading({"current": 1.3}, ts=BT - 4),
-                 Reading({"current": 1.4}, ts=BT - 3), Reading({"current": 1.5}, ts=BT - 2),
-                 Reading({"current": 1.6}, ts=BT - 1),
-                 Reading({"voltage": 120.1, "current": 1.7}, ts=BT)], DEVICE)),
+        Decoded([Reading({"current": c}, ts=BT - 5 + i, units={"current": "A"})
+                 for i, c in enumerate((1.2, 1.3, 1.4, 1.5, 1.6))]
+                + [Reading({"voltage": 120.1, "current": 1.7}, ts=BT,
+                           units={"voltage": "V", "current": "A"})], DEVICE)),
     # RFC 8428 5.1.5 without its vd record: string and boolean values.
     "rfc_multiple_data_types": (
         [{"bn": DEVICE + ":", "n": "temperature", "u": "Cel", "v": 23.1},
          {"n": "label", "vs": "Machine Room"}, {"n": "open", "vb": False}],
         Decoded([Reading({"temperature": 23.1, "label": "Machine Room", "open": False},
-                         ts=RECEIVED)], DEVICE)),
+                         ts=RECEIVED, units={"temperature": "Cel"})], DEVICE)),
     "base_value_is_added": (
         [{"bn": "d:", "bv": 20, "n": "t", "v": 1.5, "t": -1}, {"n": "t", "v": -0.5}],
         Decoded([Reading({"t": 21.5}, ts=RECEIVED - 1), Reading({"t": 19.5}, ts=RECEIVED)], "d")),
@@ -127,10 +129,15 @@ GOOD_PACKS = {
         Decoded([Reading({"value": 21.5}, ts=RECEIVED)], "thermo-1")),
     "no_base_name_leaves_the_device_to_the_validators": (
         [{"n": DEVICE, "u": "Cel", "v": 23.1}],
-        Decoded([Reading({DEVICE: 23.1}, ts=RECEIVED)], None)),
-    "units_update_time_and_unknown_labels_are_ignored": (
+        Decoded([Reading({DEVICE: 23.1}, ts=RECEIVED, units={DEVICE: "Cel"})], None)),
+    "units_are_kept_update_time_and_unknown_labels_are_ignored": (
         [{"bn": "d:", "bu": "Cel", "n": "t", "u": "Cel", "ut": 60, "v": 1, "colour": "blue"}],
-        Decoded([Reading({"t": 1.0}, ts=RECEIVED)], "d")),
+        Decoded([Reading({"t": 1.0}, ts=RECEIVED, units={"t": "Cel"})], "d")),
+    "a_record_unit_wins_over_the_base_unit_and_sums_share_it": (
+        [{"bn": "d:", "bu": "Cel", "n": "t", "v": 1}, {"n": "h", "u": "%RH", "v": 40},
+         {"n": "energy", "u": "J", "s": 5}],
+        Decoded([Reading({"t": 1.0, "h": 40.0, "energy_sum": 5.0}, ts=RECEIVED,
+                         units={"t": "Cel", "h": "%RH", "energy_sum": "J"})], "d")),
     "current_senml_version": (
         [{"bver": 10, "bn": "d:", "n": "t", "v": 1}],
         Decoded([Reading({"t": 1.0}, ts=RECEIVED)], "d")),

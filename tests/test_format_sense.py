@@ -80,6 +80,16 @@ GOOD_DOCUMENTS = {
     "missing_id_is_left_to_the_validators": (
         {"seq": 1, "data": {"t": 1}},
         Decoded([Reading({"t": 1})], None, 1)),
+    "units_go_with_their_fields": (
+        {"id": "n", "units": {"t": "Cel", "h": "%RH"}, "data": {"t": 21.5, "h": 40, "on": True}},
+        Decoded([Reading({"t": 21.5, "h": 40, "on": True}, units={"t": "Cel", "h": "%RH"})],
+                "n", None)),
+    "batch_units_top_level_and_per_reading": (
+        {"id": "n", "units": {"t": "Cel"},
+         "readings": [{"data": {"t": 1}}, {"data": {"p": 2}, "units": {"p": "hPa"}},
+                      {"data": {"t": 2}, "units": {"t": "K"}}]},
+        Decoded([Reading({"t": 1}, units={"t": "Cel"}), Reading({"p": 2}, units={"p": "hPa"}),
+                 Reading({"t": 2}, units={"t": "K"})], "n", None)),
 }
 
 
@@ -149,6 +159,10 @@ BAD_DOCUMENTS = {
                           "reading 2: data: 't': not a number, boolean or string"),
     "reading_bad_tags": ({"id": "n", "readings": [{"data": {"t": 1}, "tags": {"probe": 2}}]},
                          "reading 1: tags: 'probe': expected a string"),
+    "unit_for_no_field": ({"id": "n", "units": {"x": "Cel"}, "data": {"t": 1}},
+                          "units: 'x' is not a field"),
+    "unit_not_a_string": ({"id": "n", "units": {"t": 1}, "data": {"t": 1}},
+                          "units: 't': expected a string"),
 }
 
 #: name -> (payload, diagnostic)

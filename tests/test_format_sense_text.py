@@ -31,7 +31,7 @@ def decode(body: bytes, source_host: str = "2001:db8::7") -> Decoded:
 
 def temperature(value: float, ts: float, interpolated: bool = False) -> Reading:
     fields = {"temperature": value, "interpolated": True} if interpolated else {"temperature": value}
-    return Reading(fields, ts=ts, measurement="sense")
+    return Reading(fields, ts=ts, measurement="sense", units={"temperature": "Cel"})
 
 
 TEN = [2150, 2151, 2153, 2155, 2160, 2158, 2157, 2160, 2162, 2165]

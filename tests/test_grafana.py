@@ -1,7 +1,9 @@
 """Grafana provisioning, proven without Grafana: the dashboards load as
 dashboard models, every panel uses a provisioned data source, and every
 query, with Grafana's macros expanded the way Grafana expands them, runs
-against a real InfluxDB 1.x holding data written by our own v1 sink."""
+against a real InfluxDB 1.x holding data written by our own v1 sink. So
+does every query of the provisioned alert rules, whose reduce and
+threshold steps are then applied as Grafana applies them."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from tests.servers import InfluxDB1
 
 GRAFANA = Path(__file__).resolve().parent.parent / "etc" / "grafana"
 DASHBOARDS = {p.stem: json.loads(p.read_text()) for p in (GRAFANA / "dashboards").glob("*.json")}
+ALERTING = GRAFANA / "provisioning" / "alerting" / "sense.yaml"
 T0 = 1764300000
 
 
@@ -82,6 +85,7 @@ def expand(query: str, variables: dict[str, list[str]], start_ms: int, end_ms: i
     query = query.replace("$timeFilter", f"time >= {start_ms}ms and time <= {end_ms}ms")
     query = query.replace("$__interval", interval)
     for name, values in variables.items():
+        query = query.replace("${%s}" % name, values[0])
         # Inside /.../ Grafana writes a multi-value variable as (a|b).
         query = re.sub(rf"/\^\${name}\$/",
                        "/^(" + "|".join(regex_escape(v) for v in values) + ")$/", query)
@@ -94,13 +98,16 @@ class DashboardQueryTests(TestCase):
         self.db = InfluxDB1(self)
         registry = SQLiteRegistry(Path(self.mktemp()).resolve() / "registry.sqlite3")
         sink = InfluxSink(InfluxConfig(url=self.db.url, api="v1", database="sense", retries=0))
-        processor = BatchProcessor(registry, [sink], clock=lambda: T0 + 600)
+        self.now = T0 + 600
+        self.processor = processor = BatchProcessor(registry, [sink], clock=lambda: self.now)
         self.addCleanup(processor.close)
 
         def envelope(device, seq, minute, **fields):
             ts = T0 + minute * 60
+            units = {"temperature": "Cel"} if "temperature" in fields else None
             return Envelope(new_envelope_id(), device, seq, ts, "x", "coap", None, "/data", 50,
-                            [Reading(fields, ts)])
+                            [Reading(fields, ts, units=units)])
+        self.envelope = envelope
         # node-1: temperature and humidity, seq 1..3 then 8 (4 lost);
         # node-2: temperature only, one reset.
         processor.process_batch([
@@ -122,10 +129,16 @@ class DashboardQueryTests(TestCase):
     def variable(self, dashboard, name) -> list[str]:
         [var] = [v for v in DASHBOARDS[dashboard]["templating"]["list"] if v["name"] == name]
         rows = self.db.query(var["query"], self.source_headers())["results"][0]["series"][0]["values"]
-        return [row[-1] if name == "device" else row[0] for row in rows]
+        values = [row[-1] if name == "device" else row[0] for row in rows]
+        if var.get("regex"):
+            # Grafana keeps the values its regex (JavaScript, /.../) matches.
+            pattern = re.compile(var["regex"].strip("/"))
+            values = [v for v in values if pattern.search(v)]
+        return values
 
     def run_target(self, dashboard, title, **values) -> list[dict]:
-        [target] = [t for p, t in targets(DASHBOARDS[dashboard]) if p["title"] == title]
+        [target] = [t for p, t in targets(DASHBOARDS[dashboard])
+                    if p["title"] == title and t["refId"] == "A"]
         query = expand(target["query"], {"device": self.devices, **values}, *self.window)
         result = self.db.query(query, self.source_headers())["results"][0]
         self.assertNotIn("error", result, query)
@@ -177,3 +190,96 @@ class DashboardQueryTests(TestCase):
         self.devices = ["node-2"]
         series = self.run_target("sense-devices", "$field", field=["temperature"])
         self.assertEqual([s["tags"]["device"] for s in series], ["node-2"])
+
+    def test_units_are_queryable_and_the_panels_read_them(self):
+        rows = self.db.rows('SELECT last("temperature_unit") FROM "sense" WHERE "device" = \'node-1\'')
+        self.assertEqual(rows[0]["last"], "Cel")
+        for title in ("$field", "Last $field"):
+            [panel] = [p for p in DASHBOARDS["sense-devices"]["panels"] if p["title"] == title]
+            [unit_target] = [t for t in panel["targets"] if t["refId"] == "B"]
+            self.assertEqual(panel["transformations"][0]["options"]["configRefId"], "B")
+            query = expand(unit_target["query"], {"device": self.devices, "field": ["temperature"]},
+                           *self.window)
+            result = self.db.query(query, self.source_headers())["results"][0]
+            self.assertEqual(result["series"][0]["values"][0][1], "Cel", query)
+
+    def test_device_table_shows_liveness(self):
+        series = self.run_target("sense-devices", "Devices")
+        rows = {s["tags"]["device"]: dict(zip(s["columns"], s["values"][0])) for s in series}
+        # node-1's four messages a minute apart, the last at T0 + 180: at
+        # T0 + 600 it is seven intervals silent.
+        self.assertEqual((rows["node-1"]["state"], rows["node-1"]["silent"],
+                          rows["node-1"]["interval"]), ("offline", 420, 60))
+        self.assertEqual(rows["node-2"]["state"], "new")
+
+
+def alert_rules() -> dict:
+    document = yaml.safe_load(ALERTING.read_text())
+    return {rule["uid"]: rule for group in document["groups"] for rule in group["rules"]}
+
+
+class AlertRuleModelTests(SynchronousTestCase):
+    def test_rules_query_the_provisioned_source_and_end_in_a_threshold(self):
+        uids = set(datasources())
+        rules = alert_rules()
+        self.assertEqual(sorted(rules), ["sense-device-loss", "sense-device-offline",
+                                         "sense-no-data"])
+        for uid, rule in rules.items():
+            steps = {step["refId"]: step for step in rule["data"]}
+            self.assertEqual(steps["A"]["datasourceUid"] in uids, True, uid)
+            self.assertEqual(steps[rule["condition"]]["model"]["type"], "threshold", uid)
+            self.assertEqual(steps["B"]["model"]["expression"], "A", uid)
+
+
+class AlertQueryTests(DashboardQueryTests):
+    """Each alert rule as Grafana evaluates it at *now*: query A over its
+    relative time range against influxd, B the last value of each series,
+    C the threshold. Returns the firing series: {device: value}."""
+
+    def evaluate(self, uid: str, now: float) -> dict:
+        rule = alert_rules()[uid]
+        steps = {step["refId"]: step for step in rule["data"]}
+        span = steps["A"]["relativeTimeRange"]
+        query = expand(steps["A"]["model"]["query"], {},
+                       int((now - span["from"]) * 1000), int((now - span["to"]) * 1000))
+        result = self.db.query(query, self.source_headers())["results"][0]
+        self.assertNotIn("error", result, query)
+        if not result.get("series"):
+            return {None: "no data"} if rule["noDataState"] == "Alerting" else {}
+        [condition] = steps["C"]["model"]["conditions"]
+        kind, [limit] = condition["evaluator"]["type"], condition["evaluator"]["params"]
+        firing = {}
+        for series in result["series"]:
+            values = [row[1] for row in series["values"] if row[1] is not None]
+            if not values:
+                continue
+            value = values[-1]
+            if (value > limit) if kind == "gt" else (value < limit):
+                firing[series.get("tags", {}).get("device")] = value
+        return firing
+
+    def test_offline_fires_for_the_silent_device_and_ends_when_it_sends(self):
+        self.assertEqual(self.evaluate("sense-device-offline", T0 + 600), {"node-1": 7.0})
+        self.now = T0 + 620
+        results = self.processor.process_batch([self.envelope("node-1", 9, 620 / 60,
+                                                              temperature=24.0)])
+        self.assertEqual([r.outcome.value for r in results], ["written"])
+        self.assertEqual(self.evaluate("sense-device-offline", T0 + 620), {})
+        # Silent again: only the processor's sweep can say so.
+        self.now = T0 + 1000
+        self.assertEqual(self.processor.sweep(), 1)
+        self.assertEqual(self.evaluate("sense-device-offline", T0 + 1000), {"node-1": 380 / 60})
+
+    def test_loss_fires_for_a_device_losing_messages_in_the_hour(self):
+        self.now = T0 + 700
+        self.processor.process_batch([self.envelope("node-3", 1, 11, t=1.0)])
+        self.now = T0 + 760
+        self.processor.process_batch([self.envelope("node-3", 2, 12, t=1.0),
+                                      self.envelope("node-3", 9, 12.5, t=1.0)])
+        # node-3: 2 more received, 6 lost since the hour's first point;
+        # node-1 and node-2 wrote one point each, which says nothing of a rate.
+        self.assertEqual(self.evaluate("sense-device-loss", T0 + 760), {"node-3": 75.0})
+
+    def test_no_data_fires_when_nothing_is_written(self):
+        self.assertEqual(self.evaluate("sense-no-data", T0 + 600), {})
+        self.assertEqual(self.evaluate("sense-no-data", T0 + 7200), {None: "no data"})

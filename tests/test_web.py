@@ -98,9 +98,47 @@ class WebTests(TestCase):
         self.assertEqual(code, 200)
         # Text fields have no chart; the device's own counters are not readings.
         self.assertEqual(orjson.loads(body), {"device": "node-s", "fields": {
-            "humidity": [[NOW * 1000, 40.0]], "temperature": [[NOW * 1000, 20.5]]}})
+            "humidity": [[NOW * 1000, 40.0]], "temperature": [[NOW * 1000, 20.5]]},
+            "units": {}, "symbols": {}})
         code, body = yield self.get("/api/series?since=-1h")
         self.assertEqual((code, orjson.loads(body)), (400, {"error": "device is required"}))
+
+    @defer.inlineCallbacks
+    def test_readings_as_csv_from_epoch_seconds_or_milliseconds(self):
+        url = coap_url("::1", self.gateway.port, "/data")
+        yield libcoap_request("post", url, orjson.dumps(
+            [{"bn": "node-u:", "bt": NOW, "bu": "Cel", "n": "t", "v": 21.5},
+             {"n": "t", "t": 60, "v": 22}, {"n": "label", "vs": "=cmd()"}]), 110)
+        yield eventually(lambda: self.gateway.worker.counts[_written()] == 1)
+        expected = ("time,device,field,value,unit\r\n"
+                    "2025-11-28T03:20:00.000Z,node-u,t,21.5,Cel\r\n"
+                    "2025-11-28T03:21:00.000Z,node-u,t,22.0,Cel\r\n")
+        for since in (str(NOW), str(NOW * 1000), "2025-11-28T03:20:00Z"):
+            code, body = yield self.get(f"/api/readings?device=node-u&field=t&since={since}"
+                                        "&format=csv")
+            self.assertEqual((code, body.decode()), (200, expected), since)
+        # Accept: text/csv does the same; until bounds the window.
+        response = yield treq.get(self.base + f"/api/readings?device=node-u&field=t&since={NOW}"
+                                  f"&until={NOW + 30}", headers={"Accept": "text/csv"},
+                                  pool=HTTPConnectionPool(reactor, persistent=False))
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"),
+                         [b"text/csv; charset=utf-8"])
+        self.assertEqual((yield response.content()).decode().count("\r\n"), 2)
+        # Every field of the device, text too, a formula defused.
+        code, body = yield self.get(f"/api/series?device=node-u&since={NOW}&format=csv")
+        self.assertEqual(body.decode().splitlines()[1:], [
+            "2025-11-28T03:20:00.000Z,node-u,t,21.5,Cel",
+            "2025-11-28T03:21:00.000Z,node-u,t,22.0,Cel"])
+        code, body = yield self.get(f"/api/readings?device=node-u&field=label&since={NOW}"
+                                    "&format=csv")
+        self.assertIn(",node-u,label,'=cmd(),", body.decode())
+        code, body = yield self.get(f"/api/series?device=node-u&since={NOW}")
+        document = orjson.loads(body)
+        self.assertEqual((document["units"], document["symbols"]), ({"t": "Cel"}, {"t": "°C"}))
+        code, body = yield self.get("/api/readings?device=node-u&field=t&since=yesterday")
+        self.assertEqual((code, orjson.loads(body)["error"]),
+                         (400, "since: -<n>[smhd], an ISO 8601 time, or epoch seconds or "
+                               "milliseconds"))
 
     @defer.inlineCallbacks
     def test_dashboard_page_and_its_chart_library_are_served_locally(self):

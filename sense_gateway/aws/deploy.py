@@ -268,7 +268,8 @@ class Deployment:
 
     def role_policy(self) -> dict:
         """Only what the function does: take messages from its queue, read
-        and write its table, write its own log group."""
+        and write its table (Scan: the scheduled liveness sweep), write its
+        own log group."""
         return {
             "Version": "2012-10-17",
             "Statement": [
@@ -276,7 +277,7 @@ class Deployment:
                  "Action": ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"],
                  "Resource": self.queue_arn},
                 {"Sid": "DeviceRegistry", "Effect": "Allow",
-                 "Action": ["dynamodb:BatchGetItem", "dynamodb:PutItem"],
+                 "Action": ["dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:Scan"],
                  "Resource": self.table_arn},
                 {"Sid": "Logs", "Effect": "Allow",
                  "Action": ["logs:CreateLogStream", "logs:PutLogEvents"],

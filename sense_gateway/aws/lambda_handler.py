@@ -10,6 +10,13 @@ policy; the reason is in the function's log). When nothing could be
 judged (the registry is unreachable) the handler raises and the whole
 batch is retried.
 
+The same function also sweeps the devices' liveness when invoked by a
+schedule (an EventBridge rule, ``rate(1 minute)``: any event with
+``"source": "aws.events"``, or ``{"sense": "sweep"}``): the state of each
+late and offline device goes to the sinks (``sense_device``: ``state``,
+``silent``, ``interval``), which the SQS batches cannot do for a device
+that sends nothing. It returns ``{"swept": N}``.
+
 Configured from ``SENSE_*`` environment variables only, e.g.
 ``SENSE_REGISTRY_BACKEND=dynamodb``, ``SENSE_REGISTRY_TABLE``,
 ``SENSE_SINKS_ENABLED=influxdb``, ``SENSE_INFLUXDB_URL``,
@@ -46,6 +53,8 @@ def handler(event, context):
     global _processor
     if _processor is None:
         _processor = _build_processor()
+    if event.get("source") == "aws.events" or event.get("sense") == "sweep":
+        return {"swept": _processor.sweep()}
     failures = []
     ids, envelopes = [], []
     for record in event.get("Records", []):

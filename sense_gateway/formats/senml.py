@@ -23,9 +23,11 @@ How records become readings:
   may come with a value or alone.
 - ``vd`` (opaque data) is refused: it has no place among metrics, and
   dropping it quietly would lose data.
-- Units (``u``, ``bu``) and ``ut`` are checked to be the right type and
-  otherwise ignored: name fields so the unit is clear
-  (``temperature`` in degrees Celsius).
+- A record's unit ``u`` (or the base unit ``bu`` for a record without
+  one) is kept with its field as it is written (``Cel``, ``%RH``,
+  ``Pa``: RFC 8428 section 12.1 registers them); the sum field gets the
+  same unit. Stores and dashboards show it (the dashboard as a symbol,
+  ``Cel`` as °C). ``ut`` is checked to be a number and otherwise ignored.
 - Records with the same resolved time become one reading with several
   fields; the same field twice at the same time is refused.
 - ``bver`` above 10 and unknown labels ending in ``_`` (must-understand)
@@ -106,8 +108,10 @@ class _PackResolver:
         self.base_time = 0.0
         self.base_value = 0.0
         self.base_sum = 0.0
+        self.base_unit = ""
         self.device: str | None = None
         self.fields_by_time: dict[float, dict[str, FieldValue]] = {}
+        self.units_by_time: dict[float, dict[str, str]] = {}
 
     def add(self, record: dict[str, Any], number: int) -> None:
         where = f"record {number}"
@@ -116,6 +120,7 @@ class _PackResolver:
         self.base_time = record.get("bt", self.base_time)
         self.base_value = record.get("bv", self.base_value)
         self.base_sum = record.get("bs", self.base_sum)
+        self.base_unit = record.get("bu", self.base_unit)
 
         values = [label for label in _VALUE_LABELS if label in record]
         if len(values) > 1:
@@ -131,12 +136,18 @@ class _PackResolver:
         elif device != self.device:
             raise DecodeError("records name more than one device")
 
-        fields = self.fields_by_time.setdefault(self._time(record), {})
+        time = self._time(record)
+        fields = self.fields_by_time.setdefault(time, {})
         name = record.get("n") or UNNAMED_FIELD
+        unit = record.get("u") or self.base_unit
         if values:
             self._put(fields, name, self._value(record, values[0]), where)
+            if unit:
+                self.units_by_time.setdefault(time, {})[name] = unit
         if "s" in record:
             self._put(fields, f"{name}_sum", float(self.base_sum + record["s"]), where)
+            if unit:
+                self.units_by_time.setdefault(time, {})[f"{name}_sum"] = unit
 
     def _time(self, record: dict[str, Any]) -> float:
         time = self.base_time + record.get("t", 0)
@@ -156,7 +167,8 @@ class _PackResolver:
         fields[name] = value
 
     def decoded(self) -> Decoded:
-        readings = [Reading(fields=fields, ts=ts)
+        units = self.units_by_time
+        readings = [Reading(fields=fields, ts=ts, units=units.get(ts))
                     for ts, fields in sorted(self.fields_by_time.items())]
         return Decoded(readings=readings, device=self.device, seq=None)
 

@@ -16,7 +16,14 @@ structure in both::
 - ``ts``: optional epoch seconds (fractions allowed); absent means the
   time the gateway received the request;
 - ``data``: field name -> number, boolean or string;
-- ``tags``: optional, name -> string, added to every reading.
+- ``tags``: optional, name -> string, added to every reading;
+- ``units``: optional, field name -> unit (a string, 1 to 64 characters),
+  e.g. ``{"temperature": "Cel", "humidity": "%RH"}``. Use SenML's unit
+  names (RFC 8428 section 12.1: ``Cel``, ``%RH``, ``Pa``, ``V``, ``W``,
+  ``lx``, ...) and the dashboard shows their symbols (°C); any other text
+  is shown as it is. A unit is kept with its field in every store
+  (InfluxDB: the string field ``<field>_unit`` beside it). Each name must
+  be a field of the document (of one of its readings in the batch form).
 
 The batch form carries several readings in one request::
 
@@ -24,8 +31,8 @@ The batch form carries several readings in one request::
      "readings": [{"ts": 1764300000, "data": {"temperature": 21.5}},
                   {"ts": 1764300060, "data": {"temperature": 21.6}, "tags": {"probe": "b"}}]}
 
-Each reading has its own optional ``ts`` and ``tags`` (merged over the
-top-level tags); a top-level ``ts`` is not allowed in this form.
+Each reading has its own optional ``ts``, ``tags`` and ``units`` (merged
+over the top-level ones); a top-level ``ts`` is not allowed in this form.
 
 The decoder is strict so a device developer learns about a mistake at
 once: unknown keys, a ``null`` or nested value in ``data``, a boolean
@@ -55,8 +62,8 @@ from sense_gateway.errors import DecodeError
 from sense_gateway.formats import CBOR, JSON, Format
 from sense_gateway.hookspecs import hookimpl
 
-_DOCUMENT_KEYS = frozenset({"id", "seq", "boot", "ts", "data", "tags", "readings"})
-_READING_KEYS = frozenset({"ts", "data", "tags"})
+_DOCUMENT_KEYS = frozenset({"id", "seq", "boot", "ts", "data", "tags", "units", "readings"})
+_READING_KEYS = frozenset({"ts", "data", "tags", "units"})
 
 # Our documents nest four deep at most (batch -> readings -> reading ->
 # data); a little slack, and no device can make the decoder recurse far.
@@ -191,8 +198,9 @@ def _timestamp(value: Any, where: str) -> float:
     return float(value)
 
 
-def _reading(document: dict[str, Any], common_tags: dict[str, str], prefix: str) -> Reading:
-    """One reading from an object holding ``data`` and optional ``ts``/``tags``."""
+def _reading(document: dict[str, Any], common_tags: dict[str, str], prefix: str,
+             common_units: dict[str, str] | None = None) -> Reading:
+    """One reading from an object holding ``data`` and optional ``ts``/``tags``/``units``."""
     if "data" not in document:
         raise DecodeError(f"{prefix}data missing")
     fields = _fields(document["data"], f"{prefix}data")
@@ -200,7 +208,11 @@ def _reading(document: dict[str, Any], common_tags: dict[str, str], prefix: str)
     tags = common_tags
     if "tags" in document:
         tags = {**common_tags, **_tags(document["tags"], f"{prefix}tags")}
-    return Reading(fields=fields, ts=ts, tags=tags)
+    # Top-level units name fields of any reading: each keeps its own.
+    units = {name: unit for name, unit in (common_units or {}).items() if name in fields}
+    if "units" in document and prefix:
+        units.update(_tags(document["units"], f"{prefix}units"))
+    return Reading(fields=fields, ts=ts, tags=tags, units=units or None)
 
 
 def decode_document(document: Any) -> Decoded:
@@ -221,6 +233,7 @@ def decode_document(document: Any) -> Decoded:
         if seq is None:
             raise DecodeError("boot: only with seq")
     common_tags = _tags(document["tags"], "tags") if "tags" in document else {}
+    common_units = _tags(document["units"], "units") if "units" in document else None
 
     if "data" in document and "readings" in document:
         raise DecodeError("both data and readings given")
@@ -235,11 +248,16 @@ def decode_document(document: Any) -> Decoded:
             prefix = f"reading {number}: "
             _object(item, f"reading {number}")
             _check_keys(item, _READING_KEYS, prefix)
-            readings.append(_reading(item, common_tags, prefix))
+            readings.append(_reading(item, common_tags, prefix, common_units))
     elif "data" in document:
-        readings = [_reading(document, common_tags, "")]
+        readings = [_reading(document, common_tags, "", common_units)]
     else:
         raise DecodeError("data or readings missing")
+    if common_units:
+        named = {name for reading in readings for name in reading.fields}
+        for name in common_units:
+            if name not in named:
+                raise DecodeError(f"units: {quoted(name)} is not a field")
     return Decoded(readings=readings, device=device, seq=seq, boot=boot)
 
 

@@ -18,7 +18,8 @@ failed too) it is dropped. If every value is dropped the request gets
 4.00 ``no value passed its parity check``.
 
 Each reading has the field ``temperature`` in degrees Celsius (the value
-divided by 100) in the measurement ``sense``. There is no device id in
+divided by 100, unit ``Cel`` as SenML names it) in the measurement
+``sense``. There is no device id in
 the payload: over DTLS the device is the PSK identity, over plain CoAP the
 sender's IP address (``2001:db8::7``, or ``192.0.2.7`` for IPv4). Timestamps: the last value at the receive time,
 each earlier one a second before the next.
@@ -38,6 +39,9 @@ from __future__ import annotations
 from sense_gateway.envelope import Decoded, Reading, RequestContext
 from sense_gateway.errors import DecodeError
 from sense_gateway.formats import TEXT_PLAIN, Format
+
+#: shared by every reading: nothing changes it once decoded
+_UNITS = {"temperature": "Cel"}
 from sense_gateway.hookspecs import hookimpl
 
 MAX_PAIRS = 60
@@ -97,11 +101,11 @@ def decode(payload: bytes, context: RequestContext) -> Decoded:
         ts = context.received - (count - 1 - i)
         if passed[i]:
             readings.append(Reading(fields={"temperature": value / 100}, ts=ts,
-                                    measurement=MEASUREMENT))
+                                    measurement=MEASUREMENT, units=_UNITS))
         elif 0 < i < count - 1 and passed[i - 1] and passed[i + 1]:
             mean = (values[i - 1] + values[i + 1]) / 2
             readings.append(Reading(fields={"temperature": mean / 100, "interpolated": True},
-                                    ts=ts, measurement=MEASUREMENT))
+                                    ts=ts, measurement=MEASUREMENT, units=_UNITS))
     if not readings:
         raise DecodeError("no value passed its parity check")
     # No id in the payload: the DTLS identity, or else the sender's address.

@@ -27,6 +27,10 @@ class DeviceRecord:
     recent: tuple[str, ...] = ()
     #: 0 for a device not stored yet; otherwise bumped by every commit
     version: int = 0
+    #: the newest inter-arrival times, seconds (sense_gateway.liveness)
+    intervals: tuple[float, ...] = ()
+    #: the reporting interval set by hand (``sense devices set``), seconds
+    interval: float | None = None
 
 
 class RegistryUnavailable(Exception):
@@ -53,6 +57,13 @@ class DeviceRegistry:
     def ids(self) -> list[str]:
         """Every device id (backends that can, without reading the records)."""
         return [record.id for record in self.devices()]
+
+    def set_interval(self, device: str, seconds: float | None) -> bool:
+        """Set (``None``: clear) the interval *device* is expected to report
+        at. Returns False if the device is not registered. Bumps the
+        record's version: a processor holding the older one loses its
+        commit for that device once and retries its messages."""
+        raise NotImplementedError
 
     def check(self) -> None:
         """Raise if the registry cannot be used now (the processor does not

@@ -3,7 +3,9 @@
 The default registry (``registry.backend = "sqlite"``) for one machine;
 ``registry.path`` defaults to ``<data_dir>/registry.sqlite3``. Each device
 row holds its first and last contact, last source address, sequence
-state and counters (received, duplicates, lost, resets, unsequenced).
+state and counters (received, duplicates, lost, resets, unsequenced),
+its newest inter-arrival times (comma-separated seconds) and the
+reporting interval set by hand, if any (``sense devices set``).
 The sequence state is the last number, its boot counter, a 64-bit window
 (16 hex digits) and 65 content digests of 4 bytes (a 260-byte blob):
 about 300 bytes per device besides the counters and the 32 envelope ids
@@ -38,26 +40,31 @@ CREATE TABLE IF NOT EXISTS devices (
     recent TEXT NOT NULL,
     version INTEGER NOT NULL,
     digests BLOB NOT NULL DEFAULT x'',
-    boot INTEGER
+    boot INTEGER,
+    intervals TEXT NOT NULL DEFAULT '',
+    interval REAL
 )
 """
 
 #: columns added since the first schema: a registry file written by an
 #: earlier version gets them when it is opened (its devices' numbers then
 #: have no digests yet, and are judged as before until they do)
-_ADDED = {"digests": "BLOB NOT NULL DEFAULT x''", "boot": "INTEGER"}
+_ADDED = {"digests": "BLOB NOT NULL DEFAULT x''", "boot": "INTEGER",
+          "intervals": "TEXT NOT NULL DEFAULT ''", "interval": "REAL"}
 
 _COLUMNS = ("id, first_seen, last_seen, last_source, last_seq, window, digests, boot, received, "
-            "duplicates, lost, resets, unsequenced, recent, version")
+            "duplicates, lost, resets, unsequenced, recent, intervals, interval, version")
 
 
 def _record(row) -> DeviceRecord:
     (device, first, last, source, last_seq, window, digests, boot, received, duplicates, lost,
-     resets, unsequenced, recent, version) = row
+     resets, unsequenced, recent, intervals, interval, version) = row
     counters = DeviceCounters(received, duplicates, lost, resets, unsequenced)
     return DeviceRecord(device, first, last, source,
                         SequenceState(last_seq, int(window, 16), counters, bytes(digests), boot),
-                        tuple(orjson.loads(recent)), version)
+                        tuple(orjson.loads(recent)), version,
+                        tuple(float(i) for i in intervals.split(",")) if intervals else (),
+                        interval)
 
 
 def _row(record: DeviceRecord) -> tuple:
@@ -66,17 +73,19 @@ def _row(record: DeviceRecord) -> tuple:
     # The window is 64 unsigned bits; SQLite integers are signed, so hex.
     return (record.first_seen, record.last_seen, record.last_source, state.last_seq,
             format(state.window, "x"), state.digests, state.boot, c.received, c.duplicates,
-            c.lost, c.resets, c.unsequenced, orjson.dumps(record.recent).decode())
+            c.lost, c.resets, c.unsequenced, orjson.dumps(record.recent).decode(),
+            ",".join(map(repr, record.intervals)), record.interval)
 
 
 #: records kept in memory between batches (about 2.5 KB each)
 CACHE_ENTRIES = 10_000
 
 _INSERT = (f"INSERT OR IGNORE INTO devices ({_COLUMNS}) "
-           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)")
+           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)")
 _UPDATE = ("UPDATE devices SET first_seen = ?, last_seen = ?, last_source = ?, "
            "last_seq = ?, window = ?, digests = ?, boot = ?, received = ?, duplicates = ?, "
-           "lost = ?, resets = ?, unsequenced = ?, recent = ?, version = version + 1 "
+           "lost = ?, resets = ?, unsequenced = ?, recent = ?, intervals = ?, interval = ?, "
+           "version = version + 1 "
            "WHERE id = ? AND version = ?")
 
 
@@ -176,7 +185,8 @@ class SQLiteRegistry(DeviceRegistry):
                 cache.pop(record.id, None)  # re-inserted: newest last
                 cache[record.id] = DeviceRecord(record.id, record.first_seen, record.last_seen,
                                                 record.last_source, record.state, record.recent,
-                                                record.version + 1)
+                                                record.version + 1, record.intervals,
+                                                record.interval)
         while len(cache) > self.cache_entries:
             del cache[next(iter(cache))]
 
@@ -186,6 +196,12 @@ class SQLiteRegistry(DeviceRegistry):
 
     def count(self) -> int:
         return self.db.execute("SELECT count(*) FROM devices").fetchone()[0]
+
+    def set_interval(self, device: str, seconds: float | None) -> bool:
+        cursor = self.db.execute("UPDATE devices SET interval = ?, version = version + 1 "
+                                 "WHERE id = ?", (seconds, device))
+        self._cache.pop(device, None)
+        return cursor.rowcount == 1
 
     def close(self) -> None:
         self.db.close()

@@ -4,7 +4,12 @@ A reading becomes one point: its measurement (``sense`` by default), the
 tag ``device`` plus the reading's tags, its fields, its timestamp. Numbers
 are always written as floats, so a field sent once as ``21`` and once as
 ``21.5`` never conflicts in InfluxDB. Per-device counters become points of
-the measurement ``sense_device``.
+the measurement ``sense_device``, with the device's liveness at the
+point's time (sense_gateway/liveness.py): ``state`` (text: online, late,
+offline, new), ``silent`` (seconds since its last message) and
+``interval`` (the expected interval in seconds, when known). A field's
+unit, when the device named one, travels with the point (``units``);
+each sink keeps it its own way.
 
 Sinks are synchronous objects called from the processor's thread. Every
 enabled sink gets every batch; a batch counts as written only when all of
@@ -29,6 +34,8 @@ class MetricPoint:
     fields: dict[str, float | int | bool | str]
     #: nanoseconds since the epoch
     time_ns: int
+    #: field -> unit, for the fields the device named a unit of
+    units: dict[str, str] | None = None
 
 
 class SinkError(Exception):
@@ -91,13 +98,19 @@ def reading_points(envelope: Envelope) -> list[MetricPoint]:
                 fields = {name: _field(value) for name, value in fields.items()}
                 break
         points.append(MetricPoint(reading.measurement, tags, fields,
-                                  round(reading.ts * 1_000_000) * 1000))
+                                  round(reading.ts * 1_000_000) * 1000, reading.units))
     return points
 
 
-def device_point(record: DeviceRecord, at: float) -> MetricPoint:
+def device_point(record: DeviceRecord, at: float, judged=None) -> MetricPoint:
+    """The device's counters at *at*, and its liveness *judged* then."""
     c = record.state.counters
-    return MetricPoint(DEVICE_MEASUREMENT, {"device": record.id}, {
-        "received": c.received, "duplicates": c.duplicates, "lost": c.lost,
-        "resets": c.resets, "unsequenced": c.unsequenced,
-    }, to_ns(at))
+    fields = {"received": c.received, "duplicates": c.duplicates, "lost": c.lost,
+              "resets": c.resets, "unsequenced": c.unsequenced}
+    if judged is not None:
+        fields["state"] = judged.state.value
+        # Always a float: an integer once would conflict in InfluxDB later.
+        fields["silent"] = round(float(judged.silent), 3)
+        if judged.interval is not None:
+            fields["interval"] = float(judged.interval)
+    return MetricPoint(DEVICE_MEASUREMENT, {"device": record.id}, fields, to_ns(at))

@@ -20,7 +20,10 @@ Configuration (``[influxdb]``; enable with ``sinks.enabled = ["sqlite", "influxd
     retries = 3           # quick retries on 5xx, 429 and connection errors
 
 Schema: measurement ``sense`` (or the reading's own), tag ``device`` plus
-the reading's tags, one field per value (numbers as floats), and the
+the reading's tags, one field per value (numbers as floats), the unit of
+a field, when the device named one, as the string field ``<field>_unit``
+beside it (``temperature_unit="Cel"``: a field, not a tag, so a unit
+never splits a series and each field has its own), and the
 measurement ``sense_device`` with the per-device counters (received,
 duplicates, lost, resets, unsequenced). A server that is down or
 overloaded gets ``retries`` quick retries, then the batch goes back to
@@ -177,7 +180,10 @@ class InfluxSink(MetricSink):
         heads = self._heads
         out = []
         for point in points:
-            fields = _fields(point.fields)
+            units = point.units
+            fields = _fields(point.fields if not units else
+                             {**point.fields, **{f"{name}_unit": unit for name, unit in units.items()
+                                                 if name in point.fields}})
             if not fields:
                 continue
             tags = point.tags

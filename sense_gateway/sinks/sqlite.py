@@ -3,8 +3,8 @@
 Enabled by default (``sinks.enabled = ["sqlite"]``): a newcomer gets a
 queryable history without any server, and the built-in dashboard reads
 it. One row per (device, measurement, tags, field, timestamp), so two
-readings that differ only in their tags are both kept; writing a point
-again replaces it. Rows older than ``store.retention_days`` (default 7)
+readings that differ only in their tags are both kept, each value with
+its unit when the device named one; writing a point again replaces it. Rows older than ``store.retention_days`` (default 7)
 are deleted as new ones arrive. A full disk fails the write like a
 server that is down: the readings stay in the queue and are written once
 there is room.
@@ -34,6 +34,8 @@ CREATE TABLE IF NOT EXISTS readings (
     text TEXT,
     -- the reading's tags but device, as sorted JSON; '' for none
     tags TEXT NOT NULL DEFAULT '',
+    -- the field's unit as the device named it (SenML's Cel), if it did
+    unit TEXT,
     PRIMARY KEY (device, measurement, field, tags, time_ns)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS readings_time ON readings (time_ns);
@@ -93,23 +95,27 @@ class SQLiteStore(MetricSink):
                     self.db.execute("ROLLBACK")
                 raise
         self.db.executescript(_SCHEMA)
+        if "unit" not in {row[1] for row in self.db.execute("PRAGMA table_info(readings)")}:
+            self.db.execute("ALTER TABLE readings ADD COLUMN unit TEXT")
 
     def write(self, points: list[MetricPoint]) -> None:
         rows = []
         for point in points:
             device = point.tags.get("device", "")
             tags = tags_key(point.tags)
+            units = point.units or {}
             for field, value in point.fields.items():
                 if isinstance(value, str):
-                    rows.append((device, point.measurement, field, point.time_ns, None, value, tags))
+                    rows.append((device, point.measurement, field, point.time_ns, None, value, tags,
+                                 units.get(field)))
                 else:
                     rows.append((device, point.measurement, field, point.time_ns, float(value),
-                                 None, tags))
+                                 None, tags, units.get(field)))
         try:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.executemany("INSERT OR REPLACE INTO readings "
-                                "(device, measurement, field, time_ns, value, text, tags) "
-                                "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                                "(device, measurement, field, time_ns, value, text, tags, unit) "
+                                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
             now = self.clock()
             if now >= self._next_sweep:
                 self.db.execute("DELETE FROM readings WHERE time_ns < ?",
@@ -123,12 +129,17 @@ class SQLiteStore(MetricSink):
 
     def query(self, device: str, field: str, since_ns: int = 0,
               measurement: str | None = None,
-              tags: dict[str, str] | None = None) -> list[tuple[int, float | str]]:
+              tags: dict[str, str] | None = None, until_ns: int | None = None,
+              with_units: bool = False) -> list[tuple]:
         """(time_ns, value) of one device's field, oldest first: of every
-        tag set, or only of the readings tagged exactly *tags*."""
-        sql = ("SELECT time_ns, COALESCE(value, text) FROM readings "
-               "WHERE device = ? AND field = ? AND time_ns >= ?")
+        tag set, or only of the readings tagged exactly *tags*; with
+        *with_units*, (time_ns, value, unit or None)."""
+        sql = (f"SELECT time_ns, COALESCE(value, text){', unit' if with_units else ''} "
+               "FROM readings WHERE device = ? AND field = ? AND time_ns >= ?")
         args: list = [device, field, since_ns]
+        if until_ns is not None:
+            sql += " AND time_ns <= ?"
+            args.append(until_ns)
         if measurement is not None:
             sql += " AND measurement = ?"
             args.append(measurement)
@@ -137,23 +148,28 @@ class SQLiteStore(MetricSink):
             args.append(tags_key(tags))
         return list(self.db.execute(sql + " ORDER BY time_ns, tags", args))
 
-    def series(self, device: str, since_ns: int = 0, limit: int = 5000
-               ) -> dict[str, list[tuple[int, float]]]:
+    def series(self, device: str, since_ns: int = 0, limit: int = 5000,
+               until_ns: int | None = None, with_units: bool = False
+               ) -> dict[str, list[tuple]]:
         """Every numeric field of one device's readings since *since_ns*, for
         the dashboard: ``{field: [(time_ns, value), ...]}``, oldest first, at
         most the newest *limit* points per field; a field of tagged readings
         is one series per tag set, named ``field{name=value,...}``. The
-        device's own counters (``sense_device``) are left out."""
+        device's own counters (``sense_device``) are left out. With
+        *with_units* each row is (time_ns, value, unit or None)."""
+        until_ns = (1 << 63) - 1 if until_ns is None else until_ns
         names = self.db.execute(
             "SELECT DISTINCT field, tags FROM readings WHERE device = ? AND time_ns >= ? "
-            "AND value IS NOT NULL AND measurement != 'sense_device' ORDER BY field, tags",
-            (device, since_ns)).fetchall()
+            "AND time_ns <= ? AND value IS NOT NULL AND measurement != 'sense_device' "
+            "ORDER BY field, tags", (device, since_ns, until_ns)).fetchall()
         out = {}
+        unit = ", unit" if with_units else ""
         for field, tags in names:
             rows = self.db.execute(
-                "SELECT time_ns, value FROM readings WHERE device = ? AND field = ? AND tags = ? "
-                "AND time_ns >= ? AND value IS NOT NULL AND measurement != 'sense_device' "
-                "ORDER BY time_ns DESC LIMIT ?", (device, field, tags, since_ns, limit)).fetchall()
+                f"SELECT time_ns, value{unit} FROM readings WHERE device = ? AND field = ? "
+                "AND tags = ? AND time_ns >= ? AND time_ns <= ? AND value IS NOT NULL "
+                "AND measurement != 'sense_device' ORDER BY time_ns DESC LIMIT ?",
+                (device, field, tags, since_ns, until_ns, limit)).fetchall()
             rows.reverse()
             out[_series_name(field, tags)] = rows
         return out

@@ -8,18 +8,16 @@ roles ``all`` and ``processor`` serve everything:
 
 - ``/``: the dashboard (``static/``): devices and live charts, drawn with
   uPlot, which npm installs at set-up time (``web.node_modules``);
-- ``/api/devices``: the registry, one object per device;
-- ``/api/readings?device=ID&field=NAME&since=-1h|ISO8601``: one field's
-  history from the embedded store (``[[epoch ms, value], ...]``);
-- ``/api/series?device=ID&since=-1h|ISO8601``: every numeric field of a
-  device at once (``{"fields": {name: [[epoch ms, value], ...]}}``);
+- ``/api/devices``, ``/api/readings``, ``/api/series``: the registry
+  with each device's liveness, and the embedded store's readings, as
+  JSON or CSV (``sense_gateway/web/api.py``);
 - ``/api/stats``: CoAP responses by code, processor outcomes, queue depth,
   the backlog against ``queue.max_depth`` and the queue's refusals;
 - ``/healthz``: 200 when the queue takes puts (not full, its disk
   writing), the processor runs (started, no sink or registry
   unavailable) and the registry and every sink answer; 503 naming each
   part that does not, and why;
-- ``/metrics``: Prometheus text format.
+- ``/metrics``: Prometheus text format (``sense_gateway/web/metrics.py``).
 
 Everything that touches SQLite, boto3 or HTTP runs on the web's own
 thread, never on the reactor.
@@ -27,11 +25,8 @@ thread, never on the reactor.
 
 from __future__ import annotations
 
-import datetime
-import re
 from pathlib import Path
 
-import orjson
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.application.internet import TCPServer
@@ -43,7 +38,12 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web import pages, resource, server, static
 
 from sense_gateway.errors import Unavailable, code_text
-from sense_gateway.web.metrics import StatsCollector
+from sense_gateway.liveness import LivenessPolicy
+from sense_gateway.web.api import (AsyncResource as _Async, DevicesResource, ReadingsResource,
+                                   SeriesResource, json_response as _json, parse_since)
+from sense_gateway.web.metrics import FleetCollector, StatsCollector
+
+__all__ = ["WebService", "make_web", "parse_since"]
 
 log = Logger()
 
@@ -54,21 +54,6 @@ UPLOT_FILES = {b"uPlot.iife.min.js": "uplot/dist/uPlot.iife.min.js",
 #: the page loads nothing from elsewhere: it works offline, and a device id
 #: that smuggles markup could not load a script anyway
 PAGE_POLICY = b"default-src 'self'; img-src 'self' data:; style-src 'self'; frame-ancestors 'none'"
-
-_RELATIVE = re.compile(r"-(\d+)([smhd])\Z")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_since(text: str, now: float) -> float:
-    """``-1h`` / ``-30m`` relative to *now*, or an ISO 8601 time."""
-    match = _RELATIVE.match(text)
-    if match:
-        return now - int(match.group(1)) * _UNITS[match.group(2)]
-    moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.timezone.utc)
-    return moment.timestamp()
-
 
 class Backends:
     """The registry and store as the web reads them, opened on its thread."""
@@ -93,11 +78,11 @@ class Backends:
     def count_devices(self):
         return self._registry().count()
 
-    def readings(self, device, field, since_ns):
-        return self._store().query(device, field, since_ns)
+    def readings(self, device, field, since_ns, until_ns=None):
+        return self._store().query(device, field, since_ns, until_ns=until_ns, with_units=True)
 
-    def series(self, device, since_ns):
-        return self._store().series(device, since_ns)
+    def series(self, device, since_ns, until_ns=None):
+        return self._store().series(device, since_ns, until_ns=until_ns, with_units=True)
 
     def check_sinks(self):
         if self.sinks is None:
@@ -109,74 +94,6 @@ class Backends:
         for part in (self.registry, self.store, *(self.sinks or ())):
             if part is not None:
                 part.close()
-
-
-def _json(request, status: int, body) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", b"application/json")
-    return orjson.dumps(body)
-
-
-class _Async(resource.Resource):
-    """A leaf answering GET with the result of ``respond(request)`` (a Deferred)."""
-
-    isLeaf = True
-
-    def __init__(self, web):
-        super().__init__()
-        self.web = web
-
-    def render_GET(self, request):
-        def failed(failure):
-            log.failure("{path} failed", failure, path=request.path)
-            request.write(_json(request, 500, {"error": "internal error"}))
-        d = defer.maybeDeferred(self.respond, request)
-        d.addCallbacks(request.write, failed).addBoth(lambda _: request.finish())
-        return server.NOT_DONE_YET
-
-
-class DevicesResource(_Async):
-    def respond(self, request):
-        def rows(records):
-            return _json(request, 200, [{
-                "id": r.id, "first_seen": r.first_seen, "last_seen": r.last_seen,
-                "last_source": r.last_source, "last_seq": r.state.last_seq,
-                **{k: getattr(r.state.counters, k) for k in
-                   ("received", "lost", "duplicates", "resets", "unsequenced")},
-            } for r in records])
-        return self.web.in_thread(self.web.backends.devices).addCallback(rows)
-
-
-class ReadingsResource(_Async):
-    def respond(self, request):
-        args = {k.decode(): v[0].decode() for k, v in request.args.items()}
-        if "device" not in args or "field" not in args:
-            return _json(request, 400, {"error": "device and field are required"})
-        try:
-            since = parse_since(args.get("since", "-1h"), self.web.reactor.seconds())
-        except ValueError:
-            return _json(request, 400, {"error": "since: -<n>[smhd] or an ISO 8601 time"})
-        d = self.web.in_thread(self.web.backends.readings, args["device"], args["field"],
-                               int(since * 1e9))
-        return d.addCallback(lambda rows: _json(request, 200, {
-            "device": args["device"], "field": args["field"],
-            "points": [[t // 1_000_000, v] for t, v in rows]}))
-
-
-class SeriesResource(_Async):
-    def respond(self, request):
-        args = {k.decode(): v[0].decode() for k, v in request.args.items()}
-        if "device" not in args:
-            return _json(request, 400, {"error": "device is required"})
-        try:
-            since = parse_since(args.get("since", "-1h"), self.web.reactor.seconds())
-        except ValueError:
-            return _json(request, 400, {"error": "since: -<n>[smhd] or an ISO 8601 time"})
-        d = self.web.in_thread(self.web.backends.series, args["device"], int(since * 1e9))
-        return d.addCallback(lambda fields: _json(request, 200, {
-            "device": args["device"],
-            "fields": {name: [[t // 1_000_000, v] for t, v in rows]
-                       for name, rows in fields.items()}}))
 
 
 class _Page(static.File):
@@ -251,6 +168,10 @@ class MetricsResource(_Async):
         stats = yield self.web.stats()
         registry = CollectorRegistry(auto_describe=False)
         registry.register(StatsCollector(stats, self.web.gateway))
+        if self.web.backends is not None:
+            records = yield self.web.in_thread(self.web.backends.devices)
+            registry.register(FleetCollector(records, self.web.reactor.seconds(),
+                                             self.web.policy, self.web.metrics_limit))
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
         return generate_latest(registry)
 
@@ -268,9 +189,11 @@ class WebService(MultiService):
     """The HTTP listener and the thread the web's reads run on."""
 
     def __init__(self, gateway, backends: Backends | None, bind: str, port: int, reactor,
-                 node_modules: Path | None = None):
+                 node_modules: Path | None = None, policy: LivenessPolicy = LivenessPolicy(),
+                 metrics_limit: int = 1000):
         super().__init__()
         self.gateway, self.backends, self.reactor = gateway, backends, reactor
+        self.policy, self.metrics_limit = policy, metrics_limit
         self._pool: ThreadPool | None = None
         root = _Folder()
         root.putChild(b"healthz", HealthResource(self))
@@ -382,4 +305,5 @@ def make_web(gateway, config, pm, reactor) -> WebService:
     if node_modules is None:
         log.warn("uPlot not found (web.node_modules): the dashboard will show no charts; "
                  "`make run` installs it with npm")
-    return WebService(gateway, backends, config.web.bind, config.web.port, reactor, node_modules)
+    return WebService(gateway, backends, config.web.bind, config.web.port, reactor, node_modules,
+                      LivenessPolicy.from_config(config), config.devices.metrics_limit)

@@ -1,5 +1,7 @@
 // The built-in dashboard: polls the gateway's read-only JSON API and
-// redraws in place, one uPlot chart per device and field.
+// redraws in place, one uPlot chart per device and field. Offline and late
+// devices come first; each chart shows its field's unit; every device and
+// chart has a CSV download of what it shows.
 "use strict";
 
 (() => {
@@ -13,6 +15,8 @@
 
   const $ = (id) => document.getElementById(id);
   const UNITS = {s: 1, m: 60, h: 3600, d: 86400};
+  // offline and late first (silent longest first), then the others
+  const STATE_ORDER = {offline: 0, late: 1, new: 2, online: 3};
   const cards = new Map(); // device id -> {card, charts: Map(field -> {figure, plot})}
   // Every chart shows the same window, the chosen range up to now.
   const view = {from: 0, to: 0};
@@ -49,8 +53,12 @@
     return td;
   }
 
-  function showStats(stats) {
+  function showStats(stats, devices) {
     const queue = stats.queue || {};
+    const offline = devices.filter((d) => d.state === "offline").length;
+    const offlineCell = document.querySelector('[data-stat="offline"]');
+    offlineCell.textContent = offline.toLocaleString();
+    offlineCell.classList.toggle("alarm", offline > 0);
     const values = {
       devices: stats.devices,
       acknowledged: ((stats.coap || {}).responses || {})["2.04"],
@@ -86,7 +94,14 @@
     for (const d of devices.slice(0, MAX_ROWS)) {
       const row = body.insertRow();
       row.dataset.device = d.id;
+      row.dataset.state = d.state;
+      row.className = `state-${d.state}`;
       cell(row, d.id, "id");
+      const silent = d.state === "offline" || d.state === "late";
+      cell(row, silent ? `${d.state}, silent ${ago(d.silent).replace(" ago", "")}` : d.state,
+           "state").title = d.interval
+        ? `expected every ${d.interval.toPrecision(3)} s (${d.interval_source})`
+        : "no interval known yet";
       cell(row, ago(now - d.last_seen)).title = new Date(d.last_seen * 1000).toISOString();
       cell(row, d.received.toLocaleString(), "num");
       cell(row, d.lost.toLocaleString(), "num");
@@ -102,12 +117,22 @@
     return Math.max(240, figure.clientWidth || 320);
   }
 
-  function newChart(figure, field, color, data) {
+  function withUnit(value, unit) {
+    const text = value.toLocaleString();
+    return unit ? `${text} ${unit}` : text;
+  }
+
+  function newChart(figure, field, color, data, unit) {
     const options = {
       width: chartWidth(figure),
       height: 160,
       legend: {show: false},
       scales: {x: {time: true, range: () => [view.from, view.to]}},
+      axes: [{}, {
+        label: unit || undefined,
+        size: 60,
+        values: (plot, ticks) => ticks.map((v) => withUnit(v, unit)),
+      }],
       series: [
         {},
         {label: field, stroke: color, width: 1.5, fill: color + "1a", points: {size: 4}},
@@ -128,21 +153,41 @@
       card.dataset.device = device;
       const title = document.createElement("h3");
       title.textContent = device;
+      const download = document.createElement("a");
+      download.className = "csv";
+      download.textContent = "CSV";
+      download.dataset.device = device;
+      title.append(download);
       const grid = document.createElement("div");
       grid.className = "grid";
       card.append(title, grid);
-      entry = {card, grid, charts: new Map()};
+      entry = {card, grid, download, charts: new Map()};
       cards.set(device, entry);
     }
     return entry;
   }
 
+  function csvLink(path, params) {
+    return `${path}?${new URLSearchParams({...params, since: $("range").value, format: "csv"})}`;
+  }
+
   function showSeries(entry, series) {
     const fields = Object.keys(series.fields);
+    const symbols = series.symbols || {};
+    entry.download.href = csvLink("/api/series", {device: series.device});
+    entry.download.download = `${series.device}.csv`;
     fields.forEach((field, index) => {
       const points = series.fields[field];
       const data = [points.map((p) => p[0] / 1000), points.map((p) => p[1])];
+      const unit = symbols[field] || "";
       let chart = entry.charts.get(field);
+      if (chart && chart.unit !== unit) {
+        // A new unit: the axis is drawn anew.
+        chart.plot.destroy();
+        chart.figure.remove();
+        entry.charts.delete(field);
+        chart = undefined;
+      }
       if (!chart) {
         const figure = document.createElement("figure");
         figure.className = "chart";
@@ -150,7 +195,14 @@
         figure.dataset.field = field;
         const caption = document.createElement("figcaption");
         const name = document.createElement("span");
-        name.textContent = field;
+        name.className = "name";
+        name.textContent = unit ? `${field} (${unit})` : field;
+        const download = document.createElement("a");
+        download.className = "csv";
+        download.textContent = "CSV";
+        download.href = csvLink("/api/readings", {device: series.device, field: field.split("{")[0]});
+        download.download = `${series.device}-${field.split("{")[0]}.csv`;
+        name.append(download);
         const latest = document.createElement("span");
         latest.className = "latest";
         caption.append(name, latest);
@@ -158,14 +210,18 @@
         plot.className = "plot";
         figure.append(caption, plot);
         entry.grid.append(figure);
-        chart = {figure, plot: newChart(figure, field, COLORS[index % COLORS.length], data)};
+        figure.dataset.unit = unit;
+        chart = {figure, unit, download,
+                 plot: newChart(figure, field, COLORS[index % COLORS.length], data, unit)};
         entry.charts.set(field, chart);
       } else {
         chart.plot.setData(data);
+        chart.download.href = csvLink("/api/readings",
+                                      {device: series.device, field: field.split("{")[0]});
       }
       chart.figure.dataset.points = String(points.length);
       chart.figure.querySelector(".latest").textContent =
-        points.length ? `${points[points.length - 1][1].toLocaleString()} latest` : "";
+        points.length ? `${withUnit(points[points.length - 1][1], unit)} latest` : "";
     });
     for (const [field, chart] of entry.charts) {
       if (!fields.includes(field)) {
@@ -213,9 +269,11 @@
       const filter = $("filter").value.trim().toLowerCase();
       const shown = devices
         .filter((d) => !filter || d.id.toLowerCase().includes(filter))
-        .sort((a, b) => b.last_seen - a.last_seen || a.id.localeCompare(b.id));
+        .sort((a, b) => (STATE_ORDER[a.state] ?? 9) - (STATE_ORDER[b.state] ?? 9) ||
+          (STATE_ORDER[a.state] < 2 ? b.silent - a.silent : b.last_seen - a.last_seen) ||
+          a.id.localeCompare(b.id));
       setView();
-      showStats(stats);
+      showStats(stats, devices);
       showDevices(shown);
       notice.hidden = true;
       await showCharts(shown);
