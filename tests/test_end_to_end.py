@@ -117,7 +117,7 @@ class EmbeddedEndToEndTests(TestCase):
             yield self.post(gateway, "::1", "/data", orjson.dumps(
                 {"id": "node-f", "seq": seq, "ts": NOW + seq, "data": {"t": seq}}), 50)
         # The processor tries, fails, and gives the batch back to the queue.
-        yield eventually(lambda: gateway.worker.counts[_failed()] >= 5)
+        yield eventually(lambda: gateway.worker.counts[_failed()] >= 5, timeout=60)
         self.assertEqual(self.devices(gateway), {})
         self.assertEqual(sum(self.queue_depth(gateway).values()), 5)
         self.vm = VictoriaMetrics(self, port=port, data=data)
