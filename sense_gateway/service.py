@@ -19,7 +19,8 @@ from txthings import resource as txresource
 
 from sense_gateway.coap.blockwise import Uploads
 from sense_gateway.coap.dispatch import Dispatcher
-from sense_gateway.coap.layer import MessageLayer, MonotonicClock
+from sense_gateway.coap.layer import MessageLayer
+from sense_gateway.coap.request import MonotonicClock
 from sense_gateway.coap.resources import build_tree
 from sense_gateway.coap.transport import CoapServer, DTLSTransport, UDPTransport
 from sense_gateway.coap.tree import ResourceTree
@@ -78,8 +79,7 @@ class GatewayService(MultiService):
             return
         waiting = sum(layer.in_flight for layer in self.layers)
         drained = defer.DeferredList([layer.drain() for layer in self.layers])
-        if waiting:
-            log.info("stopping: {waiting} requests still being stored", waiting=waiting)
+        log.info("stopping: new requests refused, {waiting} still being stored", waiting=waiting)
         timeout = task.deferLater(self.reactor, self.config.shutdown_timeout, lambda: "timeout")
         result = yield defer.DeferredList([drained, timeout], fireOnOneCallback=True,
                                           consumeErrors=True)

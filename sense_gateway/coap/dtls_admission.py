@@ -13,7 +13,6 @@ import hashlib
 import hmac
 import ipaddress
 import os
-from collections import OrderedDict
 
 from sense_gateway.coap.dtls_records import COOKIE_LENGTH, ClientHello
 

@@ -26,9 +26,7 @@ from twisted.logger import Logger
 
 from sense_gateway.coap.confirmable import MAX_PEERS, Confirmables
 from sense_gateway.coap.exchanges import ExchangeMemory
-from sense_gateway.coap.request import (  # noqa: F401 (MonotonicClock, Request: re-exported)
-    ANSWERED, EMPTY_ACK_SENT, WAITING, MonotonicClock, Request, source_text,
-)
+from sense_gateway.coap.request import ANSWERED, EMPTY_ACK_SENT, WAITING, Request, source_text
 from sense_gateway.limits import TokenBuckets
 from sense_gateway.coap.message import (
     ACK, CON, EMPTY, INTERNAL_SERVER_ERROR, MAX_AGE, NO_RESPONSE, NON, RST,

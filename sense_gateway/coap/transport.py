@@ -21,7 +21,7 @@ from twisted.application.service import Service
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
-from sense_gateway.coap.layer import source_text
+from sense_gateway.coap.request import source_text
 
 log = Logger()
 
