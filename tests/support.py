@@ -39,6 +39,15 @@ AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+def clean_environment(**extra) -> dict:
+    """This process's environment without SENSE_* or AWS settings, plus
+    moto's credentials and *extra*: for a child process such as deploy.sh."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SENSE_", "AWS_"))}
+    env.update(AWS_ENV)
+    env.update(extra)
+    return env
+
+
 def set_environ(testcase, variables: dict) -> None:
     """Set environment variables for one test, restoring them after."""
     for name, value in variables.items():
