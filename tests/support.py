@@ -48,6 +48,17 @@ def clean_environment(**extra) -> dict:
     return env
 
 
+def run_deploy(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """``./deploy.sh ARGS`` in a clean environment; an AssertionError with
+    its output if it fails and *check*."""
+    result = subprocess.run([str(REPO / "deploy.sh"), *args], capture_output=True, text=True,
+                            env=env or clean_environment(), timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"deploy.sh {' '.join(args)} exited {result.returncode}:\n"
+                             f"{result.stdout}\n{result.stderr}")
+    return result
+
+
 def set_environ(testcase, variables: dict) -> None:
     """Set environment variables for one test, restoring them after."""
     for name, value in variables.items():
