@@ -18,8 +18,8 @@ Modes:
            through a change set: queue, dead-letter queue, device and credential tables,
            roles and policies, function, event-source mapping, alarm, liveness schedule
            (a second run reports the stack unchanged)
-  all      lambda, then server as role gateway sending to the new queue, then
-           InfluxDB and Grafana from compose.yaml
+  all      lambda, then server as role gateway configured from the stack's outputs
+           (its queue and device tables), then InfluxDB and Grafana from compose.yaml
 
 Options:
   --mode MODE            server, lambda or all (required)
@@ -37,9 +37,9 @@ Options:
   --env NAME=VALUE       a SENSE_INFLUXDB_* variable of the function, as its parameter
                          (repeatable); SENSE_INFLUXDB_* variables of this shell are taken too
   --role ROLE            the server's role: all, gateway or processor
+                         (default: all for --mode server, gateway for --mode all)
   --plain-ingest POLICY  what plain CoAP (5683) may write: off (default), uncredentialed
                          or open (docs/security.md)
-                         (default: all for --mode server, gateway for --mode all)
   --docker | --no-docker server: use Docker, or the venv and systemd, whatever is found
   --image NAME           container image (default: sense-gateway:latest)
   --prefix DIR           server without Docker: the venv (default: /opt/sense-gateway)
