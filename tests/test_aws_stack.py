@@ -255,7 +255,9 @@ class LambdaStackTests(TestCase):
                 (["--env", INFLUX_URL, "--parameter", "ReservedConcurrency=3",
                   "--parameter", "MaximumConcurrency=4"], "the event-source mapping would be throttled"),
                 (["--env", INFLUX_URL, "--parameter", "Timeout=60"],
-                 "Timeout: not a parameter of the template")):
+                 "Timeout: not a parameter of the template"),
+                (["--env", INFLUX_URL, "--parameter", "CodeS3Key=mine.zip"],
+                 "CodeS3Key: set by the deployment")):
             result = self.deploy(*args, check=False)
             self.assertEqual(result.returncode, 2, result.stdout + result.stderr)
             self.assertIn(message, result.stderr)

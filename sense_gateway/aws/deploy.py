@@ -42,8 +42,9 @@ from sense_gateway.errors import ConfigError
 
 #: Where the zips go in the artifact bucket (then ``<sha256>.zip``).
 CODE_PREFIX = "sense-gateway-lambda/"
-# How CloudFormation words "this change set would change nothing": on the
-# change set's StatusReason, or (older endpoints, moto) as a refusal.
+# How CloudFormation words "this change set would change nothing": AWS on
+# the change set's StatusReason; moto may refuse the request instead, in
+# the words of UpdateStack.
 _NO_CHANGES = ("didn't contain changes", "No updates are to be performed")
 _ONLY_DELETABLE = {"ROLLBACK_COMPLETE", "ROLLBACK_FAILED", "DELETE_FAILED"}
 
@@ -103,8 +104,12 @@ class Deployment:
                 raise ConfigError(f"{name}: the stack gives the function no such variable; it sets "
                                   f"{', '.join(variables)} from parameters")
             given[variables[name]] = value
-        given.update(self.settings.parameters)
         s = self.settings
+        for key, option in (("Name", "--name"), ("Architecture", "--architecture"),
+                            ("CodeS3Bucket", "--bucket"), ("CodeS3Key", "--package")):
+            if key in s.parameters:
+                raise ConfigError(f"{key}: set by the deployment; use {option}")
+        given.update(s.parameters)
         given.update(Name=s.name, Architecture=s.architecture)
         return given, hints
 
@@ -123,7 +128,7 @@ class Deployment:
             raise ConfigError(f"{bucket}: longer than a bucket name may be; choose one with --bucket")
         key = f"{CODE_PREFIX}{hashlib.sha256(code).hexdigest()}.zip"
         given.update(CodeS3Bucket=bucket, CodeS3Key=key)
-        stack = self.current_stack()
+        stack = self.deployable(self.describe_stack())
         previous = {p["ParameterKey"]: p.get("ParameterValue", "")
                     for p in (stack or {}).get("Parameters", [])}
         parameters, values = stack_parameters(template["Parameters"], given, previous, hints)
@@ -138,12 +143,10 @@ class Deployment:
                    if k in previous and values[k] != previous[k]
                    and not template["Parameters"][k].get("NoEcho")]
         self.deploy(text, parameters, stack, changed)
-        current = self.current_stack()
-        self.outputs = {o["OutputKey"]: o["OutputValue"] for o in (current or {}).get("Outputs", [])}
+        current = self.describe_stack() or {}
+        self.outputs = {o["OutputKey"]: o["OutputValue"] for o in current.get("Outputs", [])}
 
-    def current_stack(self) -> dict | None:
-        """The stack, or None where there is none (or only the empty one
-        a change set of type CREATE leaves before it is executed)."""
+    def describe_stack(self) -> dict | None:
         from botocore.exceptions import ClientError
 
         try:
@@ -152,6 +155,14 @@ class Deployment:
             if "does not exist" in str(e):
                 return None
             raise
+        return stack
+
+    def deployable(self, stack: dict | None) -> dict | None:
+        """The stack to update, or None for one to create (there is none,
+        or only the empty one a change set of type CREATE leaves before it
+        is executed); refuses a stack in a state no change set can take."""
+        if stack is None:
+            return None
         status = stack["StackStatus"]
         if status == "REVIEW_IN_PROGRESS":
             return None
@@ -205,41 +216,19 @@ class Deployment:
             self.out(f"code s3://{bucket}/{key}: uploaded, {describe_size(len(code))}")
 
     def deploy(self, text: str, parameters: list[dict], stack: dict | None, notes: list[str]) -> None:
-        from botocore.exceptions import ClientError, WaiterError
+        """Make the change set, print it, then execute it (or, in a dry
+        run, delete it); print notes (the parameters that differ) with it."""
+        from botocore.exceptions import WaiterError
 
         cf, name = self.cloudformation, self.settings.name
         kind = "UPDATE" if stack else "CREATE"
-        label = f"deploy-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-        try:
-            created = cf.create_change_set(
-                StackName=name, ChangeSetName=label, ChangeSetType=kind, TemplateBody=text,
-                Parameters=parameters, Capabilities=["CAPABILITY_NAMED_IAM"],
-                Description="./deploy.sh --mode lambda")
-        except ClientError as e:
-            if any(words in str(e) for words in _NO_CHANGES):
-                self.out(f"stack {name}: unchanged")
-                return
-            raise
-        try:
-            cf.get_waiter("change_set_create_complete").wait(
-                ChangeSetName=created["Id"], WaiterConfig={"Delay": 2, "MaxAttempts": 150})
-        except WaiterError:
-            pass  # FAILED (with its reason) or still not ready: told apart below
-        change_set = cf.describe_change_set(ChangeSetName=created["Id"])
-        changes = list(change_set.get("Changes", []))
-        while change_set.get("NextToken"):
-            change_set = cf.describe_change_set(ChangeSetName=created["Id"],
-                                                NextToken=change_set["NextToken"])
-            changes.extend(change_set.get("Changes", []))
-        status, reason = change_set["Status"], change_set.get("StatusReason") or ""
-        if status != "CREATE_COMPLETE" or self.settings.dry_run:
-            self._discard(created, kind)
-        if status == "FAILED" and any(words in reason for words in _NO_CHANGES):
+        made = self.change_set(text, parameters, kind)
+        if made is None:
             self.out(f"stack {name}: unchanged")
             return
-        if status != "CREATE_COMPLETE":
-            raise DeployError(f"stack {name}: change set {label} is {status}: {reason}")
-        self.out(f"stack {name}: change set {label} ({kind.lower()}), {len(changes)} resource changes")
+        created, changes = made
+        self.out(f"stack {name}: change set {created['Name']} ({kind.lower()}), "
+                 f"{len(changes)} resource changes")
         for note in notes:
             self.out(note)
         for change in changes:
@@ -249,6 +238,7 @@ class Deployment:
                      + (f", replacement: {replacement}" if replacement in ("True", "Conditional") else ""))
         done = "created" if kind == "CREATE" else "updated"
         if self.settings.dry_run:
+            self._discard(created, kind)
             self.out(f"stack {name}: would be {done} (dry run: change set deleted)")
             return
         cf.execute_change_set(ChangeSetName=created["Id"])
@@ -259,11 +249,49 @@ class Deployment:
             raise DeployError(f"stack {name}: {kind.lower()} failed: {self._failures(created['StackId'])}") from None
         self.out(f"stack {name}: {done}")
 
+    def change_set(self, text: str, parameters: list[dict], kind: str) -> tuple[dict, list] | None:
+        """``(the change set's ids and name, its changes)``, or None when
+        CloudFormation finds nothing to change (the empty set deleted)."""
+        from botocore.exceptions import ClientError, WaiterError
+
+        cf = self.cloudformation
+        label = f"deploy-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        try:
+            created = cf.create_change_set(
+                StackName=self.settings.name, ChangeSetName=label, ChangeSetType=kind,
+                TemplateBody=text, Parameters=parameters, Capabilities=["CAPABILITY_NAMED_IAM"],
+                Description="./deploy.sh --mode lambda")
+        except ClientError as e:
+            if any(words in str(e) for words in _NO_CHANGES):
+                return None
+            raise
+        created = {"Id": created["Id"], "StackId": created["StackId"], "Name": label}
+        try:
+            cf.get_waiter("change_set_create_complete").wait(
+                ChangeSetName=created["Id"], WaiterConfig={"Delay": 2, "MaxAttempts": 150})
+        except WaiterError:
+            pass  # FAILED (with its reason) or still not ready: told apart below
+        page = cf.describe_change_set(ChangeSetName=created["Id"])
+        status, reason = page["Status"], page.get("StatusReason") or ""
+        changes = list(page.get("Changes", []))
+        while page.get("NextToken"):
+            page = cf.describe_change_set(ChangeSetName=created["Id"], NextToken=page["NextToken"])
+            changes.extend(page.get("Changes", []))
+        if status == "CREATE_COMPLETE":
+            return created, changes
+        self._discard(created, kind)
+        if status == "FAILED" and any(words in reason for words in _NO_CHANGES):
+            return None
+        raise DeployError(f"stack {self.settings.name}: change set {label} is {status}: {reason}")
+
     def _discard(self, created: dict, kind: str) -> None:
         self.cloudformation.delete_change_set(ChangeSetName=created["Id"])
         if kind == "CREATE":
-            # The empty stack (REVIEW_IN_PROGRESS) the change set made.
+            # The empty stack (REVIEW_IN_PROGRESS) the change set made;
+            # gone before this returns, so a run right after finds none.
             self.cloudformation.delete_stack(StackName=created["StackId"])
+            self.cloudformation.get_waiter("stack_delete_complete").wait(
+                StackName=created["StackId"], WaiterConfig={"Delay": 2, "MaxAttempts": 150})
 
     def _failures(self, stack_id: str) -> str:
         events = self.cloudformation.describe_stack_events(StackName=stack_id)["StackEvents"]
