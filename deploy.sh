@@ -13,37 +13,44 @@ Modes:
   server   the CoAP gateway: builds the container image and runs it with UDP 5683
            published (host network, IPv6 and IPv4); where no Docker engine answers,
            installs a venv and the systemd unit from etc/systemd/ instead
-  lambda   builds the Lambda package and creates or updates, with boto3, the queue,
-           its dead-letter queue, the device table, the role, the function, the SQS
-           event-source mapping and the dead-letter alarm (a second run changes nothing)
-  all      lambda, then server as role gateway sending to the new queue, then
-           InfluxDB and Grafana from compose.yaml
+  lambda   builds the Lambda package, uploads it to an artifact bucket (made if missing)
+           and creates or updates the CloudFormation stack of etc/aws/sense-gateway.yaml
+           through a change set: queue, dead-letter queue, device and credential tables,
+           roles and policies, function, event-source mapping, alarm, liveness schedule
+           (a second run reports the stack unchanged)
+  all      lambda, then server as role gateway configured from the stack's outputs
+           (its queue and device tables), then InfluxDB and Grafana from compose.yaml
 
 Options:
   --mode MODE            server, lambda or all (required)
-  --dry-run              print each step, change nothing (AWS is only read)
+  --dry-run              print each step, change nothing (lambda: the change set is
+                         made, printed and deleted)
   --endpoint-url URL     an AWS-compatible endpoint for every AWS call (e.g. moto)
   --region REGION        AWS region (default: $AWS_REGION, $AWS_DEFAULT_REGION or us-east-1)
   --profile PROFILE      AWS credentials profile
-  --name NAME            prefix of the AWS resource names (default: sense)
+  --name NAME            the stack, and the prefix of the AWS resource names (default: sense)
   --package FILE         where to build the Lambda zip (default: dist/sense-gateway-lambda.zip)
-  --env NAME=VALUE       a SENSE_* variable for the Lambda function (repeatable);
-                         SENSE_INFLUXDB_* variables of this shell are passed on too
+  --architecture ARCH    the function's: x86_64 (default) or arm64
+  --bucket BUCKET        artifact bucket for the zip (default: NAME-artifacts-ACCOUNT-REGION)
+  --parameter KEY=VALUE  a parameter of the template (repeatable), e.g. MaxReceiveCount=10;
+                         one not given keeps the stack's value (new stack: the default)
+  --env NAME=VALUE       a SENSE_INFLUXDB_* variable of the function, as its parameter
+                         (repeatable); SENSE_INFLUXDB_* variables of this shell are taken too
   --role ROLE            the server's role: all, gateway or processor
+                         (default: all for --mode server, gateway for --mode all)
   --plain-ingest POLICY  what plain CoAP (5683) may write: off (default), uncredentialed
                          or open (docs/security.md)
-                         (default: all for --mode server, gateway for --mode all)
   --docker | --no-docker server: use Docker, or the venv and systemd, whatever is found
   --image NAME           container image (default: sense-gateway:latest)
   --prefix DIR           server without Docker: the venv (default: /opt/sense-gateway)
   --root DIR             server without Docker: install under DIR instead of /, and
                          leave users and systemctl alone (for staging and packaging)
   -h, --help             this text
-  -- ARGS...             lambda: more options for python -m sense_gateway.aws.deploy, e.g.
-                         -- --function-timeout 120 --max-receive-count 10 --alarm-topic-arn ARN
+  -- ARGS...             lambda: more options for python -m sense_gateway.aws.deploy
 
 Examples:
   ./deploy.sh --mode lambda --region eu-central-1 --env SENSE_INFLUXDB_URL=https://influx.example.org:8086
+  ./deploy.sh --mode lambda --parameter FunctionTimeout=120 --parameter AlarmTopicArn=arn:aws:sns:...
   ./deploy.sh --mode server --dry-run
   ./deploy.sh --mode lambda --endpoint-url http://127.0.0.1:5000    # against moto_server
 EOF
@@ -68,6 +75,7 @@ PREFIX="/opt/sense-gateway"
 ROOT="/"
 CONTAINER="sense-gateway"
 PACKAGE="$REPO/dist/sense-gateway-lambda.zip"
+ARCHITECTURE="x86_64"
 LAMBDA_ARGS=()
 
 while [ $# -gt 0 ]; do
@@ -81,6 +89,9 @@ while [ $# -gt 0 ]; do
     --name) [ $# -ge 2 ] || die "--name needs a value"; NAME="$2"; shift 2 ;;
     --package) [ $# -ge 2 ] || die "--package needs a value"; PACKAGE="$2"; shift 2 ;;
     --env) [ $# -ge 2 ] || die "--env needs NAME=VALUE"; LAMBDA_ARGS+=(--env "$2"); shift 2 ;;
+    --parameter) [ $# -ge 2 ] || die "--parameter needs KEY=VALUE"; LAMBDA_ARGS+=(--parameter "$2"); shift 2 ;;
+    --bucket) [ $# -ge 2 ] || die "--bucket needs a value"; LAMBDA_ARGS+=(--bucket "$2"); shift 2 ;;
+    --architecture) [ $# -ge 2 ] || die "--architecture needs a value"; ARCHITECTURE="$2"; shift 2 ;;
     --role) [ $# -ge 2 ] || die "--role needs a value"; ROLE="$2"; shift 2 ;;
     --plain-ingest) [ $# -ge 2 ] || die "--plain-ingest needs a value"; PLAIN_INGEST="$2"; shift 2 ;;
     --docker) USE_DOCKER="yes"; shift ;;
@@ -103,6 +114,7 @@ if [ -z "$ROLE" ]; then
   if [ "$MODE" = all ]; then ROLE=gateway; else ROLE=all; fi
 fi
 case "$ROLE" in all|gateway|processor) ;; *) die "--role must be all, gateway or processor" ;; esac
+case "$ARCHITECTURE" in x86_64|arm64) ;; *) die "--architecture must be x86_64 or arm64" ;; esac
 ROOT="${ROOT%/}"
 
 # Every step goes through here: printed, and run unless this is a dry run.
@@ -141,31 +153,30 @@ ensure_project_venv() {
   fi
 }
 
-QUEUE_URL=""
+# The gateways' settings, from the stack's outputs (written by the lambda step).
+GATEWAY_ENV=""
 
 deploy_lambda() {
-  note "lambda: package, then queue, dead-letter queue, table, role, function, event-source mapping"
+  note "lambda: package, artifact bucket, then the CloudFormation stack through a change set"
   ensure_project_venv
-  local python package outputs aws_args=()
+  local python package scratch="" aws_args=()
   python=$(project_python)
   package="$PACKAGE"
   [ -n "$ENDPOINT_URL" ] && aws_args+=(--endpoint-url "$ENDPOINT_URL")
   [ -n "$PROFILE" ] && aws_args+=(--profile "$PROFILE")
-  if [ "$DRY_RUN" -eq 1 ]; then
-    step "$python" -m sense_gateway.aws.package --output "$package"
-    if [ -x "$REPO/.venv/bin/python" ]; then
-      # Built aside, only to tell whether the function's code would change.
-      local scratch
-      scratch=$(mktemp -d)
-      "$python" -m sense_gateway.aws.package --quiet --output "$scratch/package.zip" >/dev/null
-      package="$scratch/package.zip"
-    fi
-  else
-    step "$python" -m sense_gateway.aws.package --output "$package"
+  step "$python" -m sense_gateway.aws.package --architecture "$ARCHITECTURE" --output "$package"
+  if [ "$DRY_RUN" -eq 1 ] && [ -x "$REPO/.venv/bin/python" ]; then
+    # Built aside: its digest names the code's key in the change set.
+    scratch=$(mktemp -d)
+    "$python" -m sense_gateway.aws.package --quiet --architecture "$ARCHITECTURE" \
+      --output "$scratch/package.zip" >/dev/null
+    package="$scratch/package.zip"
   fi
-  outputs=$(mktemp)
+  GATEWAY_ENV=$(mktemp)
+  trap 'rm -f "$GATEWAY_ENV"' EXIT
   local deploy=("$python" -m sense_gateway.aws.deploy --package "$package" --name "$NAME"
-                --region "$REGION" --outputs "$outputs" "${aws_args[@]}" "${LAMBDA_ARGS[@]}")
+                --architecture "$ARCHITECTURE" --template "$REPO/etc/aws/sense-gateway.yaml"
+                --region "$REGION" --gateway-env "$GATEWAY_ENV" "${aws_args[@]}" "${LAMBDA_ARGS[@]}")
   if [ "$DRY_RUN" -eq 1 ]; then
     deploy+=(--dry-run)
   fi
@@ -175,28 +186,22 @@ deploy_lambda() {
   if [ "$DRY_RUN" -eq 1 ] && ! "$python" -c 'import boto3, sense_gateway' >/dev/null 2>&1; then
     echo "   (dry run: not asked, $python has no boto3 or sense_gateway yet)"
   else
-    # Runs in a dry run too: with --dry-run it only reads.
+    # Runs in a dry run too: the change set is made, printed and deleted.
     "${deploy[@]}"
   fi
-  QUEUE_URL=$(sed -n 's/^queue_url=//p' "$outputs")
-  rm -f "$outputs"
-  if [ -n "${scratch:-}" ]; then
+  if [ -n "$scratch" ]; then
     rm -rf "$scratch"
   fi
 }
 
-# Settings for a gateway sending to the queue the lambda step made.
+# Settings for a gateway sending to the stack's queue (mode all).
 gateway_environment() {
   if [ "$MODE" = all ]; then
-    echo "SENSE_QUEUE_BACKEND=sqs"
-    echo "SENSE_AWS_REGION=$REGION"
-    echo "SENSE_AWS_QUEUE_URL=${QUEUE_URL:-<queue url from the lambda step>}"
-    # The device directory reads the stack's registry and credentials.
-    echo "SENSE_REGISTRY_BACKEND=dynamodb"
-    echo "SENSE_REGISTRY_TABLE=$NAME-devices"
-    echo "SENSE_REGISTRY_CREDENTIALS_TABLE=$NAME-credentials"
-    if [ -n "$ENDPOINT_URL" ]; then
-      echo "SENSE_AWS_ENDPOINT_URL=$ENDPOINT_URL"
+    if [ -s "$GATEWAY_ENV" ]; then
+      cat "$GATEWAY_ENV"
+    else
+      echo "SENSE_QUEUE_BACKEND=sqs"
+      echo "SENSE_AWS_REGION=$REGION"
     fi
   fi
 }

@@ -39,6 +39,26 @@ AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+def clean_environment(**extra) -> dict:
+    """This process's environment without SENSE_* or AWS settings, plus
+    moto's credentials and *extra*: for a child process such as deploy.sh."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SENSE_", "AWS_"))}
+    env.update(AWS_ENV)
+    env.update(extra)
+    return env
+
+
+def run_deploy(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """``./deploy.sh ARGS`` in a clean environment; an AssertionError with
+    its output if it fails and *check*."""
+    result = subprocess.run([str(REPO / "deploy.sh"), *args], capture_output=True, text=True,
+                            env=env or clean_environment(), timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"deploy.sh {' '.join(args)} exited {result.returncode}:\n"
+                             f"{result.stdout}\n{result.stderr}")
+    return result
+
+
 def set_environ(testcase, variables: dict) -> None:
     """Set environment variables for one test, restoring them after."""
     for name, value in variables.items():

@@ -1,30 +1,32 @@
-"""Create or update the AWS side of SENSE Gateway, idempotently, with boto3.
+"""Deploy SENSE Gateway's AWS side: ``etc/aws/sense-gateway.yaml`` as one
+CloudFormation stack, created or updated through a change set.
 
-What ``./deploy.sh --mode lambda`` runs after building the package: the
-dead-letter queue, the queue (redrive to it after ``--max-receive-count``
-receives), the device and credential tables, the function's log group, role and
-least-privilege policy, the function (code, configuration, reserved
-concurrency), the SQS event-source mapping (batch size 10,
-ReportBatchItemFailures, maximum concurrency) and an alarm on the
-dead-letter queue's depth. Names and defaults are those of
-``etc/aws/sense-gateway.yaml`` (the CloudFormation template), and a test
-keeps the two in step.
+What ``./deploy.sh --mode lambda`` runs after building the package. The
+template is the only description of the resources; this module only
+drives CloudFormation:
 
-Each resource is read first and only changed where it differs, so a
-second run reports ``unchanged`` everywhere; ``--dry-run`` only reads and
-says what it would do. ``--endpoint-url`` points every client at an
-AWS-compatible endpoint (moto in the tests).
+1. The parameters: those given (``--parameter``, or ``--env`` and
+   ``SENSE_INFLUXDB_*`` variables for the ones the template hands the
+   function as ``SENSE_*`` variables), else the stack's current values,
+   else the template's defaults; checked against the template's
+   constraints before anything is made.
+2. The artifact bucket (made if missing, public access blocked) and the
+   zip in it under a key named by its SHA-256, so the same code is never
+   uploaded twice and new code is a new ``CodeS3Key``.
+3. A change set, printed; executed, or with ``--dry-run`` deleted (and
+   with it the empty stack a first dry run leaves). When nothing differs
+   CloudFormation says so and the stack is reported ``unchanged``.
+4. The stack's outputs, as the settings gateways need (``--gateway-env``).
 
     python -m sense_gateway.aws.deploy --package dist/sense-gateway-lambda.zip [--name sense]
-        [--region R] [--profile P] [--endpoint-url URL] [--dry-run] [--env NAME=VALUE ...]
+        [--parameter KEY=VALUE ...] [--env SENSE_INFLUXDB_URL=...] [--bucket B] [--dry-run]
+        [--region R] [--profile P] [--endpoint-url URL] [--gateway-env FILE]
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import hashlib
-import json
 import os
 import sys
 import time
@@ -32,466 +34,270 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sense_gateway.aws.package import DEFAULT_OUTPUT, HANDLER
-from sense_gateway.config import load_config
+from sense_gateway.aws.package import DEFAULT_OUTPUT, describe_size
+from sense_gateway.aws.template import (GATEWAY_OUTPUTS, TEMPLATE, check_parameters,
+                                        environment_parameters, gateway_environment, load_template,
+                                        stack_parameters)
 from sense_gateway.errors import ConfigError
 
-RUNTIME = "python3.11"
-#: The SQS event-source mapping hands the function this many messages.
-BATCH_SIZE = 10
-#: AWS's advice for a queue feeding a function: at least six times its timeout.
-VISIBILITY_FACTOR = 6
-#: Receives before a message is dead-lettered; lower than 5 and a burst of
-#: throttled invocations alone could dead-letter good messages.
-MIN_MAX_RECEIVE_COUNT = 5
-QUEUE_RETENTION = 4 * 86400
-# Longer than the queue's: a dead letter keeps its first enqueue time.
-DLQ_RETENTION = 14 * 86400
-LOG_RETENTION_DAYS = 30
-LAMBDA_TRUST = {
-    "Version": "2012-10-17",
-    "Statement": [{"Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"},
-                   "Action": "sts:AssumeRole"}],
-}
-
-
-@dataclass(frozen=True)
-class Settings:
-    name: str = "sense"
-    region: str = "us-east-1"
-    profile: str | None = None
-    endpoint_url: str | None = None
-    package: Path = DEFAULT_OUTPUT
-    function_timeout: int = 60
-    memory: int = 256
-    architecture: str = "x86_64"
-    #: 0: no reserved concurrency (the account's unreserved pool)
-    reserved_concurrency: int = 5
-    max_concurrency: int = 5
-    max_receive_count: int = 5
-    alarm_topic_arn: str = ""
-    environment: dict[str, str] = field(default_factory=dict)
-    dry_run: bool = False
-
-    @property
-    def queue(self) -> str:
-        return self.name
-
-    @property
-    def dead_letter_queue(self) -> str:
-        return f"{self.name}-dlq"
-
-    @property
-    def table(self) -> str:
-        return f"{self.name}-devices"
-
-    @property
-    def credentials_table(self) -> str:
-        return f"{self.name}-credentials"
-
-    @property
-    def function(self) -> str:
-        return f"{self.name}-processor"
-
-    @property
-    def role(self) -> str:
-        return f"{self.name}-processor"
-
-    @property
-    def log_group(self) -> str:
-        return f"/aws/lambda/{self.function}"
-
-    @property
-    def alarm(self) -> str:
-        return f"{self.name}-dead-letters"
-
-    def check(self) -> None:
-        if self.max_receive_count < MIN_MAX_RECEIVE_COUNT:
-            raise ConfigError(f"--max-receive-count: at least {MIN_MAX_RECEIVE_COUNT}, so throttling "
-                              f"alone does not dead-letter messages (got {self.max_receive_count})")
-        if not 1 <= self.function_timeout <= 900:
-            raise ConfigError(f"--function-timeout: 1 to 900 seconds, got {self.function_timeout}")
-        if not 2 <= self.max_concurrency <= 1000:
-            raise ConfigError(f"--max-concurrency: 2 to 1000, got {self.max_concurrency}")
-        if self.reserved_concurrency and self.reserved_concurrency < self.max_concurrency:
-            raise ConfigError(f"--reserved-concurrency ({self.reserved_concurrency}) below "
-                              f"--max-concurrency ({self.max_concurrency}): the mapping would be throttled")
-
-
-def function_environment(settings: Settings) -> dict[str, str]:
-    """The function's ``SENSE_*`` variables, checked by the gateway's own
-    configuration loader so a wrong one fails here, not in AWS."""
-    variables = {
-        "SENSE_REGISTRY_BACKEND": "dynamodb",
-        "SENSE_REGISTRY_TABLE": settings.table,
-        "SENSE_AWS_REGION": settings.region,
-        "SENSE_SINKS_ENABLED": "influxdb",
-        **settings.environment,
-    }
-    load_config(environ=variables)
-    return variables
-
-
-class Deployment:
-    """Ensures each resource in turn; :attr:`report` holds one line per resource."""
-
-    def __init__(self, settings: Settings, out: Callable[[str], None] = print):
-        import boto3
-
-        self.settings = settings
-        self.out = out
-        self.report: list[tuple[str, str]] = []
-        self._role_changed = False
-        session = boto3.Session(profile_name=settings.profile, region_name=settings.region)
-        self._clients = {}
-        self._session = session
-
-    def client(self, service: str):
-        if service not in self._clients:
-            from botocore.config import Config
-
-            self._clients[service] = self._session.client(
-                service, endpoint_url=self.settings.endpoint_url or None,
-                config=Config(retries={"mode": "standard", "max_attempts": 5}))
-        return self._clients[service]
-
-    def note(self, resource: str, outcome: str) -> None:
-        self.report.append((resource, outcome))
-        self.out(f"{resource}: {outcome}")
-
-    def change(self, resource: str, outcome: str, action: Callable[[], object]) -> None:
-        """Run *action* unless this is a dry run, then report *outcome*."""
-        if self.settings.dry_run:
-            self.note(resource, f"would be {outcome}")
-        else:
-            action()
-            self.note(resource, outcome)
-
-    # -- names -------------------------------------------------------------
-
-    def arn(self, service: str, resource: str) -> str:
-        return f"arn:aws:{service}:{self.settings.region}:{self.account}:{resource}"
-
-    def run(self) -> list[tuple[str, str]]:
-        s = self.settings
-        s.check()
-        self.environment = function_environment(s)
-        self.account = self.client("sts").get_caller_identity()["Account"]
-        self.queue_arn = self.arn("sqs", s.queue)
-        self.dlq_arn = self.arn("sqs", s.dead_letter_queue)
-        self.table_arn = self.arn("dynamodb", f"table/{s.table}")
-        self.function_arn = self.arn("lambda", f"function:{s.function}")
-        self.role_arn = f"arn:aws:iam::{self.account}:role/{s.role}"
-        self.ensure_queue(s.dead_letter_queue, {"MessageRetentionPeriod": str(DLQ_RETENTION)})
-        self.queue_url = self.ensure_queue(s.queue, {
-            "VisibilityTimeout": str(VISIBILITY_FACTOR * s.function_timeout),
-            "MessageRetentionPeriod": str(QUEUE_RETENTION),
-            "RedrivePolicy": json.dumps({"deadLetterTargetArn": self.dlq_arn,
-                                         "maxReceiveCount": s.max_receive_count}),
-        })
-        self.ensure_table(s.table, "id", "the registry")
-        self.ensure_table(s.credentials_table, "device", "the credential store")
-        self.ensure_log_group()
-        self.ensure_role()
-        self.ensure_function()
-        self.ensure_event_source_mapping()
-        self.ensure_alarm()
-        return self.report
-
-    # -- SQS ---------------------------------------------------------------
-
-    def ensure_queue(self, name: str, attributes: dict[str, str]) -> str | None:
-        sqs = self.client("sqs")
-        resource = f"queue {name}"
-        try:
-            url = sqs.get_queue_url(QueueName=name)["QueueUrl"]
-        except sqs.exceptions.QueueDoesNotExist:
-            self.change(resource, "created", lambda: sqs.create_queue(QueueName=name, Attributes=attributes))
-            return None if self.settings.dry_run else sqs.get_queue_url(QueueName=name)["QueueUrl"]
-        current = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
-        differing = {key: value for key, value in attributes.items()
-                     if not _same_attribute(key, current.get(key), value)}
-        if differing:
-            self.change(resource, f"updated ({', '.join(sorted(differing))})",
-                        lambda: sqs.set_queue_attributes(QueueUrl=url, Attributes=differing))
-        else:
-            self.note(resource, "unchanged")
-        return url
-
-    # -- DynamoDB ----------------------------------------------------------
-
-    def ensure_table(self, name: str, key: str, user: str) -> None:
-        dynamodb = self.client("dynamodb")
-        resource = f"table {name}"
-        try:
-            table = dynamodb.describe_table(TableName=name)["Table"]
-        except dynamodb.exceptions.ResourceNotFoundException:
-            def create():
-                dynamodb.create_table(
-                    TableName=name, BillingMode="PAY_PER_REQUEST",
-                    KeySchema=[{"AttributeName": key, "KeyType": "HASH"}],
-                    AttributeDefinitions=[{"AttributeName": key, "AttributeType": "S"}])
-                dynamodb.get_waiter("table_exists").wait(
-                    TableName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 120})
-            self.change(resource, "created", create)
-            return
-        if table["KeySchema"] != [{"AttributeName": key, "KeyType": "HASH"}]:
-            raise DeployError(f"{resource}: exists with another key ({table['KeySchema']}); "
-                              f"{user} needs the partition key {key} (string)")
-        billing = table.get("BillingModeSummary", {}).get("BillingMode", "PROVISIONED")
-        if billing != "PAY_PER_REQUEST":
-            self.change(resource, "updated (BillingMode)", lambda: dynamodb.update_table(
-                TableName=name, BillingMode="PAY_PER_REQUEST"))
-        else:
-            self.note(resource, "unchanged")
-
-    # -- CloudWatch Logs ---------------------------------------------------
-
-    def ensure_log_group(self) -> None:
-        logs = self.client("logs")
-        name = self.settings.log_group
-        resource = f"log group {name}"
-        groups = [g for g in logs.describe_log_groups(logGroupNamePrefix=name)["logGroups"]
-                  if g["logGroupName"] == name]
-        if not groups:
-            def create():
-                logs.create_log_group(logGroupName=name)
-                logs.put_retention_policy(logGroupName=name, retentionInDays=LOG_RETENTION_DAYS)
-            self.change(resource, "created", create)
-        elif groups[0].get("retentionInDays") != LOG_RETENTION_DAYS:
-            self.change(resource, "updated (retention)", lambda: logs.put_retention_policy(
-                logGroupName=name, retentionInDays=LOG_RETENTION_DAYS))
-        else:
-            self.note(resource, "unchanged")
-
-    # -- IAM ---------------------------------------------------------------
-
-    def role_policy(self) -> dict:
-        """Only what the function does: take messages from its queue, read
-        and write its table (Scan: the scheduled liveness sweep), write its
-        own log group."""
-        return {
-            "Version": "2012-10-17",
-            "Statement": [
-                {"Sid": "ConsumeQueue", "Effect": "Allow",
-                 "Action": ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"],
-                 "Resource": self.queue_arn},
-                {"Sid": "DeviceRegistry", "Effect": "Allow",
-                 "Action": ["dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:Scan"],
-                 "Resource": self.table_arn},
-                {"Sid": "Logs", "Effect": "Allow",
-                 "Action": ["logs:CreateLogStream", "logs:PutLogEvents"],
-                 "Resource": f"arn:aws:logs:{self.settings.region}:{self.account}:"
-                             f"log-group:{self.settings.log_group}:*"},
-            ],
-        }
-
-    def ensure_role(self) -> None:
-        iam = self.client("iam")
-        name = self.settings.role
-        resource = f"role {name}"
-        policy = self.role_policy()
-        try:
-            role = iam.get_role(RoleName=name)["Role"]
-        except iam.exceptions.NoSuchEntityException:
-            def create():
-                iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(LAMBDA_TRUST),
-                                Description="SENSE Gateway processor (Lambda)")
-                iam.put_role_policy(RoleName=name, PolicyName=name, PolicyDocument=json.dumps(policy))
-            self._role_changed = True
-            self.change(resource, "created", create)
-            return
-        changes = []
-        if _policy_document(role["AssumeRolePolicyDocument"]) != LAMBDA_TRUST:
-            changes.append(("trust policy", lambda: iam.update_assume_role_policy(
-                RoleName=name, PolicyDocument=json.dumps(LAMBDA_TRUST))))
-        try:
-            current = _policy_document(iam.get_role_policy(RoleName=name, PolicyName=name)["PolicyDocument"])
-        except iam.exceptions.NoSuchEntityException:
-            current = None
-        if current != policy:
-            changes.append(("policy", lambda: iam.put_role_policy(
-                RoleName=name, PolicyName=name, PolicyDocument=json.dumps(policy))))
-        self._role_changed = bool(changes)
-        self._apply(resource, changes)
-
-    def _apply(self, resource: str, changes: list[tuple[str, Callable]]) -> None:
-        if not changes:
-            self.note(resource, "unchanged")
-            return
-
-        def run_all():
-            for _, action in changes:
-                action()
-        self.change(resource, f"updated ({', '.join(what for what, _ in changes)})", run_all)
-
-    # -- Lambda ------------------------------------------------------------
-
-    def function_configuration(self) -> dict:
-        s = self.settings
-        return {"Runtime": RUNTIME, "Handler": HANDLER, "Role": self.role_arn,
-                "Timeout": s.function_timeout, "MemorySize": s.memory,
-                "Environment": {"Variables": self.environment},
-                "Description": "SENSE Gateway processor: SQS batches to the registry and sinks"}
-
-    def ensure_function(self) -> None:
-        lam = self.client("lambda")
-        s = self.settings
-        name = s.function
-        resource = f"function {name}"
-        wanted = self.function_configuration()
-        package = Path(s.package)
-        code = package.read_bytes() if package.exists() else None
-        if code is None and not s.dry_run:
-            raise DeployError(f"{package}: no such package; build it with `sense package-lambda`")
-        try:
-            current = lam.get_function(FunctionName=name)["Configuration"]
-        except lam.exceptions.ResourceNotFoundException:
-            def create():
-                self._create_function(lam, wanted, code)
-                self._ensure_concurrency(lam, created=True)
-            self.change(resource, "created", create)
-            return
-        changes = []
-        differing = [key for key, value in wanted.items() if current.get(key) != value]
-        if differing:
-            def configure():
-                lam.update_function_configuration(FunctionName=name, **wanted)
-                lam.get_waiter("function_updated_v2").wait(
-                    FunctionName=name, WaiterConfig={"Delay": 2, "MaxAttempts": 150})
-            changes.append((f"configuration: {', '.join(differing)}", configure))
-        digest = base64.b64encode(hashlib.sha256(code).digest()).decode() if code else None
-        if (digest != current.get("CodeSha256")
-                or current.get("Architectures", ["x86_64"]) != [s.architecture]):
-            def update_code():
-                lam.update_function_code(FunctionName=name, ZipFile=code,
-                                         Architectures=[s.architecture])
-                lam.get_waiter("function_updated_v2").wait(
-                    FunctionName=name, WaiterConfig={"Delay": 2, "MaxAttempts": 150})
-            changes.append(("code" if code else "code (package not built yet)", update_code))
-        concurrency = lam.get_function_concurrency(FunctionName=name).get("ReservedConcurrentExecutions")
-        if concurrency != (s.reserved_concurrency or None):
-            changes.append(("reserved concurrency", lambda: self._ensure_concurrency(lam)))
-        self._apply(resource, changes)
-
-    def _create_function(self, lam, configuration: dict, code: bytes) -> None:
-        self._while_iam_settles(lam, lambda: lam.create_function(
-            FunctionName=self.settings.function, Code={"ZipFile": code}, PackageType="Zip",
-            Architectures=[self.settings.architecture], **configuration))
-        lam.get_waiter("function_active_v2").wait(
-            FunctionName=self.settings.function, WaiterConfig={"Delay": 2, "MaxAttempts": 150})
-
-    def _while_iam_settles(self, lam, action: Callable[[], object]) -> None:
-        """Run *action*, retrying for a while the errors Lambda gives while
-        a role (or its policy) made a moment ago is not visible to it yet:
-        IAM is eventually consistent."""
-        deadline = time.monotonic() + (90 if self._role_changed else 0)
-        while True:
-            try:
-                action()
-                return
-            except lam.exceptions.InvalidParameterValueException as e:
-                settling = "cannot be assumed" in str(e) or "does not have permissions" in str(e)
-                if not settling or time.monotonic() > deadline:
-                    raise
-                time.sleep(3)
-
-    def _ensure_concurrency(self, lam, created: bool = False) -> None:
-        if self.settings.reserved_concurrency:
-            lam.put_function_concurrency(FunctionName=self.settings.function,
-                                         ReservedConcurrentExecutions=self.settings.reserved_concurrency)
-        elif not created:
-            lam.delete_function_concurrency(FunctionName=self.settings.function)
-
-    def event_source_mapping(self) -> dict:
-        return {"BatchSize": BATCH_SIZE, "MaximumBatchingWindowInSeconds": 0,
-                "FunctionResponseTypes": ["ReportBatchItemFailures"],
-                "ScalingConfig": {"MaximumConcurrency": self.settings.max_concurrency},
-                "Enabled": True}
-
-    def ensure_event_source_mapping(self) -> None:
-        lam = self.client("lambda")
-        resource = f"event source mapping {self.settings.queue} -> {self.settings.function}"
-        wanted = self.event_source_mapping()
-        try:
-            mappings = lam.list_event_source_mappings(
-                EventSourceArn=self.queue_arn, FunctionName=self.settings.function)["EventSourceMappings"]
-        except lam.exceptions.ResourceNotFoundException:
-            mappings = []  # the function does not exist yet (dry run)
-        if not mappings:
-            self.change(resource, "created", lambda: self._while_iam_settles(
-                lam, lambda: lam.create_event_source_mapping(
-                    EventSourceArn=self.queue_arn, FunctionName=self.settings.function, **wanted)))
-            return
-        [current] = mappings
-        state = current.get("State")
-        differing = [key for key, value in wanted.items()
-                     if key != "Enabled" and current.get(key, _ESM_DEFAULTS.get(key)) != value]
-        if state in ("Disabled", "Disabling"):
-            differing.append("Enabled")
-        if differing:
-            self.change(resource, f"updated ({', '.join(differing)})", lambda: lam.update_event_source_mapping(
-                UUID=current["UUID"], FunctionName=self.settings.function, **wanted))
-        else:
-            self.note(resource, "unchanged")
-
-    # -- CloudWatch --------------------------------------------------------
-
-    def alarm(self) -> dict:
-        topic = self.settings.alarm_topic_arn
-        return {"AlarmName": self.settings.alarm,
-                "AlarmDescription": f"Messages in {self.settings.dead_letter_queue}: "
-                                    "see `sense dlq list`, replay with `sense dlq replay`",
-                "Namespace": "AWS/SQS", "MetricName": "ApproximateNumberOfMessagesVisible",
-                "Dimensions": [{"Name": "QueueName", "Value": self.settings.dead_letter_queue}],
-                "Statistic": "Maximum", "Period": 300, "EvaluationPeriods": 1, "Threshold": 0.0,
-                "ComparisonOperator": "GreaterThanThreshold", "TreatMissingData": "notBreaching",
-                "AlarmActions": [topic] if topic else [], "ActionsEnabled": True}
-
-    def ensure_alarm(self) -> None:
-        cloudwatch = self.client("cloudwatch")
-        wanted = self.alarm()
-        resource = f"alarm {wanted['AlarmName']}"
-        found = cloudwatch.describe_alarms(AlarmNames=[wanted["AlarmName"]])["MetricAlarms"]
-        if not found:
-            self.change(resource, "created", lambda: cloudwatch.put_metric_alarm(**wanted))
-            return
-        differing = [key for key, value in wanted.items() if found[0].get(key) != value]
-        if differing:
-            self.change(resource, f"updated ({', '.join(differing)})",
-                        lambda: cloudwatch.put_metric_alarm(**wanted))
-        else:
-            self.note(resource, "unchanged")
-
-
-_ESM_DEFAULTS = {"MaximumBatchingWindowInSeconds": 0, "FunctionResponseTypes": [], "ScalingConfig": {}}
+#: Where the zips go in the artifact bucket (then ``<sha256>.zip``).
+CODE_PREFIX = "sense-gateway-lambda/"
+# How CloudFormation words "this change set would change nothing": AWS on
+# the change set's StatusReason; moto may refuse the request instead, in
+# the words of UpdateStack.
+_NO_CHANGES = ("didn't contain changes", "No updates are to be performed")
+_ONLY_DELETABLE = {"ROLLBACK_COMPLETE", "ROLLBACK_FAILED", "DELETE_FAILED"}
 
 
 class DeployError(Exception):
     """The deployment cannot go on; the message says why."""
 
 
-def _same_attribute(key: str, current: str | None, wanted: str) -> bool:
-    if current is None:
-        return False
-    if key == "RedrivePolicy":
-        a, b = json.loads(current), json.loads(wanted)
-        return (a.get("deadLetterTargetArn") == b["deadLetterTargetArn"]
-                and str(a.get("maxReceiveCount")) == str(b["maxReceiveCount"]))
-    return str(current) == str(wanted)
+@dataclass(frozen=True)
+class Settings:
+    name: str = "sense"
+    package: Path = DEFAULT_OUTPUT
+    template: Path = TEMPLATE
+    architecture: str = "x86_64"
+    #: the artifact bucket; empty: ``<name>-artifacts-<account>-<region>``
+    bucket: str = ""
+    #: template parameters given, and SENSE_* variables for the function
+    parameters: dict[str, str] = field(default_factory=dict)
+    environment: dict[str, str] = field(default_factory=dict)
+    #: SENSE_INFLUXDB_* variables of the deployer's environment
+    inherited: dict[str, str] = field(default_factory=dict)
+    region: str = "us-east-1"
+    profile: str | None = None
+    endpoint_url: str | None = None
+    dry_run: bool = False
 
 
-def _policy_document(document) -> dict | None:
-    """IAM hands documents back as URL-encoded JSON text or already parsed;
-    None for one that cannot be read (it is then replaced)."""
-    if isinstance(document, str):
-        from urllib.parse import unquote
+class Deployment:
+    """One run: bucket, code, change set; :attr:`outputs` after :meth:`run`."""
+
+    def __init__(self, settings: Settings, out: Callable[[str], None] = print):
+        import boto3
+        from botocore.config import Config
+
+        self.settings = settings
+        self.out = out
+        self.outputs: dict[str, str] = {}
+        session = boto3.Session(profile_name=settings.profile, region_name=settings.region)
+        config = Config(retries={"mode": "standard", "max_attempts": 5})
+        self.cloudformation, self.s3, self.sts = (
+            session.client(service, endpoint_url=settings.endpoint_url or None, config=config)
+            for service in ("cloudformation", "s3", "sts"))
+
+    def given(self, template: dict) -> tuple[dict[str, str], dict[str, str]]:
+        """Parameters given, and how to give each variable-backed one."""
+        variables = environment_parameters(template)
+        hints = {parameter: f"--env {name}=..." for name, parameter in variables.items()}
+        given = {}
+        for name, value in self.settings.inherited.items():
+            if name in variables:
+                given[variables[name]] = value
+            else:
+                print(f"deploy: {name} (of this environment): the stack does not give the function "
+                      "this variable; left out", file=sys.stderr)
+        for name, value in self.settings.environment.items():
+            if name not in variables:
+                raise ConfigError(f"{name}: the stack gives the function no such variable; it sets "
+                                  f"{', '.join(variables)} from parameters")
+            given[variables[name]] = value
+        s = self.settings
+        for key, option in (("Name", "--name"), ("Architecture", "--architecture"),
+                            ("CodeS3Bucket", "--bucket"), ("CodeS3Key", "--package")):
+            if key in s.parameters:
+                raise ConfigError(f"{key}: set by the deployment; use {option}")
+        given.update(s.parameters)
+        given.update(Name=s.name, Architecture=s.architecture)
+        return given, hints
+
+    def run(self) -> None:
+        s = self.settings
+        text = Path(s.template).read_text()
+        template = load_template(text)
+        given, hints = self.given(template)
+        package = Path(s.package)
+        if not package.is_file():
+            raise DeployError(f"{package}: no such package; build it with `sense package-lambda`")
+        code = package.read_bytes()
+        account = self.sts.get_caller_identity()["Account"]
+        bucket = s.bucket or f"{s.name}-artifacts-{account}-{s.region}"
+        if len(bucket) > 63:
+            raise ConfigError(f"{bucket}: longer than a bucket name may be; choose one with --bucket")
+        key = f"{CODE_PREFIX}{hashlib.sha256(code).hexdigest()}.zip"
+        given.update(CodeS3Bucket=bucket, CodeS3Key=key)
+        stack = self.deployable(self.describe_stack())
+        previous = {p["ParameterKey"]: p.get("ParameterValue", "")
+                    for p in (stack or {}).get("Parameters", [])}
+        parameters, values = stack_parameters(template["Parameters"], given, previous, hints)
+        check_parameters(template["Parameters"], values)
+        if self.ensure_bucket(bucket, account):
+            self.ensure_code(bucket, key, code)
+        else:
+            self.out(f"code s3://{bucket}/{key}: would be uploaded, {describe_size(len(code))}")
+        # CloudFormation lists the resources a change set touches, not
+        # the parameters behind it; a NoEcho one is not shown either way.
+        changed = [f"  parameter {k}: {previous[k]} -> {values[k]}" for k in values
+                   if k in previous and values[k] != previous[k]
+                   and not template["Parameters"][k].get("NoEcho")]
+        self.deploy(text, parameters, stack, changed)
+        current = self.describe_stack() or {}
+        self.outputs = {o["OutputKey"]: o["OutputValue"] for o in current.get("Outputs", [])}
+
+    def describe_stack(self) -> dict | None:
+        from botocore.exceptions import ClientError
 
         try:
-            document = json.loads(unquote(document))
-        except ValueError:
+            [stack] = self.cloudformation.describe_stacks(StackName=self.settings.name)["Stacks"]
+        except ClientError as e:
+            if "does not exist" in str(e):
+                return None
+            raise
+        return stack
+
+    def deployable(self, stack: dict | None) -> dict | None:
+        """The stack to update, or None for one to create (there is none,
+        or only the empty one a change set of type CREATE leaves before it
+        is executed); refuses a stack in a state no change set can take."""
+        if stack is None:
             return None
-    return document
+        status = stack["StackStatus"]
+        if status == "REVIEW_IN_PROGRESS":
+            return None
+        if status in _ONLY_DELETABLE:
+            raise DeployError(f"stack {self.settings.name} is {status}: it can only be deleted "
+                              f"(aws cloudformation delete-stack --stack-name {self.settings.name})")
+        if status.endswith("_IN_PROGRESS"):
+            raise DeployError(f"stack {self.settings.name} is {status}; try again once it is done")
+        return stack
+
+    def ensure_bucket(self, bucket: str, account: str) -> bool:
+        """Whether the bucket exists now (a dry run does not make it)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.s3.head_bucket(Bucket=bucket, ExpectedBucketOwner=account)
+            self.out(f"bucket {bucket}: unchanged")
+            return True
+        except ClientError as e:
+            if e.response["Error"]["Code"] in ("403", "AccessDenied"):
+                raise DeployError(f"bucket {bucket}: not this account's; choose another with --bucket") from None
+            if e.response["Error"]["Code"] not in ("404", "NoSuchBucket", "NotFound"):
+                raise
+        if self.settings.dry_run:
+            self.out(f"bucket {bucket}: would be created")
+            return False
+        region = self.settings.region
+        self.s3.create_bucket(Bucket=bucket, **({} if region == "us-east-1" else {
+            "CreateBucketConfiguration": {"LocationConstraint": region}}))
+        # New buckets are private already; this keeps one from being opened by mistake.
+        self.s3.put_public_access_block(Bucket=bucket, PublicAccessBlockConfiguration={
+            "BlockPublicAcls": True, "IgnorePublicAcls": True, "BlockPublicPolicy": True,
+            "RestrictPublicBuckets": True})
+        self.out(f"bucket {bucket}: created")
+        return True
+
+    def ensure_code(self, bucket: str, key: str, code: bytes) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.s3.head_object(Bucket=bucket, Key=key)
+            self.out(f"code s3://{bucket}/{key}: unchanged")
+            return
+        except ClientError as e:
+            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                raise
+        if self.settings.dry_run:
+            self.out(f"code s3://{bucket}/{key}: would be uploaded, {describe_size(len(code))}")
+        else:
+            self.s3.put_object(Bucket=bucket, Key=key, Body=code)
+            self.out(f"code s3://{bucket}/{key}: uploaded, {describe_size(len(code))}")
+
+    def deploy(self, text: str, parameters: list[dict], stack: dict | None, notes: list[str]) -> None:
+        """Make the change set, print it, then execute it (or, in a dry
+        run, delete it); print notes (the parameters that differ) with it."""
+        from botocore.exceptions import WaiterError
+
+        cf, name = self.cloudformation, self.settings.name
+        kind = "UPDATE" if stack else "CREATE"
+        made = self.change_set(text, parameters, kind)
+        if made is None:
+            self.out(f"stack {name}: unchanged")
+            return
+        created, changes = made
+        self.out(f"stack {name}: change set {created['Name']} ({kind.lower()}), "
+                 f"{len(changes)} resource changes")
+        for note in notes:
+            self.out(note)
+        for change in changes:
+            resource = change["ResourceChange"]
+            replacement = resource.get("Replacement")
+            self.out(f"  {resource['Action']} {resource['LogicalResourceId']} ({resource['ResourceType']})"
+                     + (f", replacement: {replacement}" if replacement in ("True", "Conditional") else ""))
+        done = "created" if kind == "CREATE" else "updated"
+        if self.settings.dry_run:
+            self._discard(created, kind)
+            self.out(f"stack {name}: would be {done} (dry run: change set deleted)")
+            return
+        cf.execute_change_set(ChangeSetName=created["Id"])
+        try:
+            cf.get_waiter(f"stack_{kind.lower()}_complete").wait(
+                StackName=created["StackId"], WaiterConfig={"Delay": 5, "MaxAttempts": 720})
+        except WaiterError:
+            raise DeployError(f"stack {name}: {kind.lower()} failed: {self._failures(created['StackId'])}") from None
+        self.out(f"stack {name}: {done}")
+
+    def change_set(self, text: str, parameters: list[dict], kind: str) -> tuple[dict, list] | None:
+        """``(the change set's ids and name, its changes)``, or None when
+        CloudFormation finds nothing to change (the empty set deleted)."""
+        from botocore.exceptions import ClientError, WaiterError
+
+        cf = self.cloudformation
+        label = f"deploy-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        try:
+            created = cf.create_change_set(
+                StackName=self.settings.name, ChangeSetName=label, ChangeSetType=kind,
+                TemplateBody=text, Parameters=parameters, Capabilities=["CAPABILITY_NAMED_IAM"],
+                Description="./deploy.sh --mode lambda")
+        except ClientError as e:
+            if any(words in str(e) for words in _NO_CHANGES):
+                return None
+            raise
+        created = {"Id": created["Id"], "StackId": created["StackId"], "Name": label}
+        try:
+            cf.get_waiter("change_set_create_complete").wait(
+                ChangeSetName=created["Id"], WaiterConfig={"Delay": 2, "MaxAttempts": 150})
+        except WaiterError:
+            pass  # FAILED (with its reason) or still not ready: told apart below
+        page = cf.describe_change_set(ChangeSetName=created["Id"])
+        status, reason = page["Status"], page.get("StatusReason") or ""
+        changes = list(page.get("Changes", []))
+        while page.get("NextToken"):
+            page = cf.describe_change_set(ChangeSetName=created["Id"], NextToken=page["NextToken"])
+            changes.extend(page.get("Changes", []))
+        if status == "CREATE_COMPLETE":
+            return created, changes
+        self._discard(created, kind)
+        if status == "FAILED" and any(words in reason for words in _NO_CHANGES):
+            return None
+        raise DeployError(f"stack {self.settings.name}: change set {label} is {status}: {reason}")
+
+    def _discard(self, created: dict, kind: str) -> None:
+        self.cloudformation.delete_change_set(ChangeSetName=created["Id"])
+        if kind == "CREATE":
+            # The empty stack (REVIEW_IN_PROGRESS) the change set made;
+            # gone before this returns, so a run right after finds none.
+            self.cloudformation.delete_stack(StackName=created["StackId"])
+            self.cloudformation.get_waiter("stack_delete_complete").wait(
+                StackName=created["StackId"], WaiterConfig={"Delay": 2, "MaxAttempts": 150})
+
+    def _failures(self, stack_id: str) -> str:
+        events = self.cloudformation.describe_stack_events(StackName=stack_id)["StackEvents"]
+        failed = [f"{e['LogicalResourceId']}: {e.get('ResourceStatusReason', '')}" for e in events
+                  if e["ResourceStatus"].endswith("_FAILED")]
+        return "; ".join(failed[:5]) or "see the stack's events"
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -505,53 +311,44 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None]:
     defaults = Settings()
     parser = argparse.ArgumentParser(
         prog="python -m sense_gateway.aws.deploy",
-        description="Create or update the queue, dead-letter queue, device table, role, "
-                    "function and event-source mapping of SENSE Gateway's processor in AWS.")
+        description="Upload the Lambda package and create or update the CloudFormation stack "
+                    "of etc/aws/sense-gateway.yaml through a change set.")
+    parser.add_argument("--package", type=Path, default=defaults.package,
+                        help="the zip from `sense package-lambda` (default: %(default)s)")
+    parser.add_argument("--template", type=Path, default=defaults.template, help="(default: %(default)s)")
     parser.add_argument("--name", default=defaults.name,
-                        help="prefix of every resource name (default: %(default)s)")
+                        help="the stack, and the prefix of every resource name (default: %(default)s)")
+    parser.add_argument("--architecture", choices=("x86_64", "arm64"), default=defaults.architecture,
+                        help="the one the package was built for (default: %(default)s)")
+    parser.add_argument("--bucket", default="", help="artifact bucket (default: NAME-artifacts-ACCOUNT-REGION)")
+    parser.add_argument("--parameter", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                        help="a template parameter (repeatable); others keep the stack's values")
+    parser.add_argument("--env", type=_key_value, action="append", default=[], metavar="NAME=VALUE",
+                        help="a SENSE_* variable of the function, as its parameter (repeatable); "
+                             "SENSE_INFLUXDB_* variables of this environment are taken as well")
     parser.add_argument("--region", default=os.environ.get("AWS_REGION")
                         or os.environ.get("AWS_DEFAULT_REGION") or defaults.region)
     parser.add_argument("--profile", default=None, help="AWS credentials profile")
     parser.add_argument("--endpoint-url", default=None,
                         help="an AWS-compatible endpoint for every service (e.g. moto)")
-    parser.add_argument("--package", type=Path, default=defaults.package,
-                        help="the zip from `sense package-lambda` (default: %(default)s)")
-    parser.add_argument("--function-timeout", type=int, default=defaults.function_timeout,
-                        help="seconds (default: %(default)s); the queue's visibility timeout is 6x this")
-    parser.add_argument("--memory", type=int, default=defaults.memory, help="MB (default: %(default)s)")
-    parser.add_argument("--architecture", choices=("x86_64", "arm64"), default=defaults.architecture)
-    parser.add_argument("--reserved-concurrency", type=int, default=defaults.reserved_concurrency,
-                        help="0 for none (default: %(default)s)")
-    parser.add_argument("--max-concurrency", type=int, default=defaults.max_concurrency,
-                        help="of the event-source mapping, 2 to 1000 (default: %(default)s)")
-    parser.add_argument("--max-receive-count", type=int, default=defaults.max_receive_count,
-                        help="receives before the dead-letter queue, at least 5 (default: %(default)s)")
-    parser.add_argument("--alarm-topic-arn", default="", help="SNS topic told about dead letters")
-    parser.add_argument("--env", type=_key_value, action="append", default=[], metavar="NAME=VALUE",
-                        help="a SENSE_* variable for the function (repeatable); SENSE_INFLUXDB_* "
-                             "variables of this environment are passed on as well")
-    parser.add_argument("--dry-run", action="store_true", help="only read, and say what would change")
-    parser.add_argument("--outputs", type=Path, default=None,
-                        help="write NAME=VALUE lines (queue_url, function_arn) to this file")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="make the change set, print it, delete it: change nothing")
+    parser.add_argument("--gateway-env", type=Path, default=None, metavar="FILE",
+                        help="write the gateways' SENSE_* settings, from the stack's outputs, to FILE")
     args = parser.parse_args(argv)
-    environment = {name: value for name, value in os.environ.items()
-                   if name.startswith("SENSE_INFLUXDB_")}
-    environment.update(args.env)
-    return Settings(name=args.name, region=args.region, profile=args.profile,
-                    endpoint_url=args.endpoint_url, package=args.package,
-                    function_timeout=args.function_timeout, memory=args.memory,
-                    architecture=args.architecture, reserved_concurrency=args.reserved_concurrency,
-                    max_concurrency=args.max_concurrency, max_receive_count=args.max_receive_count,
-                    alarm_topic_arn=args.alarm_topic_arn, environment=environment,
-                    dry_run=args.dry_run), args.outputs
+    inherited = {name: value for name, value in os.environ.items() if name.startswith("SENSE_INFLUXDB_")}
+    return Settings(name=args.name, package=args.package, template=args.template,
+                    architecture=args.architecture, bucket=args.bucket, parameters=dict(args.parameter),
+                    environment=dict(args.env), inherited=inherited, region=args.region, profile=args.profile,
+                    endpoint_url=args.endpoint_url, dry_run=args.dry_run), args.gateway_env
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings, outputs = parse_args(argv)
+    settings, gateway_env = parse_args(argv)
     from botocore.exceptions import BotoCoreError, ClientError
 
+    deployment = Deployment(settings)
     try:
-        deployment = Deployment(settings)
         deployment.run()
     except (ConfigError, DeployError) as e:
         print(f"deploy: {e}", file=sys.stderr)
@@ -559,12 +356,16 @@ def main(argv: list[str] | None = None) -> int:
     except (BotoCoreError, ClientError) as e:
         print(f"deploy: AWS refused: {e}", file=sys.stderr)
         return 1
-    if deployment.queue_url:
-        print(f"gateways send to: SENSE_QUEUE_BACKEND=sqs SENSE_AWS_REGION={settings.region} "
-              f"SENSE_AWS_QUEUE_URL={deployment.queue_url}")
-    if outputs is not None:
-        outputs.write_text(f"queue_url={deployment.queue_url or ''}\n"
-                           f"function_arn={deployment.function_arn}\n")
+    outputs = deployment.outputs
+    for key in sorted(outputs):
+        print(f"output {key}: {outputs[key]}")
+    missing = sorted(set(GATEWAY_OUTPUTS.values()) - outputs.keys())
+    if missing and not settings.dry_run:
+        print(f"deploy: stack {settings.name} reports no output {', '.join(missing)}", file=sys.stderr)
+    lines = gateway_environment(outputs, settings.name, settings.region, settings.endpoint_url)
+    print(f"gateways: {' '.join(lines)}")
+    if gateway_env is not None:
+        gateway_env.write_text("".join(f"{line}\n" for line in lines))
     return 0
 
 

@@ -15,7 +15,9 @@ so a deployment can compare the zip's SHA-256 with the function's
 
 Third-party files come from the distributions installed next to
 ``sense_gateway`` when their wheels fit the Lambda platform (CPython
-3.11, manylinux up to glibc 2.26, the chosen architecture); ``--pip``
+3.11, manylinux up to glibc 2.26, the chosen architecture) and their
+versions meet what requires them (requirements, markers and wheel tags
+read with ``packaging``, as pip reads them); ``--pip``
 fetches wheels built for that platform instead (same versions), for
 building on another machine or for arm64.
 
@@ -27,16 +29,21 @@ from __future__ import annotations
 import argparse
 import ast
 import base64
+import email
+import functools
 import hashlib
 import importlib.metadata
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.tags import Tag, compatible_tags, cpython_tags, parse_tag
+from packaging.utils import canonicalize_name
 
 import sense_gateway
 from sense_gateway.plugins import PROCESSOR_PLUGINS
@@ -56,6 +63,8 @@ PYTHON = (3, 11)
 PYTHON_VERSION = f"{PYTHON[0]}.{PYTHON[1]}"
 CPYTHON_TAG = f"cp{PYTHON[0]}{PYTHON[1]}"
 MAX_GLIBC = (2, 26)  # Amazon Linux 2
+#: manylinux tags named for their glibc before PEP 600 (2014: PEP 599).
+LEGACY_MANYLINUX = (("manylinux2014", (2, 17)), ("manylinux2010", (2, 12)), ("manylinux1", (2, 5)))
 ARCHITECTURES = {"x86_64": "x86_64", "arm64": "aarch64"}
 
 # 1980-01-01, the earliest time a zip entry can carry.
@@ -81,10 +90,6 @@ class Package:
     def code_sha256(self) -> str:
         """The digest as Lambda reports it (``CodeSha256``: base64)."""
         return base64.b64encode(bytes.fromhex(self.sha256)).decode()
-
-
-def normalize(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 # -- what the handler imports ------------------------------------------------
@@ -164,158 +169,97 @@ def handler_closure(roots=(HANDLER_MODULE, *PROCESSOR_PLUGINS)) -> tuple[dict[st
 
 # -- which distributions, and are their wheels fit for Lambda ----------------
 
-def _target_environment(architecture: str) -> dict[str, str]:
+def target_environment(architecture: str = "x86_64") -> dict[str, str]:
+    """The PEP 508 marker variables of the Lambda runtime (not of this
+    machine): what a requirement's marker is evaluated against. The
+    runtime's patch release is not known here: a marker asking for one
+    is judged as for 3.11.0, which at worst bundles a backport."""
     return {
-        "python_version": PYTHON_VERSION, "python_full_version": f"{PYTHON_VERSION}.0",
-        "implementation_name": "cpython", "platform_python_implementation": "CPython",
-        "sys_platform": "linux", "os_name": "posix", "platform_system": "Linux",
-        "platform_machine": ARCHITECTURES[architecture], "extra": "",
+        "implementation_name": "cpython", "implementation_version": f"{PYTHON_VERSION}.0",
+        "os_name": "posix", "platform_machine": ARCHITECTURES[architecture],
+        "platform_release": "", "platform_system": "Linux", "platform_version": "",
+        "python_full_version": f"{PYTHON_VERSION}.0", "platform_python_implementation": "CPython",
+        "python_version": PYTHON_VERSION, "sys_platform": "linux",
     }
 
 
-_MARKER_TOKEN = re.compile(r"""\s*(?:(?P<string>'[^']*'|"[^"]*")|(?P<op>===|==|!=|<=|>=|~=|<|>|not\s+in\b|in\b)"""
-                           r"""|(?P<bool>and\b|or\b)|(?P<paren>[()])|(?P<name>[A-Za-z_.]+))""")
+@functools.cache
+def lambda_tags(architecture: str = "x86_64") -> frozenset[Tag]:
+    """Every wheel tag the Lambda runtime can load: CPython 3.11 (its own
+    ABI, the stable ABI of 3.2 to 3.11, or none) on manylinux up to Amazon
+    Linux 2's glibc for the architecture, and pure Python."""
+    machine = ARCHITECTURES[architecture]
+    # manylinux_2_17 is the oldest glibc with an aarch64 wheel tag.
+    oldest = 5 if machine == "x86_64" else 17
+    platforms = [f"manylinux_{MAX_GLIBC[0]}_{minor}_{machine}"
+                 for minor in range(MAX_GLIBC[1], oldest - 1, -1)]
+    # The names PEP 599 and earlier gave glibc 2.17, 2.12 and 2.5.
+    platforms += [f"{legacy}_{machine}" for legacy, glibc in LEGACY_MANYLINUX
+                  if glibc <= MAX_GLIBC and (machine == "x86_64" or glibc >= (2, 17))]
+    return frozenset(cpython_tags(PYTHON, platforms=platforms)) | frozenset(
+        compatible_tags(PYTHON, CPYTHON_TAG, platforms))
 
 
-def _version_key(text: str):
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"[.]", text))
-
-
-def marker_applies(marker: str, environment: dict[str, str]) -> bool:
-    """Evaluate a PEP 508 environment marker for the Lambda runtime."""
-    tokens = []
-    position = 0
-    marker = marker.strip()
-    while position < len(marker):
-        match = _MARKER_TOKEN.match(marker, position)
-        if not match or match.end() == position:
-            raise PackageError(f"cannot read the requirement marker {marker!r}")
-        kind = match.lastgroup
-        tokens.append((kind, " ".join(match.group(kind).split())))
-        position = match.end()
-    tokens.append(("end", ""))
-    index = 0
-
-    def take():
-        nonlocal index
-        index += 1
-        return tokens[index - 1]
-
-    def value():
-        kind, text = take()
-        if kind == "string":
-            return text[1:-1]
-        if kind == "name" and text in environment:
-            return environment[text]
-        raise PackageError(f"unknown marker variable {text!r} in {marker!r}")
-
-    def comparison() -> bool:
-        if tokens[index] == ("paren", "("):
-            take()
-            result = disjunction()
-            take()
-            return result
-        left = value()
-        _, op = take()
-        right = value()
-        if op in ("in", "not in"):
-            return (left in right) == (op == "in")
-        versioned = all(re.fullmatch(r"\d+(\.\d+)*", v) for v in (left, right))
-        a, b = (_version_key(left), _version_key(right)) if versioned else (left, right)
-        return {"==": a == b, "===": left == right, "!=": a != b, "<": a < b, "<=": a <= b,
-                ">": a > b, ">=": a >= b, "~=": a >= b}[op]
-
-    def conjunction() -> bool:
-        result = comparison()
-        while tokens[index] == ("bool", "and"):
-            take()
-            result = comparison() and result
-        return result
-
-    def disjunction() -> bool:
-        result = conjunction()
-        while tokens[index] == ("bool", "or"):
-            take()
-            result = conjunction() or result
-        return result
-
-    return disjunction()
-
-
-def _requirement_name(requirement: str) -> tuple[str, str]:
-    """``(normalized name, marker or "")`` of one Requires-Dist line."""
-    spec, _, marker = requirement.partition(";")
-    name = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", spec)
-    if name is None:
-        raise PackageError(f"cannot read the requirement {requirement!r}")
-    return normalize(name.group(1)), marker.strip()
+def requirement_applies(requirement: Requirement, architecture: str = "x86_64") -> bool:
+    """Whether the Lambda runtime needs *requirement* (extras left out)."""
+    return requirement.marker is None or requirement.marker.evaluate(
+        {**target_environment(architecture), "extra": ""})
 
 
 def distributions_for(top_level: set[str], architecture: str = "x86_64") -> list[importlib.metadata.Distribution]:
     """The installed distributions providing *top_level* names and what they
-    require (extras left out), without what the Lambda runtime provides."""
+    require (extras left out), without what the Lambda runtime provides.
+
+    Raises :class:`PackageError` when an installed version does not meet
+    what a distribution requires of it: the zip would not work.
+    """
     providers = importlib.metadata.packages_distributions()
-    environment = _target_environment(architecture)
-    wanted: list[str] = []
+    wanted: list[tuple[str, Requirement | None, str]] = []
     for top in sorted(top_level):
         if top not in providers:
             raise PackageError(f"{top}: imported by the handler but no installed distribution provides it")
-        wanted.extend(normalize(d) for d in providers[top])
+        wanted.extend((canonicalize_name(d), None, "the handler") for d in providers[top])
     found: dict[str, importlib.metadata.Distribution] = {}
     while wanted:
-        name = wanted.pop()
-        if name in found or name in RUNTIME_PROVIDED:
+        name, requirement, required_by = wanted.pop()
+        if name in RUNTIME_PROVIDED:
             continue
-        try:
-            dist = importlib.metadata.distribution(name)
-        except importlib.metadata.PackageNotFoundError:
-            raise PackageError(f"{name}: required but not installed") from None
+        dist = found.get(name)
+        if dist is None:
+            try:
+                dist = importlib.metadata.distribution(name)
+            except importlib.metadata.PackageNotFoundError:
+                raise PackageError(f"{name}: required by {required_by} but not installed") from None
+        if requirement is not None and not requirement.specifier.contains(dist.version, prereleases=True):
+            raise PackageError(f"{required_by} requires {requirement}, but {dist.metadata['Name']} "
+                               f"{dist.version} is installed")
+        if name in found:
+            continue
         found[name] = dist
-        for requirement in dist.requires or ():
-            required, marker = _requirement_name(requirement)
-            if marker and not marker_applies(marker, environment):
-                continue
-            wanted.append(required)
+        for line in dist.requires or ():
+            try:
+                required = Requirement(line)
+            except InvalidRequirement as e:
+                raise PackageError(f"{dist.metadata['Name']}: cannot read the requirement {line!r}: {e}") from None
+            if requirement_applies(required, architecture):
+                wanted.append((canonicalize_name(required.name), required,
+                               f"{dist.metadata['Name']} {dist.version}"))
     return [found[name] for name in sorted(found)]
 
 
 def wheel_fits(tags: list[str], architecture: str = "x86_64") -> bool:
-    """Whether one of a wheel's tags runs on the Lambda runtime."""
-    machine = ARCHITECTURES[architecture]
-    for tag in tags:
-        try:
-            python, abi, platform = tag.split("-")
-        except ValueError:
-            continue
-        if platform == "any":
-            if python in ("py3", f"py{PYTHON[0]}{PYTHON[1]}", CPYTHON_TAG) and abi == "none":
-                return True
-            continue
-        same_python = python == CPYTHON_TAG and abi in (CPYTHON_TAG, "abi3", "none")
-        stable_abi = (abi == "abi3" and re.fullmatch(r"cp3(\d+)", python) is not None
-                      and int(python[3:]) <= PYTHON[1])
-        if not (same_python or stable_abi):
-            continue
-        legacy = {"manylinux1": (2, 5), "manylinux2010": (2, 12), "manylinux2014": (2, 17)}
-        match = re.fullmatch(r"(manylinux1|manylinux2010|manylinux2014)_(\w+)", platform)
-        if match:
-            glibc, arch = legacy[match.group(1)], match.group(2)
-        else:
-            match = re.fullmatch(r"manylinux_(\d+)_(\d+)_(\w+)", platform)
-            if not match:
-                continue
-            glibc, arch = (int(match.group(1)), int(match.group(2))), match.group(3)
-        if arch == machine and glibc <= MAX_GLIBC:
-            return True
-    return False
+    """Whether one of a wheel's tags (as in its WHEEL file, compressed tag
+    sets allowed) runs on the Lambda runtime."""
+    supported = lambda_tags(architecture)
+    return any(not parse_tag(tag).isdisjoint(supported) for tag in tags)
 
 
 def _wheel_tags(dist: importlib.metadata.Distribution) -> list[str]:
-    text = dist.read_text("WHEEL") or ""
-    return [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Tag:")]
+    # WHEEL is in the email header format, as METADATA is.
+    return email.message_from_string(dist.read_text("WHEEL") or "").get_all("Tag", [])
 
 
-def _dist_entries(dist: importlib.metadata.Distribution, architecture: str) -> dict[str, Path]:
+def dist_entries(dist: importlib.metadata.Distribution, architecture: str) -> dict[str, Path]:
     name = dist.metadata["Name"]
     tags = _wheel_tags(dist)
     if not wheel_fits(tags, architecture):
@@ -387,7 +331,7 @@ def build(output: Path = DEFAULT_OUTPUT, architecture: str = "x86_64", use_pip: 
         else:
             third_party = {}
             for dist in dists:
-                third_party.update(_dist_entries(dist, architecture))
+                third_party.update(dist_entries(dist, architecture))
         for name in third_party:
             if name.split("/")[0].split(".")[0].lower() in FORBIDDEN:
                 raise PackageError(f"{name}: Twisted or txthings would be in the Lambda package")
