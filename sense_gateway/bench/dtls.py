@@ -193,8 +193,10 @@ def run_dtls(args) -> int:
     data_dir.mkdir()
     _provision(data_dir, keys)
     gateway = Gateway(data_dir, role="gateway", host=host, settings={
+        # Every device comes from one address here: no per-source limits.
         "queue.synchronous": args.synchronous, "coaps.max_sessions": devices + 16,
-        "coaps.handshakes_per_source": 1_000_000})
+        "coaps.handshakes_per_source": 1_000_000,
+        "coaps.handshakes_in_progress_per_source": devices + 16})
     rows = []
     try:
         args.duration = duration
