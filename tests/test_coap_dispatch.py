@@ -296,3 +296,23 @@ class PluginResourceTests(SynchronousTestCase):
         endpoint = CoapEndpoint(self, resources={"/echo": Echo()})
         endpoint.layer.datagram_received(request_datagram(code=tx.GET, path="echo"), PEER, "node-7")
         self.assertEqual(seen, [(40000, "coap", "node-7")])
+
+
+class ObservationOwnerTests(DispatchTestCase):
+    def setUp(self):
+        super().setUp()
+        self.endpoint.time.startService()
+        self.addCleanup(self.endpoint.time.stopService)
+
+    def test_a_plain_datagram_cannot_end_an_observation_made_over_dtls(self):
+        observe = request_datagram(code=tx.GET, path="time", token=b"ob", mid=1,
+                                   options=[tx.UintOption(tx.OBSERVE, 0)])
+        self.endpoint.layer.datagram_received(observe, PEER, "node-7", 3)
+        deregister = request_datagram(code=tx.GET, path="time", token=b"ob", mid=2,
+                                      options=[tx.UintOption(tx.OBSERVE, 1)])
+        self.endpoint.send(deregister)  # same address, token; plain CoAP
+        self.assertEqual(len(self.endpoint.time.observers), 1)
+        self.endpoint.layer.datagram_received(
+            request_datagram(code=tx.GET, path="time", token=b"ob", mid=3,
+                             options=[tx.UintOption(tx.OBSERVE, 1)]), PEER, "node-7", 3)
+        self.assertEqual(self.endpoint.time.observers, {})

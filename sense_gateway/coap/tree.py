@@ -116,7 +116,9 @@ class ResourceTree:
         except txerror.NoResource:
             layer.answer(request, NOT_FOUND, b"no such resource")
             return
-        key = (tx.remote, tx.token)
+        # An observation belongs to its peer: over DTLS, to its session (a
+        # plain datagram from the same address cannot end it).
+        key = (tx.remote, tx.token, request.transport, request.session)
         observe = tx.opt.observe if tx.code == GET else None
         if observe is not None:
             observers = getattr(resource, "observers", {})
