@@ -7,6 +7,8 @@ a metrics server (``--end-to-end``).
     sense bench --compare [--duration S] [--peers udp-ack,aiocoap,txthings] [--json]
     sense bench --end-to-end [--readings 100000] [--devices 1000] [--json]
     sense bench --dtls [--devices 1000] [--duration S] [--json]
+    sense bench --crash-loop [--kills 20] [--loss 0.2] [--devices 40] [--uptime 2:6] [--json]
+    sense bench --soak [TARGET] [--duration 1800] --rate R [--every 60] [--json]
 
 Manual: docs/bench.md.
 """
@@ -45,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--dtls", action="store_true",
                       help="CoAPS (DTLS PSK, a key and session per device) beside plain CoAP "
                            "against one gateway: handshakes/s and readings/s")
+    mode.add_argument("--crash-loop", action="store_true",
+                      help="devices through a lossy relay while the gateway is SIGKILLed and "
+                           "restarted; then every acknowledged reading is looked for in the store")
     load = p.add_argument_group("load")
     load.add_argument("--window", type=int, default=64,
                       help="closed loop: requests in flight (default 64)")
@@ -80,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "processor alone) instead of one role-all process")
     e2e.add_argument("--sinks", default="influxdb", help="sinks.enabled (default influxdb)")
     e2e.add_argument("--batch-size", type=int, help="processor.batch_size")
+    crash = p.add_argument_group("--crash-loop")
+    crash.add_argument("--kills", type=int, default=20, help="SIGKILLs and restarts (default 20)")
+    crash.add_argument("--loss", type=float, default=0.2,
+                       help="fraction of datagrams the relay drops each way (default 0.2)")
+    crash.add_argument("--uptime", default="2:6",
+                       help="MIN:MAX seconds a gateway runs before it is killed (default 2:6)")
+    crash.add_argument("--interval", type=float, default=0.05,
+                       help="seconds between a device's acknowledged reading and its next one")
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="one JSON document on stdout")
     out.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -218,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
         from sense_gateway.bench.dtls import run_dtls
 
         return run_dtls(args)
+    if args.crash_loop:
+        from sense_gateway.bench.crashloop import run_from_args
+
+        if args.kills < 1 or not 0 <= args.loss < 1:
+            parser.error("--kills: at least 1; --loss: a fraction below 1")
+        return run_from_args(args)
     try:
         host, port = parse_target(args.target)
         settings = settings_from(args, host, port)
