@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sense bench",
         description="CoAP load generator: throughput, latency, responses, retransmissions, losses.")
-    p.add_argument("target", nargs="?", default="coap://[::1]:5683",
-                   help="server to load (default coap://[::1]:5683)")
+    p.add_argument("target", nargs="?",
+                   help="server to load (default coap://[::1]:5683; --soak: a gateway it starts)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--compare", action="store_true",
                       help="start the peers and our gateway, same load against each, print ratios")
@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--crash-loop", action="store_true",
                       help="devices through a lossy relay while the gateway is SIGKILLed and "
                            "restarted; then every acknowledged reading is looked for in the store")
+    mode.add_argument("--soak", action="store_true",
+                      help="open-loop load for --duration (default 1800 s): a row of RSS, "
+                           "latency percentiles and queue depth every --every seconds")
     load = p.add_argument_group("load")
     load.add_argument("--window", type=int, default=64,
                       help="closed loop: requests in flight (default 64)")
@@ -74,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_ = p.add_argument_group("--compare")
     cmp_.add_argument("--peers", default="udp-ack,aiocoap,txthings",
                       help="peers to run before the gateway (comma-separated)")
-    cmp_.add_argument("--role", default="gateway", choices=["gateway", "all"],
-                      help="the gateway's role under --compare (default gateway)")
+    cmp_.add_argument("--role", choices=["gateway", "all"],
+                      help="the gateway's role under --compare (default gateway) and --soak "
+                           "(default all)")
     cmp_.add_argument("--synchronous", default="full", choices=["full", "normal"],
                       help="the gateway's queue.synchronous under --compare")
     e2e = p.add_argument_group("--end-to-end")
@@ -93,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="MIN:MAX seconds a gateway runs before it is killed (default 2:6)")
     crash.add_argument("--interval", type=float, default=0.05,
                        help="seconds between a device's acknowledged reading and its next one")
+    soak = p.add_argument_group("--soak")
+    soak.add_argument("--every", type=float, default=60.0,
+                      help="seconds per row (default 60)")
+    soak.add_argument("--fraction", type=float, default=0.5,
+                      help="without --rate: soak at this fraction of the full rate, measured "
+                           "first (default 0.5)")
+    soak.add_argument("--stats", help="a target's web base URL, for its queue (/api/stats)")
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="one JSON document on stdout")
     out.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -219,6 +230,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name}: must be at least 1")
     if args.rate is not None and args.rate <= 0:
         parser.error("--rate: must be positive")
+    if args.soak:
+        from sense_gateway.bench.soak import run_soak
+
+        if args.every <= 0 or not 0 < args.fraction <= 1:
+            parser.error("--every: positive; --fraction: above 0, at most 1")
+        args.role = args.role or "all"
+        return run_soak(args)
+    args.role = args.role or "gateway"
     if args.compare:
         from sense_gateway.bench.compare import run_compare
 
@@ -238,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--kills: at least 1; --loss: a fraction below 1")
         return run_from_args(args)
     try:
-        host, port = parse_target(args.target)
+        host, port = parse_target(args.target or "coap://[::1]:5683")
         settings = settings_from(args, host, port)
     except ValueError as e:
         parser.error(str(e))

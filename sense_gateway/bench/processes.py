@@ -127,8 +127,10 @@ class Gateway(Child):
         label = label or role
         self.log_path = data_dir / f"twistd-{label}.log"
         environment = {k: v for k, v in os.environ.items() if not k.startswith("SENSE_")}
-        # The load comes from one address: no per-source rate limit.
-        settings = {"coap.rate_limit": 0, **(settings or {})}
+        # The load comes from one address: no per-source rate limit, and
+        # its thousands of simulated devices may all be created at once.
+        settings = {"coap.rate_limit": 0, "registry.new_devices_per_minute": 1e9,
+                    **(settings or {})}
         environment.update({f"SENSE_{k.replace('.', '_').upper()}": str(v)
                             for k, v in settings.items()})
         command = [executable("twistd"), "-n", "--pidfile=", f"--logfile={self.log_path}",
