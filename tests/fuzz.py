@@ -5,7 +5,8 @@
 Each target runs in a process of its own (libFuzzer exits when it is
 done) for ``--seconds``, instrumented (atheris' coverage of the
 ``sense_gateway`` modules and the example plugin), starting from its
-kept inputs in ``tests/fuzz_corpus/NAME/``. New inputs it finds go to a
+kept inputs in ``tests/fuzz_corpus/NAME/`` (and the tokens of
+``tests/fuzz_corpus/NAME.dict``, if there is one). New inputs it finds go to a
 scratch directory; ``--merge`` adds to the kept corpus only those that
 reach code the corpus does not (libFuzzer's ``-merge=1``), so it stays
 small. An input that breaks the target's contract is written to
@@ -46,8 +47,16 @@ def child(name: str, libfuzzer_args: list[str]) -> None:
         if name != "coap-parse":
             from tests.fuzz_targets import _after_decode
             _after_decode()
-    atheris.Setup([sys.argv[0], *libfuzzer_args], one_input)
+    # libFuzzer starts its helpers (-merge) through the shell from argv[0]:
+    # make that this interpreter running this script.
+    atheris.Setup([f"{sys.executable} {Path(__file__).resolve()}", *libfuzzer_args], one_input)
     atheris.Fuzz()
+
+
+def child_env(name: str) -> dict:
+    # The target travels in the environment, not the command line: for
+    # -merge, libFuzzer starts this script again with flags of its own.
+    return {**os.environ, "PYTHONPATH": str(REPO), "FUZZ_TARGET": name}
 
 
 def run_target(name: str, seconds: float, merge: bool) -> tuple[bool, str]:
@@ -57,11 +66,14 @@ def run_target(name: str, seconds: float, merge: bool) -> tuple[bool, str]:
     with tempfile.TemporaryDirectory(prefix=f"fuzz-{name}-") as scratch:
         args = [f"-max_total_time={max(1, int(seconds))}", "-max_len=1200", "-timeout=10",
                 "-rss_limit_mb=1024", f"-artifact_prefix={ARTIFACTS}/crash-{name}-",
-                "-print_final_stats=1", scratch, str(corpus)]
+                "-print_final_stats=1"]
+        dictionary = CORPUS / f"{name}.dict"  # libFuzzer's tokens to splice in
+        if dictionary.exists():
+            args.append(f"-dict={dictionary}")
+        args += [scratch, str(corpus)]
         started = time.monotonic()
-        done = subprocess.run([sys.executable, __file__, "--child", name, "--", *args],
-                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH":
-                                                                   str(REPO)})
+        done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                              env=child_env(name))
         elapsed = time.monotonic() - started
         tail = done.stderr.strip().splitlines()[-40:]
         stats = " ".join(line.rsplit(":", 1)[1].strip() for line in tail
@@ -69,18 +81,16 @@ def run_target(name: str, seconds: float, merge: bool) -> tuple[bool, str]:
         if done.returncode != 0:
             return False, "\n".join(tail)
         if merge:
-            subprocess.run([sys.executable, __file__, "--child", name, "--", "-merge=1",
-                            str(corpus), scratch], capture_output=True, text=True,
-                           env={**os.environ, "PYTHONPATH": str(REPO)})
+            subprocess.run([sys.executable, __file__, "-merge=1", str(corpus), scratch],
+                           capture_output=True, text=True, env=child_env(name))
         kept = sum(1 for p in corpus.iterdir() if p.is_file())
         return True, f"{stats or '?'} runs in {elapsed:.1f} s, corpus {kept} inputs"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--child"]:
-        name, rest = argv[1], argv[3:] if argv[2:3] == ["--"] else argv[2:]
-        child(name, rest)
+    if os.environ.get("FUZZ_TARGET"):
+        child(os.environ["FUZZ_TARGET"], argv)
         return 0
     p = argparse.ArgumentParser(prog="python tests/fuzz.py", description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=60.0, help="per target (default 60)")
