@@ -10,7 +10,7 @@ kept inputs in ``tests/fuzz_corpus/NAME/`` (and the tokens of
 scratch directory; ``--merge`` adds to the kept corpus only those that
 reach code the corpus does not (libFuzzer's ``-merge=1``), so it stays
 small. An input that breaks the target's contract is written to
-``var/fuzz/crash-NAME-*`` and the run fails naming it: add it to the
+``var/fuzz/NAME-crash-*`` and the run fails naming it: add it to the
 corpus (and a test saying what it broke) once it is fixed.
 
 ``make fuzz FUZZ_SECONDS=600`` runs every target; ``make test`` runs each
@@ -65,7 +65,7 @@ def run_target(name: str, seconds: float, merge: bool) -> tuple[bool, str]:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"fuzz-{name}-") as scratch:
         args = [f"-max_total_time={max(1, int(seconds))}", "-max_len=1200", "-timeout=10",
-                "-rss_limit_mb=1024", f"-artifact_prefix={ARTIFACTS}/crash-{name}-",
+                "-rss_limit_mb=1024", f"-artifact_prefix={ARTIFACTS}/{name}-",
                 "-print_final_stats=1"]
         dictionary = CORPUS / f"{name}.dict"  # libFuzzer's tokens to splice in
         if dictionary.exists():
