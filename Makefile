@@ -1,6 +1,8 @@
 # Two commands do all the set-up on a fresh clone:
 #   make run    venv + install, then `twistd -n sense-gateway` on the embedded defaults
 #   make test   venv + test dependencies + the servers the tests talk to, then the suite
+#               and a few seconds of each fuzz target
+#   make fuzz   each fuzz target (tests/fuzz.py) for FUZZ_SECONDS (default 60)
 # ARGS="..." passes options to the gateway, e.g. make run ARGS="--coap-port 5700".
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -12,7 +14,12 @@ PIP_INSTALL := $(BIN)/pip install --quiet --config-settings editable_mode=compat
 SYSTEM_PACKAGES := coap-client-notls:libcoap3-bin victoria-metrics:victoria-metrics influxd:influxdb \
 	chromium:chromium shellcheck:shellcheck npm:npm systemd-analyze:systemd promtool:prometheus
 
-.PHONY: run test test-pytest test-trial system-packages web-packages clean
+# Seconds per fuzz target: `make fuzz` for finding things, `make test` as a
+# regression guard.
+FUZZ_SECONDS ?= 60
+FUZZ_SECONDS_TEST ?= 3
+
+.PHONY: run test test-pytest test-trial fuzz fuzz-short system-packages web-packages clean
 
 run: $(VENV)/.installed web-packages
 	$(BIN)/twistd -n sense-gateway $(ARGS)
@@ -20,6 +27,13 @@ run: $(VENV)/.installed web-packages
 test: $(VENV)/.installed-test system-packages node_modules/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	$(BIN)/python -m twisted.trial tests
+	$(MAKE) --no-print-directory fuzz-short
+
+fuzz: $(VENV)/.installed-test
+	$(BIN)/python tests/fuzz.py --seconds $(FUZZ_SECONDS)
+
+fuzz-short: $(VENV)/.installed-test
+	$(BIN)/python tests/fuzz.py --seconds $(FUZZ_SECONDS_TEST)
 
 test-pytest: $(VENV)/.installed-test system-packages node_modules/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

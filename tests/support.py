@@ -287,22 +287,40 @@ class GatewayProcess:
             prepare(self.data_dir)
         self.port = free_udp_port()
         self.coaps_port = free_udp_port()
-        self.log_path = self.data_dir / "twistd.log"
+        #: how many times it was started (see restart)
+        self.runs = 0
+        self._args, self._cwd = args, cwd or self.data_dir
+        self._environment = {k: v for k, v in os.environ.items() if not k.startswith("SENSE_")}
+        self._environment.update(env or {})
+        self._limit = None if file_size_limit is None else (
+            lambda: resource.setrlimit(resource.RLIMIT_FSIZE,
+                                       (file_size_limit, resource.RLIM_INFINITY)))
+        self._spawn()
+        testcase.addCleanup(self.stop)
+
+    def _spawn(self) -> None:
+        self.runs += 1
+        # Each run logs to a file of its own: wait_listening reads "CoAP
+        # listening" from this run's log, not the last one's.
+        name = "twistd.log" if self.runs == 1 else f"twistd-{self.runs}.log"
+        self.log_path = self.data_dir / name
         command = [str(BIN / "twistd"), "-n", "--pidfile=", f"--logfile={self.log_path}",
                    "sense-gateway", "--coap-port", str(self.port), "--coaps-port",
                    str(self.coaps_port), "--web-port", "0", "--data-dir", str(self.data_dir),
-                   *args]
-        if not any(a.startswith("--plugins-dir") for a in args):
+                   *self._args]
+        if not any(a.startswith("--plugins-dir") for a in self._args):
             command += ["--plugins-dir", str(self.data_dir / "plugins")]
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("SENSE_")}
-        environment.update(env or {})
-        limit = None if file_size_limit is None else (
-            lambda: resource.setrlimit(resource.RLIMIT_FSIZE,
-                                       (file_size_limit, resource.RLIM_INFINITY)))
-        self.process = subprocess.Popen(command, cwd=cwd or self.data_dir, env=environment,
+        self.process = subprocess.Popen(command, cwd=self._cwd, env=self._environment,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        preexec_fn=limit)
-        testcase.addCleanup(self.stop)
+                                        preexec_fn=self._limit)
+
+    def restart(self) -> None:
+        """SIGKILL the gateway and start it again on the same ports, with
+        the same data directory and arguments (wait_listening after)."""
+        self.kill()
+        if self.process.stdout:
+            self.process.stdout.close()
+        self._spawn()
 
     def limit_file_size(self, limit: int | None) -> None:
         """Set the running gateway's RLIMIT_FSIZE (None: no limit)."""

@@ -7,6 +7,8 @@ a metrics server (``--end-to-end``).
     sense bench --compare [--duration S] [--peers udp-ack,aiocoap,txthings] [--json]
     sense bench --end-to-end [--readings 100000] [--devices 1000] [--json]
     sense bench --dtls [--devices 1000] [--duration S] [--json]
+    sense bench --crash-loop [--kills 20] [--loss 0.2] [--devices 40] [--uptime 2:6] [--json]
+    sense bench --soak [TARGET] [--duration 1800] --rate R [--every 60] [--json]
 
 Manual: docs/bench.md.
 """
@@ -35,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sense bench",
         description="CoAP load generator: throughput, latency, responses, retransmissions, losses.")
-    p.add_argument("target", nargs="?", default="coap://[::1]:5683",
-                   help="server to load (default coap://[::1]:5683)")
+    p.add_argument("target", nargs="?",
+                   help="server to load (default coap://[::1]:5683; --soak: a gateway it starts)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--compare", action="store_true",
                       help="start the peers and our gateway, same load against each, print ratios")
@@ -45,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--dtls", action="store_true",
                       help="CoAPS (DTLS PSK, a key and session per device) beside plain CoAP "
                            "against one gateway: handshakes/s and readings/s")
+    mode.add_argument("--crash-loop", action="store_true",
+                      help="devices through a lossy relay while the gateway is SIGKILLed and "
+                           "restarted; then every acknowledged reading is looked for in the store")
+    mode.add_argument("--soak", action="store_true",
+                      help="open-loop load for --duration (default 1800 s): a row of RSS, "
+                           "latency percentiles and queue depth every --every seconds")
     load = p.add_argument_group("load")
     load.add_argument("--window", type=int, default=64,
                       help="closed loop: requests in flight (default 64)")
@@ -69,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_ = p.add_argument_group("--compare")
     cmp_.add_argument("--peers", default="udp-ack,aiocoap,txthings",
                       help="peers to run before the gateway (comma-separated)")
-    cmp_.add_argument("--role", default="gateway", choices=["gateway", "all"],
-                      help="the gateway's role under --compare (default gateway)")
+    cmp_.add_argument("--role", choices=["gateway", "all"],
+                      help="the gateway's role under --compare (default gateway) and --soak "
+                           "(default all)")
     cmp_.add_argument("--synchronous", default="full", choices=["full", "normal"],
                       help="the gateway's queue.synchronous under --compare")
     e2e = p.add_argument_group("--end-to-end")
@@ -80,6 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
                           "processor alone) instead of one role-all process")
     e2e.add_argument("--sinks", default="influxdb", help="sinks.enabled (default influxdb)")
     e2e.add_argument("--batch-size", type=int, help="processor.batch_size")
+    crash = p.add_argument_group("--crash-loop")
+    crash.add_argument("--kills", type=int, default=20, help="SIGKILLs and restarts (default 20)")
+    crash.add_argument("--loss", type=float, default=0.2,
+                       help="fraction of datagrams the relay drops each way (default 0.2)")
+    crash.add_argument("--uptime", default="2:6",
+                       help="MIN:MAX seconds a gateway runs before it is killed (default 2:6)")
+    crash.add_argument("--interval", type=float, default=0.05,
+                       help="seconds between a device's acknowledged reading and its next one")
+    soak = p.add_argument_group("--soak")
+    soak.add_argument("--every", type=float, default=60.0,
+                      help="seconds per row (default 60)")
+    soak.add_argument("--fraction", type=float, default=0.5,
+                      help="without --rate: soak at this fraction of the full rate, measured "
+                           "first (default 0.5)")
+    soak.add_argument("--stats", help="a target's web base URL, for its queue (/api/stats)")
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="one JSON document on stdout")
     out.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -206,6 +230,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name}: must be at least 1")
     if args.rate is not None and args.rate <= 0:
         parser.error("--rate: must be positive")
+    if args.soak:
+        from sense_gateway.bench.soak import run_soak
+
+        if args.every <= 0 or not 0 < args.fraction <= 1:
+            parser.error("--every: positive; --fraction: above 0, at most 1")
+        args.role = args.role or "all"
+        return run_soak(args)
+    args.role = args.role or "gateway"
     if args.compare:
         from sense_gateway.bench.compare import run_compare
 
@@ -218,8 +250,14 @@ def main(argv: list[str] | None = None) -> int:
         from sense_gateway.bench.dtls import run_dtls
 
         return run_dtls(args)
+    if args.crash_loop:
+        from sense_gateway.bench.crashloop import run_from_args
+
+        if args.kills < 1 or not 0 <= args.loss < 1:
+            parser.error("--kills: at least 1; --loss: a fraction below 1")
+        return run_from_args(args)
     try:
-        host, port = parse_target(args.target)
+        host, port = parse_target(args.target or "coap://[::1]:5683")
         settings = settings_from(args, host, port)
     except ValueError as e:
         parser.error(str(e))

@@ -75,6 +75,13 @@ class Child:
                                    f"{self.output()}")
             time.sleep(0.05)
 
+    def kill(self) -> None:
+        """SIGKILL: no chance to finish anything."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self._log_file.close()
+
     def stop(self, grace: float = 15.0) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -100,19 +107,25 @@ class Peer(Child):
 
 
 class Gateway(Child):
-    """``twistd -n sense-gateway`` with its data in *data_dir*."""
+    """``twistd -n sense-gateway`` with its data in *data_dir*.
+
+    *port* and *coaps_port* (default: free ones) let a restarted gateway
+    listen where the one before it did; *label* names its log files
+    (default: the role), so each run of a restarted gateway has its own."""
 
     name = "gateway"
 
     def __init__(self, data_dir: Path, role: str = "gateway", settings: dict | None = None,
-                 host: str = "::1", wait: bool = True):
+                 host: str = "::1", wait: bool = True, port: int | None = None,
+                 coaps_port: int | None = None, label: str | None = None):
         data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = data_dir
         self.host = host
-        self.port = free_port(host=host)
-        self.coaps_port = free_port(host=host)
+        self.port = port or free_port(host=host)
+        self.coaps_port = coaps_port or free_port(host=host)
         self.web_port = free_port(socket.SOCK_STREAM, "127.0.0.1")
-        self.log_path = data_dir / f"twistd-{role}.log"
+        label = label or role
+        self.log_path = data_dir / f"twistd-{label}.log"
         environment = {k: v for k, v in os.environ.items() if not k.startswith("SENSE_")}
         # The load comes from one address: no per-source limits on requests
         # or on the devices it creates.
@@ -125,7 +138,7 @@ class Gateway(Child):
                    "--coaps-port", str(self.coaps_port),
                    "--bind", host, "--web-port", str(self.web_port),
                    "--data-dir", str(data_dir), "--plugins-dir", str(data_dir / "no-plugins")]
-        super().__init__(command, data_dir / f"stdout-{role}.log", env=environment, cwd=data_dir)
+        super().__init__(command, data_dir / f"stdout-{label}.log", env=environment, cwd=data_dir)
         if wait:
             self.wait_until_logged(b"CoAP listening" if role != "processor" else b"HTTP listening")
 

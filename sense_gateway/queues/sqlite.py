@@ -31,6 +31,11 @@ Configuration (``[queue]``):
   (default 30); one received ``max_receives`` times (default 5) without
   being deleted moves to the dead letters with its last failure reason
   (``sense dlq list``), from where ``sense dlq replay`` puts it back.
+  A processor killed with messages in hand does not hide them for the
+  timeout: each receiving process locks a file of its own in
+  ``<path>-holders/``, and the messages of one whose lock is gone are
+  visible again at the next processor's first receive (and every 5 s
+  after), so they are processed in order (``docs/processing.md``).
 
 A commit that fails (a full disk, a file that cannot be written) fails
 every put in it with 5.03 and Max-Age, never a 2.04; ``/healthz`` names

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 
 from sense_gateway.envelope import Envelope
 from sense_gateway.queues import DeadLetter, Received
+from sense_gateway.queues.sqlite_holders import Holders
 
 log = Logger()
 
@@ -29,7 +30,9 @@ CREATE TABLE IF NOT EXISTS messages (
     visible_at REAL NOT NULL,
     receive_count INTEGER NOT NULL DEFAULT 0,
     receipt TEXT,
-    last_error TEXT
+    last_error TEXT,
+    -- the holder (sqlite_holders) that received it and has not let go
+    held_by TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_visible ON messages (visible_at, id);
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -47,6 +50,10 @@ _SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
 #: seconds a count of the waiting messages is trusted: another process
 #: (a processor of its own, the CLI) may have taken some out or put back
 RECOUNT_INTERVAL = 1.0
+
+#: seconds between looks for messages held by a processor that is gone
+#: (the first receive looks at once)
+RECLAIM_INTERVAL = 5.0
 
 def _has_json_each(db: sqlite3.Connection) -> bool:
     """Whether this SQLite has the JSON functions (built in since 3.38)."""
@@ -90,6 +97,13 @@ class SQLiteQueueStore:
                          path=str(self.path), mode=mode)
             self.db.execute(f"PRAGMA synchronous={_SYNCHRONOUS[synchronous]}")
             self.db.executescript(_SCHEMA)
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(messages)")}
+            if "held_by" not in columns:  # a file from before holders were kept
+                self.db.execute("ALTER TABLE messages ADD COLUMN held_by TEXT")
+            self.holders = Holders(self.path)
+            self._next_reclaim = 0.0
+            #: messages made visible again because their holder was gone
+            self.reclaimed = 0
             self._json_each = _has_json_each(self.db)
             #: messages in the queue (not dead letters): counted now and
             #: again at least every RECOUNT_INTERVAL while puts arrive, kept
@@ -103,6 +117,7 @@ class SQLiteQueueStore:
 
     def close(self) -> None:
         self.db.close()
+        self.holders.close()
 
     def count_waiting(self) -> int:
         """Count the messages in the queue again (an index scan)."""
@@ -152,6 +167,8 @@ class SQLiteQueueStore:
         # receipt from an earlier receive is stale. (Per message it would be
         # one os.urandom call each, letting go of the GIL every time.)
         token = secrets.token_hex(8)
+        if now >= self._next_reclaim:
+            self._reclaim(now)
         out: list[Received] = []
         with self._transaction():
             # Messages buried on the way leave room: select again until full.
@@ -175,6 +192,30 @@ class SQLiteQueueStore:
                     out.append(Received(message_id, f"{message_id}:{token}", envelope, count + 1))
                 self._take(taken, now + timeout, token)
         return out
+
+    def _reclaim(self, now: float) -> int:
+        """Make the messages of holders that are gone (a processor killed
+        with a batch in hand) visible again, now instead of after the
+        visibility timeout; how many. Their receive still counts."""
+        first = self._next_reclaim == 0.0
+        self._next_reclaim = now + RECLAIM_INTERVAL
+        names = [name for (name,) in self.db.execute(
+            "SELECT DISTINCT held_by FROM messages WHERE visible_at > ? AND held_by IS NOT NULL",
+            (now,))]
+        gone = self.holders.gone(names)
+        if first:
+            self.holders.sweep()  # files of holders whose messages were all deleted
+        count = 0
+        for name in gone:
+            with self._transaction():
+                count += self.db.execute(
+                    "UPDATE messages SET visible_at = ?, held_by = NULL "
+                    "WHERE held_by = ? AND visible_at > ?", (now, name, now)).rowcount
+        if count:
+            log.info("queue {path}: {count} messages held by a processor that stopped "
+                     "are visible again", path=str(self.path), count=count)
+        self.reclaimed += count
+        return count
 
     def _visible(self, now: float, limit: int) -> list[tuple[int, bytes, int, str | None]]:
         """The next *limit* visible messages: (id, body, receive count, last error)."""
@@ -200,16 +241,17 @@ class SQLiteQueueStore:
         """Hide received messages until *visible_at* with receipts ``id:token``."""
         if not ids:
             return
+        holder = self.holders.name
         if self._json_each:
             self.db.execute(
                 "UPDATE messages SET visible_at = ?, receive_count = receive_count + 1, "
-                "receipt = id || ':' || ? WHERE id IN (SELECT value FROM json_each(?))",
-                (visible_at, token, orjson.dumps(ids)))
+                "receipt = id || ':' || ?, held_by = ? WHERE id IN (SELECT value FROM json_each(?))",
+                (visible_at, token, holder, orjson.dumps(ids)))
             return
         self.db.executemany(
             "UPDATE messages SET visible_at = ?, receive_count = receive_count + 1, "
-            "receipt = ? WHERE id = ?",
-            [(visible_at, f"{message_id}:{token}", message_id) for message_id in ids])
+            "receipt = ?, held_by = ? WHERE id = ?",
+            [(visible_at, f"{message_id}:{token}", holder, message_id) for message_id in ids])
 
     def _bury(self, message_id: int, reason: str, now: float, receipt: str | None = None) -> int:
         """Move one message to the dead letters (only if it still has
@@ -256,7 +298,8 @@ class SQLiteQueueStore:
     def release(self, receipt: str, reason: str, delay: float = 0.0) -> None:
         with self._transaction():
             self.db.execute(
-                "UPDATE messages SET visible_at = ?, last_error = ? WHERE id = ? AND receipt = ?",
+                "UPDATE messages SET visible_at = ?, last_error = ?, held_by = NULL "
+                "WHERE id = ? AND receipt = ?",
                 (self.clock() + delay, reason, _receipt_id(receipt), receipt))
 
     def postpone(self, receipts: Iterable[str], reason: str, delay: float = 0.0) -> None:
@@ -266,7 +309,7 @@ class SQLiteQueueStore:
         rows = [(self.clock() + delay, reason, _receipt_id(r), r) for r in receipts]
         with self._transaction():
             self.db.executemany(
-                "UPDATE messages SET visible_at = ?, last_error = ?, "
+                "UPDATE messages SET visible_at = ?, last_error = ?, held_by = NULL, "
                 "receive_count = max(receive_count - 1, 0) WHERE id = ? AND receipt = ?", rows)
 
     def depth(self) -> dict[str, int]:
