@@ -28,7 +28,7 @@ import orjson
 
 from sense_gateway.config import load_config
 from sense_gateway.errors import ConfigError, PluginLoadError
-from sense_gateway.credentials.cli import (_credential_state, _credentials, cmd_devices_add,
+from sense_gateway.credentials.cli import (credential_state, latest_credentials, cmd_devices_add,
                                            cmd_devices_revoke, cmd_devices_rotate)
 from sense_gateway.plugins import call_collecting, make_plugin_manager
 
@@ -164,7 +164,7 @@ def cmd_devices(config, args) -> int:
     finally:
         registry.close()
     try:
-        credentials = _credentials(config)
+        credentials = latest_credentials(config)
     except ConfigError:
         credentials = {}
     rows = []
@@ -177,14 +177,14 @@ def cmd_devices(config, args) -> int:
                      "last_source": r.last_source, "last_seq": r.state.last_seq,
                      "received": c.received, "lost": c.lost, "duplicates": c.duplicates,
                      "resets": c.resets, "unsequenced": c.unsequenced,
-                     "credential": _credential_state(credentials.pop(r.id, None))})
+                     "credential": credential_state(credentials.pop(r.id, None))})
     # Devices with a credential that have not written yet.
     for device, credential in sorted(credentials.items()):
         rows.append({"id": device, "state": None, "silent": None, "interval": None,
                      "interval_source": None, "first_seen": None, "last_seen": None,
                      "last_source": None, "last_seq": None, "received": 0, "lost": 0,
                      "duplicates": 0, "resets": 0, "unsequenced": 0,
-                     "credential": _credential_state(credential)})
+                     "credential": credential_state(credential)})
     if args.json:
         sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0

@@ -291,13 +291,13 @@ class Sender:
 
 def make_keys(args) -> int:
     """Write a keys file for new simulated devices and provision the keys."""
-    from sense_gateway.cli import _credential_store
+    from sense_gateway.credentials.cli import open_credential_store
     from sense_gateway.config import load_config
 
     path = Path(args.make_keys)
     keys = [(f"{args.prefix}{i}", secrets.token_bytes(16)) for i in range(1, args.devices + 1)]
     config = load_config(args.config, overrides={"data_dir": args.data_dir})
-    store = _credential_store(config)
+    store = open_credential_store(config)
     try:
         for device, key in keys:
             store.set_key(device, key)

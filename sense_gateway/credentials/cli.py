@@ -10,7 +10,7 @@ from sense_gateway.errors import ConfigError
 from sense_gateway.plugins import make_plugin_manager
 
 
-def _credential_store(config):
+def open_credential_store(config):
     from sense_gateway.backends import credential_store_factory
 
     pm = make_plugin_manager(config.disable_plugins, plugins_dir=config.plugins_dir)
@@ -20,16 +20,16 @@ def _credential_store(config):
     return factory(config)
 
 
-def _credentials(config) -> dict:
+def latest_credentials(config) -> dict:
     """device -> Credential, the latest of each (revoked ones included)."""
-    store = _credential_store(config)
+    store = open_credential_store(config)
     try:
         return {c.device: c for c in store.changes(0)}
     finally:
         store.close()
 
 
-def _credential_state(credential) -> str:
+def credential_state(credential) -> str:
     """What ``sense devices`` says of a credential: never the key."""
     if credential is None:
         return "none"
@@ -64,7 +64,7 @@ def cmd_devices_add(config, args) -> int:
 
 
 def cmd_devices_rotate(config, args) -> int:
-    current = _credentials(config).get(args.device)
+    current = latest_credentials(config).get(args.device)
     if current is None or current.revoked:
         print(f"sense: {args.device}: has no credential to rotate (sense devices add)",
               file=sys.stderr)
@@ -78,7 +78,7 @@ def _set_key(config, args, done: str) -> int:
     except ValueError as e:
         print(f"sense: {e}", file=sys.stderr)
         return 2
-    store = _credential_store(config)
+    store = open_credential_store(config)
     try:
         store.set_key(args.device, key)
     finally:
@@ -92,7 +92,7 @@ def _set_key(config, args, done: str) -> int:
 
 
 def cmd_devices_revoke(config, args) -> int:
-    store = _credential_store(config)
+    store = open_credential_store(config)
     try:
         revoked = store.revoke(args.device)
     finally:
