@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from sense_gateway.config import Config, load_config
+from sense_gateway.config import Config, env_names, load_config
 from sense_gateway.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -18,10 +19,19 @@ class ConfigTests(SynchronousTestCase):
         Path(path).write_text(text)
         return path
 
-    def test_example_file_states_the_defaults(self):
-        # etc/sense-gateway.toml documents every key with its default.
-        example = load_config(REPO / "etc" / "sense-gateway.toml", environ={})
-        self.assertEqual(example, Config())
+    def test_example_file_states_every_key_with_its_default(self):
+        path = REPO / "etc" / "sense-gateway.toml"
+        with path.open("rb") as f:
+            document = tomllib.load(f)
+        stated = {(table, key) for table, values in document.items() if isinstance(values, dict)
+                  for key in values}
+        stated |= {(None, key) for key, value in document.items() if not isinstance(value, dict)}
+        # Every key a SENSE_* variable can set is a configuration key.
+        self.assertEqual(sorted(set(env_names().values()) - stated, key=str), [],
+                         "keys missing from the example file")
+        self.assertEqual(sorted(stated - set(env_names().values()), key=str), [],
+                         "keys in the example file that are not configuration keys")
+        self.assertEqual(load_config(path, environ={}), Config())
 
     def test_file_overrides_defaults(self):
         config = load_config(self.write('role = "gateway"\n[coap]\nport = 5700\n'), environ={})

@@ -223,10 +223,16 @@ class StoreTests(SynchronousTestCase):
         self.assertEqual(self.store.depth(), {"visible": 1500, "in_flight": 3, "dead": 0})
 
     def test_put_many_is_one_transaction(self):
-        # A body that breaks NOT NULL half-way leaves none of the batch.
+        # A row refused half-way through a batch of ordinary envelopes (a
+        # trigger stands in for a full disk) leaves none of the batch.
+        poisoned = envelope(4).to_json()
+        self.store.db.execute(
+            f"CREATE TEMP TRIGGER refuse_one BEFORE INSERT ON messages "
+            f"WHEN NEW.body = x'{poisoned.hex()}' BEGIN SELECT RAISE(ABORT, 'refused'); END")
         with self.assertRaises(sqlite3.IntegrityError):
-            self.store.put_many([envelope(3).to_json(), None])
+            self.store.put_many([envelope(3).to_json(), poisoned, envelope(5).to_json()])
         self.assertEqual(self.store.depth()["visible"], 2)
+        self.assertEqual([m.envelope.seq for m in self.store.receive(10)], [1, 2])
 
     def test_file_is_in_wal_mode_with_the_configured_synchronous(self):
         self.assertEqual(self.store.db.execute("PRAGMA journal_mode").fetchone()[0], "wal")
