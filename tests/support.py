@@ -7,6 +7,7 @@ with ``addCleanup``, so both trial and pytest run them.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import resource
@@ -66,6 +67,58 @@ def set_environ(testcase, variables: dict) -> None:
         os.environ[name] = value
         testcase.addCleanup(lambda n=name, o=old: os.environ.pop(n) if o is None
                             else os.environ.__setitem__(n, o))
+
+
+def exercises(*hooks: str):
+    """Mark a test as the one showing that the gateway calls *hooks* of a
+    plugin it loaded: besides its own assertions, the test fails unless
+    each hook's implementation in a plugin other than the built-ins was
+    called while it ran. ``tests/test_docs.py`` requires such a test for
+    every hook in ``sense_gateway/hookspecs.py``."""
+    def decorate(test):
+        @functools.wraps(test)
+        def run(self):
+            called: set[str] = set()
+            _record_plugin_hook_calls(self, called)
+
+            def check(result):
+                missing = [hook for hook in hooks if hook not in called]
+                if missing:
+                    raise self.failureException(f"no plugin's {', '.join(missing)} was called")
+                return result
+            result = test(self)
+            if isinstance(result, defer.Deferred):
+                return result.addCallback(check)
+            return check(result)
+        run.exercised_hooks = hooks
+        return run
+    return decorate
+
+
+def _record_plugin_hook_calls(testcase, called: set) -> None:
+    """For one test, have every plugin manager note in *called* the hooks
+    of non-built-in plugins that are called (through ``pm.hook`` or
+    ``call_collecting``: both call ``HookImpl.function``)."""
+    from sense_gateway.plugins import DEFAULT_PLUGINS, SensePluginManager
+
+    register = SensePluginManager.register
+
+    def recording(function, hook_name):
+        @functools.wraps(function)
+        def call(*args, **kwargs):
+            called.add(hook_name)
+            return function(*args, **kwargs)
+        return call
+
+    def recording_register(pm, plugin, name=None):
+        registered = register(pm, plugin, name)
+        if registered is not None and registered not in DEFAULT_PLUGINS:
+            for caller in pm.get_hookcallers(plugin) or ():
+                for impl in caller.get_hookimpls():
+                    if impl.plugin is plugin:
+                        impl.function = recording(impl.function, caller.name)
+        return registered
+    testcase.patch(SensePluginManager, "register", recording_register)
 
 
 def free_udp_port(host: str = "::1") -> int:

@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from sense_gateway.config import Config
 from sense_gateway.errors import ConfigError, PluginLoadError
 from sense_gateway.plugins import DEFAULT_PLUGINS, call_collecting, make_plugin_manager
-from tests.support import coap_url, deferLater, libcoap_request, start_gateway
+from tests.support import coap_url, deferLater, exercises, libcoap_request, queued, start_gateway
 
 GOOD_PLUGIN = '''
 from sense_gateway.envelope import Decoded, Reading
@@ -158,6 +158,16 @@ class GatewayPluginTests(TestCase):
             (directory / f"{name}.py").write_text(textwrap.dedent(text))
         return str(directory)
 
+    @exercises("sense_register_formats")
+    @defer.inlineCallbacks
+    def test_plugin_format_decodes_on_its_path(self):
+        gateway = yield start_gateway(self, plugins_dir=self.plugins_dir(level=GOOD_PLUGIN))
+        response = yield libcoap_request("post", coap_url("::1", gateway.port, "/level"), b"3.5", 0)
+        self.assertEqual(response.code, "2.04", response)
+        self.assertEqual([(e.device, e.readings[0].fields) for e in queued(gateway)],
+                         [("tank-1", {"level": 3.5})])
+
+    @exercises("sense_coap_resources")
     @defer.inlineCallbacks
     def test_plugin_resource_is_served_and_listed(self):
         gateway = yield start_gateway(self, plugins_dir=self.plugins_dir(version='''
@@ -182,6 +192,7 @@ class GatewayPluginTests(TestCase):
                                                         "/.well-known/core?rt=example.*"))
         self.assertEqual(listing.payload, b'</about/version>;rt="example.version";ct=0')
 
+    @exercises("sense_register_queues")
     @defer.inlineCallbacks
     def test_plugin_queue_backend_is_chosen_by_name(self):
         gateway = yield start_gateway(self, **{"queue.backend": "memory"}, plugins_dir=self.plugins_dir(
@@ -224,6 +235,7 @@ class GatewayPluginTests(TestCase):
         self.assertIn("'my-json'", str(error))
         self.assertIn("Content-Format 50 on /data", str(error))
 
+    @exercises("sense_validate")
     @defer.inlineCallbacks
     def test_plugin_validator_refuses_with_its_reason(self):
         gateway = yield start_gateway(self, plugins_dir=self.plugins_dir(no_test_devices='''
@@ -241,6 +253,7 @@ class GatewayPluginTests(TestCase):
         accepted = yield libcoap_request("post", url, b'{"id": "prod-1", "data": {"t": 1}}', 50)
         self.assertEqual(accepted.code, "2.04")
 
+    @exercises("sense_register_sinks", "sense_register_registries")
     @defer.inlineCallbacks
     def test_plugin_sink_and_registry_are_chosen_by_name(self):
         written = Path(self.mktemp()).resolve()
@@ -285,6 +298,7 @@ class GatewayPluginTests(TestCase):
         lines = [json.loads(line) for line in written.read_text().splitlines()]
         self.assertIn(["sense", {"device": "p-1"}, {"t": 1.0}], lines)
 
+    @exercises("sense_register_credential_stores")
     @defer.inlineCallbacks
     def test_plugin_registry_brings_its_credential_store(self):
         from tests.dtls_harness import DTLSPeer
