@@ -51,46 +51,87 @@ def stop_process(process: subprocess.Popen, grace: float = 15.0) -> None:
             process.wait()
 
 
+def as_environment(settings: dict) -> dict[str, str]:
+    """Configuration overrides (``{"influxdb.url": ...}``) as the SENSE_*
+    variables that set the same keys, for a child process."""
+    return {"SENSE_" + key.replace(".", "_").upper():
+            ",".join(value) if isinstance(value, tuple) else str(value).lower()
+            if isinstance(value, bool) else str(value)
+            for key, value in settings.items()}
+
+
 class ServerProcess:
-    """A child process that must answer *ready_url* within *timeout* seconds."""
+    """A child process that must answer *ready_url* within *timeout*
+    seconds; stopped when the test ends. :meth:`start` runs it again
+    after :meth:`stop` or :meth:`kill` (same command: same port, same
+    data)."""
 
     name = "server"
+    #: seconds :meth:`stop` waits after SIGTERM before SIGKILL
+    grace = 15.0
 
-    def __init__(self, testcase, command: list[str], ready_url: str, timeout: float = 30.0):
+    def __init__(self, testcase, command: list[str], ready_url: str | None = None,
+                 timeout: float = 30.0, env: dict | None = None, cwd=None, **popen):
         executable = shutil.which(command[0]) or (BIN / command[0])
         if not Path(executable).exists():
             raise RuntimeError(f"{self.name}: {command[0]} is not installed")
-        self.log = Path(testcase.mktemp() + ".log").resolve()
-        self._log_file = open(self.log, "wb")
+        self._mktemp = testcase.mktemp
         self.command = [str(executable), *command[1:]]
-        self.process = subprocess.Popen(self.command, stdout=self._log_file,
-                                        stderr=subprocess.STDOUT)
+        self.ready_url, self.timeout = ready_url, timeout
+        self._popen = dict(env=env, cwd=cwd, **popen)
+        self._log_file = self.process = None
+        #: how many times it was started
+        self.runs = 0
         testcase.addCleanup(self.stop)
-        deadline = time.monotonic() + timeout
+        self.start()
+
+    def start(self) -> None:
+        # Each run logs to a file of its own, so what a run waits for or
+        # reports is its own output.
+        self.log = Path(self._mktemp() + ".log").resolve()
+        self._log_file = open(self.log, "wb")
+        self.process = subprocess.Popen(self.command, stdout=self._log_file,
+                                        stderr=subprocess.STDOUT, **self._popen)
+        self.runs += 1
+        if self.ready_url is not None:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.timeout
         while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}: "
-                                   f"{self.output()}")
+            self.check_running()
             try:
-                status, _ = http("GET", ready_url, timeout=1)
+                status, _ = http("GET", self.ready_url, timeout=1)
                 if status < 500:
                     return
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} did not answer {ready_url}: {self.output()}")
+                raise RuntimeError(f"{self.name} did not answer {self.ready_url}: {self.output()}")
             time.sleep(0.05)
+
+    def check_running(self) -> None:
+        """Raise, with its output, if the process has exited."""
+        if self.process.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.process.returncode}: "
+                               f"{self.output()}")
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")[-2000:]
 
+    def _closed(self) -> None:
+        if self._log_file is not None:
+            self._log_file.close()
+
     def stop(self) -> None:
-        stop_process(self.process)
-        self._log_file.close()
+        if self.process is not None:
+            stop_process(self.process, self.grace)
+        self._closed()
 
     def kill(self) -> None:
         self.process.kill()
         self.process.wait()
+        self._closed()
 
 
 class VictoriaMetrics(ServerProcess):
@@ -108,6 +149,16 @@ class VictoriaMetrics(ServerProcess):
             f"-storageDataPath={self.data}", "-retentionPeriod=100y",
             "-search.latencyOffset=0s", "-loggerLevel=ERROR",
         ], f"{self.url}/health")
+
+    def settings(self, *sinks: str) -> dict:
+        """Configuration overrides that write to this server (after the
+        other *sinks*), without retries so a test sees each failure."""
+        return {"sinks.enabled": (*sinks, "influxdb"), "influxdb.url": self.url,
+                "influxdb.retries": 0}
+
+    def environment(self, *sinks: str) -> dict[str, str]:
+        """:meth:`settings` as SENSE_* variables."""
+        return as_environment(self.settings(*sinks))
 
     def export(self, match: str = '{__name__=~"sense.*"}') -> list[dict]:
         """Every series matching *match*: ``{"metric", "values", "timestamps"}``."""

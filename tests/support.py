@@ -12,7 +12,6 @@ import os
 import re
 import resource
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from sense_gateway.coap.message import Message, parse
 from sense_gateway.config import load_config
 from sense_gateway.envelope import Decoded, Reading
 from sense_gateway.errors import DecodeError
+from tests.servers import ServerProcess
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -119,6 +119,38 @@ def _record_plugin_hook_calls(testcase, called: set) -> None:
                         impl.function = recording(impl.function, caller.name)
         return registered
     testcase.patch(SensePluginManager, "register", recording_register)
+
+
+class HTTPResult:
+    """A response to :func:`http_get`, its body read."""
+
+    def __init__(self, code: int, headers, body: bytes):
+        self.code, self.headers, self.body = code, headers, body
+
+    def header(self, name: bytes) -> bytes | None:
+        values = self.headers.getRawHeaders(name)
+        return values[0] if values else None
+
+    def json(self):
+        try:
+            return orjson.loads(self.body)
+        except orjson.JSONDecodeError:
+            raise AssertionError(f"not JSON: {self.code} {self.body[:300]!r}") from None
+
+
+@defer.inlineCallbacks
+def http_get(url: str, headers: dict | None = None):
+    """One GET on the real reactor, without keep-alive: a test must leave
+    no connection behind. Fires with an :class:`HTTPResult`."""
+    response = yield treq.get(url, headers=headers, pool=HTTPConnectionPool(reactor, persistent=False))
+    body = yield response.content()
+    return HTTPResult(response.code, response.headers, body)
+
+
+def web_base(service) -> str:
+    """``http://host:port`` of an in-process gateway's web side."""
+    address = service.web.address
+    return f"http://{address.host}:{address.port}"
 
 
 def free_udp_port(host: str = "::1") -> int:
@@ -323,14 +355,19 @@ def request_datagram(code=coap.POST, path="data", payload=b"", content_format=No
     return message.encode()
 
 
-class GatewayProcess:
+class GatewayProcess(ServerProcess):
     """``twistd -n sense-gateway`` as a child process on a free port.
 
     *file_size_limit* (bytes) starts it with that ``RLIMIT_FSIZE``: no
     file it writes can grow past it, as on a full disk (Python ignores
     SIGXFSZ, so a write beyond it fails with EFBIG); :meth:`limit_file_size`
     changes it while it runs. *prepare*, if given, is called with the data
-    directory before the process starts (to provision credentials, say)."""
+    directory before the process starts (to provision credentials, say).
+    What it prints (a start-up error) is :meth:`printed`; twistd's log of
+    this run is :attr:`log_path`."""
+
+    name = "gateway"
+    grace = 10.0
 
     def __init__(self, testcase, *args: str, env=None, cwd=None,
                  file_size_limit: int | None = None, prepare=None):
@@ -340,40 +377,33 @@ class GatewayProcess:
             prepare(self.data_dir)
         self.port = free_udp_port()
         self.coaps_port = free_udp_port()
-        #: how many times it was started (see restart)
-        self.runs = 0
-        self._args, self._cwd = args, cwd or self.data_dir
-        self._environment = {k: v for k, v in os.environ.items() if not k.startswith("SENSE_")}
-        self._environment.update(env or {})
-        self._limit = None if file_size_limit is None else (
+        self._args = args
+        if not any(a.startswith("--plugins-dir") for a in args):
+            self._args += ("--plugins-dir", str(self.data_dir / "plugins"))
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("SENSE_")}
+        environment.update(env or {})
+        limit = None if file_size_limit is None else (
             lambda: resource.setrlimit(resource.RLIMIT_FSIZE,
                                        (file_size_limit, resource.RLIM_INFINITY)))
-        self._spawn()
-        testcase.addCleanup(self.stop)
+        super().__init__(testcase, [str(BIN / "twistd")], env=environment, cwd=cwd or self.data_dir,
+                         preexec_fn=limit)
 
-    def _spawn(self) -> None:
-        self.runs += 1
-        # Each run logs to a file of its own: wait_listening reads "CoAP
-        # listening" from this run's log, not the last one's.
-        name = "twistd.log" if self.runs == 1 else f"twistd-{self.runs}.log"
-        self.log_path = self.data_dir / name
-        command = [str(BIN / "twistd"), "-n", "--pidfile=", f"--logfile={self.log_path}",
-                   "sense-gateway", "--coap-port", str(self.port), "--coaps-port",
-                   str(self.coaps_port), "--web-port", "0", "--data-dir", str(self.data_dir),
-                   *self._args]
-        if not any(a.startswith("--plugins-dir") for a in self._args):
-            command += ["--plugins-dir", str(self.data_dir / "plugins")]
-        self.process = subprocess.Popen(command, cwd=self._cwd, env=self._environment,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        preexec_fn=self._limit)
+    def start(self) -> None:
+        # Each run's twistd log is a file of its own: wait_listening reads
+        # "CoAP listening" from this run's log, not the last one's.
+        self.log_path = self.data_dir / ("twistd.log" if self.runs == 0 else
+                                         f"twistd-{self.runs + 1}.log")
+        self.command[1:] = [
+            "-n", "--pidfile=", f"--logfile={self.log_path}", "sense-gateway",
+            "--coap-port", str(self.port), "--coaps-port", str(self.coaps_port),
+            "--web-port", "0", "--data-dir", str(self.data_dir), *self._args]
+        super().start()
 
     def restart(self) -> None:
         """SIGKILL the gateway and start it again on the same ports, with
         the same data directory and arguments (wait_listening after)."""
         self.kill()
-        if self.process.stdout:
-            self.process.stdout.close()
-        self._spawn()
+        self.start()
 
     def limit_file_size(self, limit: int | None) -> None:
         """Set the running gateway's RLIMIT_FSIZE (None: no limit)."""
@@ -384,68 +414,50 @@ class GatewayProcess:
     def get(self, path: str):
         """(status, body) of a GET on the gateway's web side."""
         base = yield self.web_url()
-        response = yield treq.get(base + path.lstrip("/"),
-                                  pool=HTTPConnectionPool(reactor, persistent=False))
-        body = yield response.content()
-        return response.code, body
+        response = yield http_get(base + path.lstrip("/"))
+        return response.code, response.body
 
     @defer.inlineCallbacks
     def get_json(self, path: str):
         """(status, document) of a GET on the gateway's web side."""
-        status, body = yield self.get(path)
-        try:
-            return status, orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise AssertionError(f"GET {path}: {status} {body[:300]!r}") from None
+        base = yield self.web_url()
+        response = yield http_get(base + path.lstrip("/"))
+        return response.code, response.json()
 
     @property
     def queue_path(self) -> Path:
         return self.data_dir / "queue.sqlite3"
 
     @defer.inlineCallbacks
+    def _logged(self, pattern: bytes, timeout: float):
+        """The first match of *pattern* in this run's twistd log, once it
+        is there (or the process died)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_running()
+            if self.log_path.exists():
+                found = re.search(pattern, self.log_path.read_bytes())
+                if found:
+                    return found
+            yield deferLater(0.05)
+        raise TimeoutError(f"gateway did not log {pattern!r}: {self.output()}")
+
     def wait_listening(self, timeout: float = 20.0):
         """Poll the log until the CoAP port is open (or the process died)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gateway exited with {self.process.returncode}: "
-                                   f"{self.output()}")
-            if self.log_path.exists() and b"CoAP listening" in self.log_path.read_bytes():
-                return
-            yield deferLater(0.05)
-        raise TimeoutError(f"gateway did not start: {self.output()}")
+        return self._logged(rb"CoAP listening", timeout).addCallback(lambda _: None)
 
-    @defer.inlineCallbacks
     def web_url(self, timeout: float = 20.0):
         """The dashboard's base URL, as the gateway logged it once listening."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gateway exited with {self.process.returncode}: "
-                                   f"{self.output()}")
-            if self.log_path.exists():
-                found = re.search(rb"HTTP listening on (http://\S+/)", self.log_path.read_bytes())
-                if found:
-                    return found.group(1).decode()
-            yield deferLater(0.05)
-        raise TimeoutError(f"gateway's web did not start: {self.output()}")
+        return self._logged(rb"HTTP listening on (http://\S+/)", timeout).addCallback(
+            lambda found: found.group(1).decode())
+
+    def printed(self) -> str:
+        """What this run printed on stdout and stderr."""
+        return self.log.read_text(errors="replace")
 
     def output(self) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        if self.process.poll() is not None and self.process.stdout:
-            text += self.process.stdout.read().decode(errors="replace")
-        return text[-2000:]
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        from tests.servers import stop_process
-
-        stop_process(self.process, grace=10)
-        if self.process.stdout:
-            self.process.stdout.close()
+        return (text + self.printed())[-2000:]
 
 
 # -- the CoAP side in memory: datagram in, datagram out, on a controlled clock

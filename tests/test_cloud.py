@@ -45,8 +45,7 @@ class CloudTestCase(TestCase):
         # The Lambda is configured from SENSE_* variables only.
         set_environ(self, {
             "SENSE_REGISTRY_BACKEND": "dynamodb", "SENSE_REGISTRY_TABLE": "sense-devices",
-            "SENSE_AWS_ENDPOINT_URL": self.moto.url, "SENSE_SINKS_ENABLED": "influxdb",
-            "SENSE_INFLUXDB_URL": self.vm.url, "SENSE_INFLUXDB_RETRIES": "0",
+            "SENSE_AWS_ENDPOINT_URL": self.moto.url, **self.vm.environment(),
         })
         self.patch(lambda_handler, "_processor", None)
         self.addCleanup(lambda: lambda_handler._processor and lambda_handler._processor.close())
@@ -56,8 +55,7 @@ class CloudTestCase(TestCase):
         drains SQS itself."""
         settings = {"role": "all", "queue.backend": "sqs", "aws.queue_url": self.queue_url,
                     "aws.endpoint_url": self.moto.url, "registry.backend": "dynamodb",
-                    "sinks.enabled": ("influxdb",), "influxdb.url": self.vm.url,
-                    "influxdb.retries": 0, "processor.poll_interval": 0.0,
+                    **self.vm.settings(), "processor.poll_interval": 0.0,
                     "processor.retry_base": 0.05}
         settings.update(overrides)
         # The gateway's own SENSE_* settings come from here, not the Lambda's.
@@ -191,7 +189,6 @@ class InProcessSQSTests(CloudTestCase):
 
     @defer.inlineCallbacks
     def test_metrics_server_down_keeps_messages_out_of_the_dead_letters(self):
-        port, data = self.vm.port, self.vm.data
         self.vm.stop()
         gateway = yield self.gateway(**{"queue.max_receives": 2, "processor.retry_max": 0.2})
         response = yield libcoap_request("post", coap_url("::1", gateway.port, "/data"),
@@ -202,7 +199,7 @@ class InProcessSQSTests(CloudTestCase):
         # Many backoffs later: asked the sink, never received the message again.
         yield eventually(lambda: gateway.worker._failures >= 6, timeout=30)
         self.assertEqual(orjson.loads(self.sense("queue", "--json"))["dead"], 0)
-        self.vm = VictoriaMetrics(self, port=port, data=data)
+        self.vm.start()
         yield eventually(lambda: ("sense_t", "node-y") in self.vm.points(), timeout=30)
         yield eventually(lambda: gateway.worker.problem is None)
 

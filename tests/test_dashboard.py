@@ -16,12 +16,10 @@ import time
 from pathlib import Path
 
 import orjson
-import treq
 from twisted.internet import defer, error, protocol, reactor
 from twisted.trial.unittest import TestCase
-from twisted.web.client import HTTPConnectionPool
 
-from tests.support import GatewayProcess, coap_url, deferLater, libcoap_request
+from tests.support import GatewayProcess, coap_url, deferLater, http_get, libcoap_request
 
 ROOT = Path(__file__).resolve().parent.parent
 BROWSER_SCRIPT = ROOT / "tests" / "browser" / "dashboard.mjs"
@@ -114,9 +112,8 @@ class DashboardTests(TestCase):
 
     @defer.inlineCallbacks
     def get_json(self, path: str):
-        response = yield treq.get(self.base + path.lstrip("/"),
-                                  pool=HTTPConnectionPool(reactor, persistent=False))
-        return orjson.loads((yield response.content()))
+        response = yield http_get(self.base + path.lstrip("/"))
+        return response.json()
 
     @defer.inlineCallbacks
     def send_batches(self, device: str, readings: list[dict], seqs):

@@ -28,8 +28,7 @@ class EmbeddedEndToEndTests(TestCase):
         self.vm = VictoriaMetrics(self)
 
     def gateway(self, **overrides):
-        settings = {"role": "all", "sinks.enabled": ("sqlite", "influxdb"),
-                    "influxdb.url": self.vm.url, "influxdb.retries": 0,
+        settings = {"role": "all", **self.vm.settings("sqlite"),
                     "processor.poll_interval": 0.05, "processor.retry_base": 0.2,
                     "store.retention_days": 36500.0}
         settings.update(overrides)
@@ -111,7 +110,6 @@ class EmbeddedEndToEndTests(TestCase):
     @defer.inlineCallbacks
     def test_metrics_server_down_loses_nothing(self):
         gateway = yield self.gateway()
-        port, data = self.vm.port, self.vm.data
         self.vm.stop()
         for seq in range(1, 6):
             yield self.post(gateway, "::1", "/data", orjson.dumps(
@@ -120,7 +118,7 @@ class EmbeddedEndToEndTests(TestCase):
         yield eventually(lambda: gateway.worker.counts[_failed()] >= 5, timeout=60)
         self.assertEqual(self.devices(gateway), {})
         self.assertEqual(sum(self.queue_depth(gateway).values()), 5)
-        self.vm = VictoriaMetrics(self, port=port, data=data)
+        self.vm.start()
         yield eventually(lambda: self.queue_depth(gateway)["visible"] + self.queue_depth(
             gateway)["in_flight"] == 0, timeout=30)
         self.assertEqual(sorted(self.vm.points()[("sense_t", "node-f")].values()),

@@ -107,14 +107,14 @@ class GatewayProcessTests(TestCase):
         (plugins / "broken.py").write_text("def decode(:\n")
         gateway = GatewayProcess(self, "--plugins-dir", str(plugins))
         self.assertNotEqual(gateway.process.wait(60), 0)
-        lines = gateway.process.stdout.read().decode().strip().splitlines()
+        lines = gateway.printed().strip().splitlines()
         self.assertEqual(lines, [f"sense-gateway: {plugins / 'broken.py'}:1: syntax error: "
                                  "invalid syntax"])
 
     def test_bad_configuration_stops_startup_naming_the_key(self):
         gateway = GatewayProcess(self, env={"SENSE_QUEUE_MAX_RECEIVES": "often"})
         self.assertNotEqual(gateway.process.wait(60), 0)
-        output = gateway.process.stdout.read().decode().strip()
+        output = gateway.printed().strip()
         self.assertEqual(output, "sense-gateway: environment queue.max_receives: "
                                  "expected int, got 'often'")
 

@@ -111,8 +111,7 @@ class LambdaPackageTests(TestCase):
             env={"PATH": os.environ["PATH"], **AWS_ENV, "AWS_REGION": "us-east-1",
                  "SENSE_REGISTRY_BACKEND": "dynamodb", "SENSE_REGISTRY_TABLE": "sense-devices",
                  "SENSE_AWS_REGION": "us-east-1", "SENSE_AWS_ENDPOINT_URL": moto.url,
-                 "SENSE_SINKS_ENABLED": "influxdb", "SENSE_INFLUXDB_URL": vm.url,
-                 "SENSE_INFLUXDB_RETRIES": "0"})
+                 **vm.environment()})
         self.assertEqual(child.returncode, 0, child.stderr)
         result = json.loads(child.stdout)
         self.assertEqual(result["response"], {"batchItemFailures": [{"itemIdentifier": poison}]})

@@ -9,18 +9,16 @@ import json
 from pathlib import Path
 
 import orjson
-import treq
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.trial.unittest import TestCase
-from twisted.web.client import HTTPConnectionPool
 from txthings import coap
 
 from sense_gateway.queues.sqlite import SQLiteQueueStore
 from sense_gateway.registry.sqlite import SQLiteRegistry
 from sense_gateway.sinks.sqlite import SQLiteStore
 from tests.servers import InfluxDB1, MotoServer, http
-from tests.support import (GatewayProcess, RawCoapPeer, coap_url, deferLater, eventually,
-                           libcoap_request, request_datagram, start_gateway)
+from tests.support import (GatewayProcess, RawCoapPeer, coap_url, deferLater, eventually, http_get,
+                           libcoap_request, request_datagram, start_gateway, web_base)
 from tests.test_cloud import AWS_ENV, set_environ
 
 NOW = 1764300000
@@ -35,10 +33,8 @@ def batch(seq: int, count: int = 100) -> bytes:
 
 @defer.inlineCallbacks
 def get_json(gateway, path: str):
-    address = gateway.web.address
-    response = yield treq.get(f"http://127.0.0.1:{address.port}{path}",
-                              pool=HTTPConnectionPool(reactor, persistent=False))
-    return response.code, orjson.loads((yield response.content()))
+    response = yield http_get(web_base(gateway) + path)
+    return response.code, response.json()
 
 
 class StoreFullTests(TestCase):

@@ -94,10 +94,9 @@ class SinkFailureTests(ProcessorTestCase):
 
     def test_retry_after_recovery_writes_everything_once(self):
         batch = [envelope(seq=1), envelope(seq=2, ts=T0 + 1)]
-        port, data = self.vm.port, self.vm.data
         self.vm.stop()
         self.processor.process_batch(batch)
-        self.vm = VictoriaMetrics(self, port=port, data=data)
+        self.vm.start()
         self.assertEqual([r.outcome for r in self.processor.process_batch(batch)],
                          [Outcome.WRITTEN] * 2)
         self.assertEqual(len(self.vm.points()[("sense_t", "node-1")]), 2)

@@ -185,13 +185,11 @@ class BacklogTests(TestCase):
     @defer.inlineCallbacks
     def test_an_outage_fills_the_queue_to_its_bound_then_everything_is_delivered(self):
         vm = VictoriaMetrics(self)
-        port, data = vm.port, vm.data
         vm.stop()
         gateway = GatewayProcess(self, "--role", "all", env={
             "SENSE_QUEUE_MAX_DEPTH": "40", "SENSE_QUEUE_RETRY_AFTER": "2",
             "SENSE_QUEUE_MAX_RECEIVES": "3",
-            "SENSE_SINKS_ENABLED": "sqlite,influxdb", "SENSE_INFLUXDB_URL": vm.url,
-            "SENSE_INFLUXDB_RETRIES": "0", "SENSE_PROCESSOR_POLL_INTERVAL": "0.05",
+            **vm.environment("sqlite"), "SENSE_PROCESSOR_POLL_INTERVAL": "0.05",
             "SENSE_PROCESSOR_RETRY_BASE": "0.1", "SENSE_PROCESSOR_RETRY_MAX": "0.5",
             "SENSE_STORE_RETENTION_DAYS": "36500"})
         yield gateway.wait_listening()
@@ -232,7 +230,7 @@ class BacklogTests(TestCase):
         status, stats = yield gateway.get_json("/api/stats")
         self.assertEqual(stats["queue"]["dead"], 0)
 
-        vm = VictoriaMetrics(self, port=port, data=data)
+        vm.start()
         # The devices that were refused try again once Max-Age has passed.
         pending = list(refused)
         while pending:

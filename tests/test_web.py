@@ -4,14 +4,12 @@ and /metrics, read with a real HTTP client."""
 from __future__ import annotations
 
 import orjson
-import treq
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import defer, reactor
-from twisted.web.client import HTTPConnectionPool
+from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from tests.servers import VictoriaMetrics
-from tests.support import coap_url, eventually, libcoap_request, start_gateway
+from tests.support import coap_url, eventually, http_get, libcoap_request, start_gateway, web_base
 
 NOW = 1764300000
 
@@ -23,18 +21,14 @@ class WebTests(TestCase):
     def setUp(self):
         self.vm = VictoriaMetrics(self)
         self.gateway = yield start_gateway(self, role="all", **{
-            "sinks.enabled": ("sqlite", "influxdb"), "influxdb.url": self.vm.url,
-            "influxdb.retries": 0, "influxdb.timeout": 2.0, "processor.poll_interval": 0.05,
+            **self.vm.settings("sqlite"), "influxdb.timeout": 2.0, "processor.poll_interval": 0.05,
             "store.retention_days": 36500.0})
-        address = self.gateway.web.address
-        self.base = f"http://{address.host}:{address.port}"
+        self.base = web_base(self.gateway)
 
     @defer.inlineCallbacks
     def get(self, path):
-        # No keep-alive: a test must leave no connection behind.
-        response = yield treq.get(self.base + path, pool=HTTPConnectionPool(reactor, persistent=False))
-        body = yield response.content()
-        return response.code, body
+        response = yield http_get(self.base + path)
+        return response.code, response.body
 
     @defer.inlineCallbacks
     def send_readings(self):
@@ -78,12 +72,11 @@ class WebTests(TestCase):
     def test_healthz_follows_the_sink_server(self):
         code, body = yield self.get("/healthz")
         self.assertEqual((code, orjson.loads(body)), (200, {"status": "ok"}))
-        port, data = self.vm.port, self.vm.data
         self.vm.stop()
         code, body = yield self.get("/healthz")
         self.assertEqual(code, 503)
         self.assertEqual(list(orjson.loads(body)["failing"]), ["sinks"])
-        self.vm = VictoriaMetrics(self, port=port, data=data)
+        self.vm.start()
         code, _ = yield self.get("/healthz")
         self.assertEqual(code, 200)
 
@@ -118,12 +111,11 @@ class WebTests(TestCase):
                                         "&format=csv")
             self.assertEqual((code, body.decode()), (200, expected), since)
         # Accept: text/csv does the same; until bounds the window.
-        response = yield treq.get(self.base + f"/api/readings?device=node-u&field=t&since={NOW}"
-                                  f"&until={NOW + 30}", headers={"Accept": "text/csv"},
-                                  pool=HTTPConnectionPool(reactor, persistent=False))
+        response = yield http_get(self.base + f"/api/readings?device=node-u&field=t&since={NOW}"
+                                  f"&until={NOW + 30}", headers={"Accept": "text/csv"})
         self.assertEqual(response.headers.getRawHeaders(b"content-type"),
                          [b"text/csv; charset=utf-8"])
-        self.assertEqual((yield response.content()).decode().count("\r\n"), 2)
+        self.assertEqual(response.body.decode().count("\r\n"), 2)
         # Every field of the device, text too, a formula defused.
         code, body = yield self.get(f"/api/series?device=node-u&since={NOW}&format=csv")
         self.assertEqual(body.decode().splitlines()[1:], [
@@ -142,8 +134,8 @@ class WebTests(TestCase):
 
     @defer.inlineCallbacks
     def test_dashboard_page_and_its_chart_library_are_served_locally(self):
-        response = yield treq.get(self.base + "/", pool=HTTPConnectionPool(reactor, persistent=False))
-        page = yield response.content()
+        response = yield http_get(self.base + "/")
+        page = response.body
         self.assertEqual(response.code, 200)
         self.assertIn(b"/vendor/uPlot.iife.min.js", page)
         self.assertEqual(response.headers.getRawHeaders(b"content-security-policy")[0].split(b";")[0],
@@ -164,26 +156,24 @@ class GatewayRoleTests(TestCase):
     @defer.inlineCallbacks
     def test_healthz_and_metrics_but_no_dashboard(self):
         gateway = yield start_gateway(self, role="gateway")
-        address = gateway.web.address
-        base = f"http://{address.host}:{address.port}"
+        base = web_base(gateway)
         yield libcoap_request("post", coap_url("::1", gateway.port, "/data"),
                               orjson.dumps({"id": "g-1", "seq": 1, "data": {"t": 1}}), 50)
 
         def get(path):
-            return treq.get(base + path, pool=HTTPConnectionPool(reactor, persistent=False))
+            return http_get(base + path)
         response = yield get("/healthz")
-        self.assertEqual((response.code, orjson.loads((yield response.content()))),
+        self.assertEqual((response.code, response.json()),
                          (200, {"status": "ok"}))
         response = yield get("/metrics")
         samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                   for family in text_string_to_metric_families((yield response.content()).decode())
+                   for family in text_string_to_metric_families(response.body.decode())
                    for s in family.samples}
         self.assertEqual(samples[("sense_coap_responses_total", (("code", "2.04"),))], 1)
         self.assertEqual(samples[("sense_queue_messages", (("state", "visible"),))], 1)
         self.assertNotIn(("sense_devices", ()), samples)
         for path in ("/", "/api/devices"):
             response = yield get(path)
-            yield response.content()
             self.assertEqual(response.code, 404, path)
 
 
@@ -193,10 +183,8 @@ class MissingChartLibraryTests(TestCase):
     @defer.inlineCallbacks
     def test_missing_uplot_is_a_404_naming_the_fix(self):
         gateway = yield start_gateway(self, role="all", **{"web.node_modules": self.mktemp()})
-        address = gateway.web.address
-        response = yield treq.get(f"http://{address.host}:{address.port}/vendor/uPlot.iife.min.js",
-                                  pool=HTTPConnectionPool(reactor, persistent=False))
-        body = yield response.content()
+        response = yield http_get(web_base(gateway) + "/vendor/uPlot.iife.min.js")
+        body = response.body
         self.assertEqual(response.code, 404)
         self.assertIn(b"npm", body)
 
