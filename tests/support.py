@@ -69,6 +69,27 @@ def set_environ(testcase, variables: dict) -> None:
                             else os.environ.__setitem__(n, o))
 
 
+def parametrize(cls, cases: dict, check, name: str = "test_{}"):
+    """Give *cls* one test method per case: ``name.format(case)`` runs
+    ``check(self, *arguments)`` with that case's tuple of arguments. One
+    method per case, not a loop or subTest, so each case passes or fails
+    on its own under both runners (trial's subTest stops at the first
+    failure). Returns *cls*."""
+    for case, arguments in cases.items():
+        if not isinstance(arguments, tuple):
+            raise TypeError(f"{case}: the arguments of a case are a tuple")
+        method_name = name.format(case).replace("-", "_")
+        if method_name in vars(cls):
+            raise ValueError(f"{cls.__name__}.{method_name} is defined twice")
+
+        def test(self, arguments=arguments):
+            return check(self, *arguments)
+        test.__name__ = method_name
+        test.__qualname__ = f"{cls.__qualname__}.{method_name}"
+        setattr(cls, method_name, test)
+    return cls
+
+
 def exercises(*hooks: str):
     """Mark a test as the one showing that the gateway calls *hooks* of a
     plugin it loaded: besides its own assertions, the test fails unless

@@ -27,7 +27,7 @@ from sense_gateway.registry.sqlite import SQLiteRegistry
 from tests.dtls_harness import DTLSPeer, MemoryClient
 from tests.servers import http
 from tests.support import (BIN, GatewayProcess, RawCoapPeer, coap_url, deferLater, eventually,
-                           libcoap_request, queued, request_datagram)
+                           libcoap_request, parametrize, queued, request_datagram)
 
 CLIENTS = ("coap-client-openssl", "coap-client-gnutls")
 HOSTS = {"ipv6": "::1", "ipv4": "127.0.0.1"}
@@ -108,16 +108,10 @@ class InteropTests(CoapsTestCase):
                          ("node-7", "coaps", "node-7"))
 
 
-def _add_interop_tests():
-    for client in CLIENTS:
-        for family, host in HOSTS.items():
-            def test(self, client=client, host=host):
-                return self.check(client, host)
-            name = f"test_{client.rsplit('-', 1)[1]}_{family}_posts_as_its_identity"
-            setattr(InteropTests, name, test)
+parametrize(InteropTests, {f"{client.rsplit('-', 1)[1]}_{family}": (client, host)
+                           for client in CLIENTS for family, host in HOSTS.items()},
+            InteropTests.check, "test_{}_posts_as_its_identity")
 
-
-_add_interop_tests()
 
 
 class RefusedTests(CoapsTestCase):

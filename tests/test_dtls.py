@@ -15,7 +15,7 @@ import secrets
 
 import psutil
 
-from twisted.internet import reactor, task
+from twisted.internet import defer, reactor, task
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -27,6 +27,7 @@ from sense_gateway.coap.dtls_records import (
 from tests.dtls_harness import (
     MemoryClient, UDPHarness, Wire, is_hello_verify_request, libcoap_post, new_key, records_of,
 )
+from tests.support import parametrize
 
 IDENTITY = "node-7"
 
@@ -732,6 +733,7 @@ class LibcoapClientTests(TestCase):
         self.key = new_key()
         return UDPHarness(self, host, {IDENTITY: self.key}, **options)
 
+    @defer.inlineCallbacks
     def post_gets_204(self, client: str, host: str):
         harness = self.harness(host)
         result = yield libcoap_post(client, harness.url(), IDENTITY, self.key)
@@ -739,6 +741,7 @@ class LibcoapClientTests(TestCase):
         self.assertEqual([identity for _, _, identity in harness.requests], [IDENTITY])
         self.assertEqual(harness.server.counters["handshakes_completed"], 1)
 
+    @defer.inlineCallbacks
     def refused(self, client: str, identity: str, key_for_client, reason: str):
         harness = self.harness("::1", handshake_timeout=1.0)
         result = yield libcoap_post(client, harness.url(), identity, key_for_client(self.key), wait=3)
@@ -748,30 +751,20 @@ class LibcoapClientTests(TestCase):
         self.assertGreaterEqual(harness.server.counters["refused_" + reason], 1)
 
 
-def _libcoap_cases():
-    from twisted.internet.defer import inlineCallbacks
-    for client in ("coap-client-openssl", "coap-client-gnutls"):
-        short = client.rsplit("-", 1)[1]
-        for family, host in (("ipv6", "::1"), ("ipv4", "127.0.0.1")):
-            def test(self, client=client, host=host):
-                return inlineCallbacks(LibcoapClientTests.post_gets_204)(self, client, host)
-            test.__name__ = f"test_{short}_client_over_{family}_gets_204_as_{IDENTITY.replace('-', '_')}"
-            setattr(LibcoapClientTests, test.__name__, test)
-
-        def wrong_key(self, client=client):
-            return inlineCallbacks(LibcoapClientTests.refused)(
-                self, client, IDENTITY, lambda key: new_key(), "timeout")
-        wrong_key.__name__ = f"test_{short}_client_with_a_wrong_key_gets_no_204_and_is_refused"
-        setattr(LibcoapClientTests, wrong_key.__name__, wrong_key)
-
-        def unknown(self, client=client):
-            return inlineCallbacks(LibcoapClientTests.refused)(
-                self, client, "node-9", lambda key: key, "unknown_identity")
-        unknown.__name__ = f"test_{short}_client_with_an_unknown_identity_gets_no_204_and_is_refused"
-        setattr(LibcoapClientTests, unknown.__name__, unknown)
-
-
-_libcoap_cases()
+_LIBCOAP_CLIENTS = {client.rsplit("-", 1)[1]: client
+                    for client in ("coap-client-openssl", "coap-client-gnutls")}
+parametrize(LibcoapClientTests, {
+    f"{short}_client_over_{family}": (client, host) for short, client in _LIBCOAP_CLIENTS.items()
+    for family, host in (("ipv6", "::1"), ("ipv4", "127.0.0.1"))},
+    LibcoapClientTests.post_gets_204, f"test_{{}}_gets_204_as_{IDENTITY.replace('-', '_')}")
+parametrize(LibcoapClientTests, {
+    f"{short}_client_with_a_wrong_key": (client, IDENTITY, lambda key: new_key(), "timeout")
+    for short, client in _LIBCOAP_CLIENTS.items()},
+    LibcoapClientTests.refused, "test_{}_gets_no_204_and_is_refused")
+parametrize(LibcoapClientTests, {
+    f"{short}_client_with_an_unknown_identity": (client, "node-9", lambda key: key, "unknown_identity")
+    for short, client in _LIBCOAP_CLIENTS.items()},
+    LibcoapClientTests.refused, "test_{}_gets_no_204_and_is_refused")
 
 
 class CookieJarTests(SynchronousTestCase):

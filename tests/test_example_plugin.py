@@ -17,6 +17,8 @@ from sense_gateway.formats import Format
 from sense_gateway.plugins import make_plugin_manager
 from sense_gateway.validation import sense_validate
 
+from tests.support import parametrize
+
 EXAMPLE = Path(__file__).resolve().parent.parent / "plugins" / "example_kv.py"
 RECEIVED = 1764300000.0
 CONTEXT = RequestContext(path="/kv", content_format=0, source_host="::1", source_port=5683,
@@ -120,13 +122,10 @@ REFUSALS = {
 }
 
 
-def _refusal_case(body: bytes, diagnostic: str):
-    def test(self):
-        [fmt] = load_example().sense_register_formats(load_config(environ={}))
-        error = self.assertRaises(DecodeError, fmt.decode, body, CONTEXT)
-        self.assertEqual((error.code, error.diagnostic), (BAD_REQUEST, diagnostic))
-    return test
+def _refused(self, body: bytes, diagnostic: str):
+    [fmt] = load_example().sense_register_formats(load_config(environ={}))
+    error = self.assertRaises(DecodeError, fmt.decode, body, CONTEXT)
+    self.assertEqual((error.code, error.diagnostic), (BAD_REQUEST, diagnostic))
 
 
-for _name, (_body, _diagnostic) in REFUSALS.items():
-    setattr(ExampleRefusalTests, f"test_{_name}", _refusal_case(_body, _diagnostic))
+parametrize(ExampleRefusalTests, REFUSALS, _refused)

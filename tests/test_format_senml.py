@@ -17,6 +17,8 @@ from sense_gateway.envelope import Decoded, Reading, RequestContext
 from sense_gateway.errors import BAD_REQUEST, DecodeError
 from sense_gateway.formats import senml
 
+from tests.support import parametrize
+
 RECEIVED = 1764300000.0
 FORMATS = {fmt.content_formats[0]: fmt for fmt in senml.sense_register_formats()}
 
@@ -144,16 +146,13 @@ GOOD_PACKS = {
 }
 
 
-def _pack_case(records, expected, content_format, encode):
-    def test(self):
-        self.assertEqual(decode(encode(records), content_format), expected)
-    return test
+def _decoded(self, payload: bytes, content_format: int, expected):
+    self.assertEqual(decode(payload, content_format), expected)
 
 
-for _name, (_records, _expected) in GOOD_PACKS.items():
-    for _encoding, (_cf, _encode) in ENCODERS.items():
-        setattr(SenmlPackTests, f"test_{_encoding}_{_name}",
-                _pack_case(_records, _expected, _cf, _encode))
+parametrize(SenmlPackTests, {f"{encoding}_{name}": (encode(records), cf, expected)
+                             for name, (records, expected) in GOOD_PACKS.items()
+                             for encoding, (cf, encode) in ENCODERS.items()}, _decoded)
 
 
 class SenmlRefusalTests(SynchronousTestCase):
@@ -223,17 +222,10 @@ BAD_CBOR = {
 }
 
 
-def _refusal_case(payload: bytes, content_format: int, diagnostic: str):
-    def test(self):
-        self.assertRefused(payload, content_format, diagnostic)
-    return test
-
-
-for _name, (_records, _diagnostic) in BAD_PACKS.items():
-    for _encoding, (_cf, _encode) in ENCODERS.items():
-        setattr(SenmlRefusalTests, f"test_{_encoding}_{_name}",
-                _refusal_case(_encode(_records), _cf, _diagnostic))
-for _name, (_payload, _diagnostic) in BAD_JSON.items():
-    setattr(SenmlRefusalTests, f"test_json_{_name}", _refusal_case(_payload, 110, _diagnostic))
-for _name, (_payload, _diagnostic) in BAD_CBOR.items():
-    setattr(SenmlRefusalTests, f"test_cbor_{_name}", _refusal_case(_payload, 112, _diagnostic))
+parametrize(SenmlRefusalTests, {
+    **{f"{encoding}_{name}": (encode(records), cf, diagnostic)
+       for name, (records, diagnostic) in BAD_PACKS.items()
+       for encoding, (cf, encode) in ENCODERS.items()},
+    **{f"json_{name}": (payload, 110, diagnostic) for name, (payload, diagnostic) in BAD_JSON.items()},
+    **{f"cbor_{name}": (payload, 112, diagnostic) for name, (payload, diagnostic) in BAD_CBOR.items()},
+}, SenmlRefusalTests.assertRefused)

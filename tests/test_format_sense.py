@@ -16,6 +16,8 @@ from sense_gateway.envelope import Decoded, Reading, RequestContext
 from sense_gateway.errors import BAD_REQUEST, DecodeError
 from sense_gateway.formats import sense
 
+from tests.support import parametrize
+
 RECEIVED = 1764300000.0
 FORMATS = {fmt.content_formats[0]: fmt for fmt in sense.sense_register_formats()}
 ENCODERS = {"json": (50, orjson.dumps), "cbor": (60, cbor2.dumps)}
@@ -93,16 +95,13 @@ GOOD_DOCUMENTS = {
 }
 
 
-def _good_case(document, expected, content_format, encode):
-    def test(self):
-        self.assertEqual(decode(encode(document), content_format), expected)
-    return test
+def _decoded(self, payload: bytes, content_format: int, expected):
+    self.assertEqual(decode(payload, content_format), expected)
 
 
-for _name, (_document, _expected) in GOOD_DOCUMENTS.items():
-    for _encoding, (_cf, _encode) in ENCODERS.items():
-        setattr(SenseDocumentTests, f"test_{_encoding}_{_name}",
-                _good_case(_document, _expected, _cf, _encode))
+parametrize(SenseDocumentTests, {f"{encoding}_{name}": (encode(document), cf, expected)
+                                 for name, (document, expected) in GOOD_DOCUMENTS.items()
+                                 for encoding, (cf, encode) in ENCODERS.items()}, _decoded)
 
 
 class SenseRefusalTests(SynchronousTestCase):
@@ -208,17 +207,10 @@ BAD_CBOR = {
 }
 
 
-def _refusal_case(payload: bytes, content_format: int, diagnostic: str):
-    def test(self):
-        self.assertRefused(payload, content_format, diagnostic)
-    return test
-
-
-for _name, (_document, _diagnostic) in BAD_DOCUMENTS.items():
-    for _encoding, (_cf, _encode) in ENCODERS.items():
-        setattr(SenseRefusalTests, f"test_{_encoding}_{_name}",
-                _refusal_case(_encode(_document), _cf, _diagnostic))
-for _name, (_payload, _diagnostic) in BAD_JSON.items():
-    setattr(SenseRefusalTests, f"test_json_{_name}", _refusal_case(_payload, 50, _diagnostic))
-for _name, (_payload, _diagnostic) in BAD_CBOR.items():
-    setattr(SenseRefusalTests, f"test_cbor_{_name}", _refusal_case(_payload, 60, _diagnostic))
+parametrize(SenseRefusalTests, {
+    **{f"{encoding}_{name}": (encode(document), cf, diagnostic)
+       for name, (document, diagnostic) in BAD_DOCUMENTS.items()
+       for encoding, (cf, encode) in ENCODERS.items()},
+    **{f"json_{name}": (payload, 50, diagnostic) for name, (payload, diagnostic) in BAD_JSON.items()},
+    **{f"cbor_{name}": (payload, 60, diagnostic) for name, (payload, diagnostic) in BAD_CBOR.items()},
+}, SenseRefusalTests.assertRefused)

@@ -8,6 +8,8 @@ from sense_gateway.envelope import Decoded, Reading, RequestContext
 from sense_gateway.errors import BAD_REQUEST, DecodeError
 from sense_gateway.formats import sense_text
 
+from tests.support import parametrize
+
 RECEIVED = 1764300000.0
 [FORMAT] = sense_text.sense_register_formats()
 
@@ -140,12 +142,9 @@ REFUSALS = {
 }
 
 
-def _refusal_case(body: bytes, diagnostic: str):
-    def test(self):
-        error = self.assertRaises(DecodeError, decode, body)
-        self.assertEqual((error.code, error.diagnostic), (BAD_REQUEST, diagnostic))
-    return test
+def _refused(self, body: bytes, diagnostic: str):
+    error = self.assertRaises(DecodeError, decode, body)
+    self.assertEqual((error.code, error.diagnostic), (BAD_REQUEST, diagnostic))
 
 
-for _name, (_body, _diagnostic) in REFUSALS.items():
-    setattr(SenseTextRefusalTests, f"test_{_name}", _refusal_case(_body, _diagnostic))
+parametrize(SenseTextRefusalTests, REFUSALS, _refused)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.fuzz_targets import TARGETS, corpus, target
+from tests.support import parametrize
 
 
 class CorpusTests(SynchronousTestCase):
@@ -22,20 +23,14 @@ class CorpusTests(SynchronousTestCase):
             self.assertGreater(len(corpus(name)), 0, name)
 
 
-def _replay(name: str):
-    def test(self):
-        one_input = target(name)
-        for path in corpus(name):
-            try:
-                one_input(path.read_bytes())
-            except Exception as e:
-                self.fail(f"{path.name}: {type(e).__name__}: {e}")
-    test.__name__ = f"test_corpus_of_{name.replace('-', '_')}_passes"
-    test.__doc__ = f"Every kept input of the {name} target passes through it."
-    return test
+def _replay(self, name: str):
+    """Every kept input of the target passes through it."""
+    one_input = target(name)
+    for path in corpus(name):
+        try:
+            one_input(path.read_bytes())
+        except Exception as e:
+            self.fail(f"{path.name}: {type(e).__name__}: {e}")
 
 
-for _name in TARGETS:
-    _test = _replay(_name)
-    setattr(CorpusTests, _test.__name__, _test)
-del _name, _test
+parametrize(CorpusTests, {name: (name,) for name in TARGETS}, _replay, "test_corpus_of_{}_passes")

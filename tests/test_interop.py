@@ -12,7 +12,7 @@ import orjson
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
-from tests.support import aiocoap_request, coap_url, libcoap_request, queued, start_gateway
+from tests.support import aiocoap_request, coap_url, libcoap_request, parametrize, queued, start_gateway
 
 NOW = 1764300000
 
@@ -74,8 +74,12 @@ class InteropBase(TestCase):
     def setUp(self):
         self.gateway = yield start_gateway(self)
 
+    #: set by each generated class below
+    client = host = None
+
     @defer.inlineCallbacks
-    def check(self, client, host, case):
+    def check(self, case):
+        client, host = self.client, self.host
         method, path, content_format, payload, expected, device = CASES[case]
         url = coap_url(host, self.gateway.port, path)
         response = yield CLIENTS[client](method, url, payload, content_format)
@@ -98,7 +102,8 @@ class InteropBase(TestCase):
             self.assertEqual(times[-1], envelope.received)
 
     @defer.inlineCallbacks
-    def check_well_known_core(self, client, host):
+    def check_well_known_core(self):
+        client, host = self.client, self.host
         response = yield CLIENTS[client]("get", coap_url(host, self.gateway.port, "/.well-known/core"))
         self.assertEqual(response.code, "2.05", response)
         links = response.payload.decode().split(",")
@@ -107,20 +112,12 @@ class InteropBase(TestCase):
         self.assertIn('</data>;rt="sense.readings";if="core.b";ct="50 60 110 112"', links)
 
 
-def _add_tests():
-    for client in CLIENTS:
-        for family, host in HOSTS.items():
-            attributes = {}
-            for case in CASES:
-                def test(self, client=client, host=host, case=case):
-                    return self.check(client, host, case)
-                attributes[f"test_{case}"] = test
-
-            def test_well_known_core(self, client=client, host=host):
-                return self.check_well_known_core(client, host)
-            attributes["test_well_known_core"] = test_well_known_core
-            name = f"{client.capitalize()}{family.upper()}Tests"
-            globals()[name] = type(name, (InteropBase,), attributes)
-
-
-_add_tests()
+# One class per (client, address family), so a run names both; in it, one
+# method per case.
+for _client in CLIENTS:
+    for _family, _host in HOSTS.items():
+        _name = f"{_client.capitalize()}{_family.upper()}Tests"
+        globals()[_name] = parametrize(
+            parametrize(type(_name, (InteropBase,), {"client": _client, "host": _host}),
+                        {case: (case,) for case in CASES}, InteropBase.check),
+            {"well_known_core": ()}, InteropBase.check_well_known_core)

@@ -12,6 +12,8 @@ from sense_gateway.config import Config, load_config
 from sense_gateway.envelope import Envelope, Reading
 from sense_gateway.validation import sense_validate
 
+from tests.support import parametrize
+
 RECEIVED = 1764300000.0
 MIN_TIMESTAMP = 946684800.0
 CONFIG = load_config(environ={}, overrides={
@@ -90,14 +92,11 @@ ACCEPTED = {
 }
 
 
-def _accepted_case(make):
-    def test(self):
-        self.assertEqual(sense_validate(make(), CONFIG), [])
-    return test
+def _accepted(self, make):
+    self.assertEqual(sense_validate(make(), CONFIG), [])
 
 
-for _name, _make in ACCEPTED.items():
-    setattr(ValidationBoundaryTests, f"test_{_name}", _accepted_case(_make))
+parametrize(ValidationBoundaryTests, {name: (make,) for name, make in ACCEPTED.items()}, _accepted)
 
 
 class ValidationProblemTests(SynchronousTestCase):
@@ -176,12 +175,9 @@ PROBLEMS = {
 }
 
 
-def _problem_case(make, problem):
-    def test(self):
-        self.assertEqual(sense_validate(make(), CONFIG), [problem])
-        self.assertLess(len(problem), 100)
-    return test
+def _problem(self, make, problem):
+    self.assertEqual(sense_validate(make(), CONFIG), [problem])
+    self.assertLess(len(problem), 100)
 
 
-for _name, (_make, _problem) in PROBLEMS.items():
-    setattr(ValidationProblemTests, f"test_{_name}", _problem_case(_make, _problem))
+parametrize(ValidationProblemTests, PROBLEMS, _problem)
