@@ -3,9 +3,12 @@ with RFC 1982 serial arithmetic on 32 bits."""
 
 from __future__ import annotations
 
+from hypothesis import assume, given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from sense_gateway.sequence import SequenceState, Verdict, judge
+from sense_gateway.sequence import (
+    DIGEST_SIZE, HALF, MODULUS, WINDOW, SequenceState, Verdict, judge,
+)
 
 
 def run(seqs, state=None):
@@ -213,3 +216,67 @@ class ContentDigestTests(SynchronousTestCase):
         digest = self.digest()
         self.assertEqual(len(digest), DIGEST_SIZE)
         self.assertNotEqual(digest, UNKNOWN)
+
+
+#: 32-bit sequence numbers, often close to where they wrap around
+_SEQ = st.one_of(st.integers(0, MODULUS - 1), st.integers(MODULUS - 80, MODULUS - 1))
+
+
+def _digest(n: int) -> bytes:
+    """A content digest of its own for message *n* (never the unknown one)."""
+    return (n + 1).to_bytes(DIGEST_SIZE, "big")
+
+
+def _judged(messages, boot=None):
+    """(verdict, lost) per (seq, content) message, and the final state."""
+    state, out = SequenceState(), []
+    for seq, content in messages:
+        result = judge(state, seq, _digest(content), boot)
+        out.append((result.verdict, result.lost))
+        state = result.state
+    return out, state
+
+
+class SequenceProperties(SynchronousTestCase):
+    """What holds for every stream, wrap-around included (RFC 1982)."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(start=_SEQ, shift=_SEQ, steps=st.lists(st.integers(-80, 80), min_size=1, max_size=40))
+    def test_verdicts_depend_only_on_differences_between_numbers(self, start, shift, steps):
+        # One boot, so going back to 0 is not taken for a reboot: moving the
+        # whole stream anywhere in the 32-bit space, across the wrap or not,
+        # judges every message the same.
+        seqs = [(start + sum(steps[:i])) % MODULUS for i in range(len(steps) + 1)]
+        shifted = [(seq + shift) % MODULUS for seq in seqs]
+        self.assertEqual(_judged([(s, i) for i, s in enumerate(seqs)], boot=1)[0],
+                         _judged([(s, i) for i, s in enumerate(shifted)], boot=1)[0])
+
+    @settings(max_examples=300, deadline=None)
+    @given(start=_SEQ, count=st.integers(1, WINDOW), data=st.data(), with_boot=st.booleans())
+    def test_numbers_within_the_window_in_any_order_are_each_accepted_and_none_lost(
+            self, start, count, data, with_boot):
+        numbers = [(start + i) % MODULUS for i in range(count)]
+        # Without a boot counter, going back to 0 is a reboot (RebootTests).
+        assume(with_boot or 0 not in numbers)
+        boot = 7 if with_boot else None
+        order = data.draw(st.permutations(numbers))
+        judged, state = _judged([(seq, numbers.index(seq)) for seq in order], boot)
+        self.assertEqual(judged[0], (Verdict.FIRST, 0))
+        self.assertLessEqual({verdict for verdict, _ in judged[1:]},
+                             {Verdict.NEXT, Verdict.GAP, Verdict.LATE})
+        self.assertEqual((state.counters.received, state.counters.lost, state.counters.duplicates,
+                          state.counters.resets), (count, 0, 0, 0))
+        self.assertEqual(state.last_seq, numbers[-1])
+        # Every one of them sent again with the same content is a duplicate.
+        for seq in data.draw(st.permutations(numbers)):
+            result = judge(state, seq, _digest(numbers.index(seq)), boot)
+            self.assertEqual(result.verdict, Verdict.DUPLICATE, seq)
+            self.assertEqual(result.state.counters.received, count)
+
+    @settings(max_examples=300, deadline=None)
+    @given(start=_SEQ, ahead=st.integers(1, HALF - 1))
+    def test_a_number_ahead_counts_the_ones_between_as_lost(self, start, ahead):
+        first = judge(SequenceState(), start, _digest(0)).state
+        result = judge(first, (start + ahead) % MODULUS, _digest(1))
+        self.assertEqual((result.verdict, result.lost, result.state.counters.lost),
+                         (Verdict.NEXT if ahead == 1 else Verdict.GAP, ahead - 1, ahead - 1))
