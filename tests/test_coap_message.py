@@ -135,3 +135,35 @@ class EncodeTests(SynchronousTestCase):
                          (mtype, code, mid, token))
         self.assertEqual((message.path, message.content_format, message.payload),
                          (tuple(path), content_format, payload))
+
+
+class TruncationProperties(SynchronousTestCase):
+    """A datagram cut short on the way is never read as something else."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(mtype=st.integers(0, 3), code=st.sampled_from([1, 2, 3, 0x44, 0x84]),
+           mid=st.integers(0, 0xFFFF), token=st.binary(max_size=8),
+           path=st.lists(st.binary(min_size=1, max_size=20), max_size=4),
+           content_format=st.one_of(st.none(), st.integers(0, 0xFFFF)),
+           payload=st.binary(max_size=20), data=st.data())
+    def test_a_cut_message_is_malformed_with_its_id_or_a_prefix_of_itself(
+            self, mtype, code, mid, token, path, content_format, payload, data):
+        options = [(URI_PATH, segment) for segment in path]
+        if content_format is not None:
+            options.append((CONTENT_FORMAT, content_format))
+        datagram = encode(mtype, code, mid, token, options, payload)
+        cut = data.draw(st.integers(4, len(datagram)))
+        try:
+            message = parse(datagram[:cut])
+        except MalformedMessage as e:
+            # The header survived: a CON can still be answered with a Reset.
+            self.assertEqual((e.mtype, e.mid), (mtype, mid))
+            return
+        self.assertEqual((message.mtype, message.code, message.mid, message.token),
+                         (mtype, code, mid, token))
+        self.assertEqual(message.path, tuple(path)[:len(message.path)])
+        self.assertIn(message.content_format, (None, content_format))
+        self.assertTrue(payload.startswith(message.payload))
+        if cut == len(datagram):
+            self.assertEqual((message.path, message.content_format, message.payload),
+                             (tuple(path), content_format, payload))
