@@ -11,6 +11,7 @@ from typing import Any
 
 import cbor2
 import orjson
+from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from sense_gateway.envelope import Decoded, Reading, RequestContext
@@ -229,3 +230,58 @@ parametrize(SenmlRefusalTests, {
     **{f"json_{name}": (payload, 110, diagnostic) for name, (payload, diagnostic) in BAD_JSON.items()},
     **{f"cbor_{name}": (payload, 112, diagnostic) for name, (payload, diagnostic) in BAD_CBOR.items()},
 }, SenmlRefusalTests.assertRefused)
+
+
+def _outcome(payload: bytes, content_format: int):
+    """The readings decoded, or the diagnostic of the refusal."""
+    try:
+        return decode(payload, content_format)
+    except DecodeError as e:
+        return ("refused", e.diagnostic)
+
+
+def _resolved(pack: list[dict]) -> list[dict]:
+    """RFC 8428 section 4.6 by hand: every record with its base values
+    applied and the base fields gone (the base name repeated, since the
+    base name is the device)."""
+    base = {"bn": "", "bt": 0, "bv": 0, "bs": 0, "bu": ""}
+    out = []
+    for record in pack:
+        base.update({label: record[label] for label in base if label in record})
+        resolved = {"bn": base["bn"], "t": base["bt"] + record.get("t", 0)}
+        resolved.update({label: record[label] for label in ("n", "vs", "vb") if label in record})
+        if "v" in record:
+            resolved["v"] = base["bv"] + record["v"]
+        if "s" in record:
+            resolved["s"] = base["bs"] + record["s"]
+        if record.get("u") or base["bu"]:
+            resolved["u"] = record.get("u") or base["bu"]
+        out.append(resolved)
+    return out
+
+
+_NUMBER = st.one_of(st.integers(-1000, 1000),
+                    st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False))
+_UNIT = st.sampled_from(["Cel", "%RH", "W", "J"])
+_VALUE = st.one_of(st.fixed_dictionaries({"v": _NUMBER}), st.fixed_dictionaries({"vs": st.text(max_size=4)}),
+                   st.fixed_dictionaries({"vb": st.booleans()}), st.fixed_dictionaries({"s": _NUMBER}),
+                   st.fixed_dictionaries({"v": _NUMBER, "s": _NUMBER}))
+_RECORD = st.tuples(_VALUE, st.fixed_dictionaries({}, optional={
+    "bt": st.one_of(st.integers(1_700_000_000, 1_800_000_000), st.integers(-50, 50)),
+    "bv": _NUMBER, "bs": _NUMBER, "bu": _UNIT, "t": st.integers(-50, 50), "u": _UNIT,
+    "n": st.sampled_from(["t", "h", "p", "e"]),
+    # the same device, with or without its separator
+    "bn": st.sampled_from([f"{DEVICE}:", DEVICE])}))
+
+
+class SenmlResolutionProperties(SynchronousTestCase):
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(_RECORD, min_size=1, max_size=6))
+    def test_base_values_are_only_a_shorter_way_to_write_the_pack(self, records):
+        pack = [{**extra, **value} for value, extra in records]
+        pack[0].setdefault("bn", f"{DEVICE}:")
+        outcomes = {encoding: (_outcome(encode(pack), cf), _outcome(encode(_resolved(pack)), cf))
+                    for encoding, (cf, encode) in ENCODERS.items()}
+        self.assertEqual(outcomes["json"][0], outcomes["json"][1])
+        # And the encoding does not matter.
+        self.assertEqual(outcomes["json"], outcomes["cbor"])
