@@ -360,6 +360,16 @@ def decode_number(payload, context):
     return Decoded(readings=[Reading(fields={"value": value})], device="dev-1", seq=None)
 
 
+def assert_refused(testcase, diagnostic: str, decode, *args) -> None:
+    """``decode(*args)`` refuses the payload as a 4.00 with exactly
+    *diagnostic*, short enough to be a CoAP diagnostic payload."""
+    from sense_gateway.errors import BAD_REQUEST
+
+    error = testcase.assertRaises(DecodeError, decode, *args)
+    testcase.assertEqual((error.code, error.diagnostic), (BAD_REQUEST, diagnostic))
+    testcase.assertLess(len(error.diagnostic), 100)
+
+
 def request_datagram(code=coap.POST, path="data", payload=b"", content_format=None,
                      mtype=coap.CON, mid=0x1234, token=b"\x01\x02", options=()) -> bytes:
     """A request as bytes, built with txthings' encoder (not ours, so the

@@ -12,12 +12,12 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sense_gateway.config import load_config
 from sense_gateway.envelope import Envelope, Reading, RequestContext
-from sense_gateway.errors import BAD_REQUEST, ConfigError, DecodeError
+from sense_gateway.errors import ConfigError
 from sense_gateway.formats import Format
 from sense_gateway.plugins import make_plugin_manager
 from sense_gateway.validation import sense_validate
 
-from tests.support import parametrize
+from tests.support import assert_refused, parametrize
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "plugins" / "example_kv.py"
 RECEIVED = 1764300000.0
@@ -124,8 +124,7 @@ REFUSALS = {
 
 def _refused(self, body: bytes, diagnostic: str):
     [fmt] = load_example().sense_register_formats(load_config(environ={}))
-    error = self.assertRaises(DecodeError, fmt.decode, body, CONTEXT)
-    self.assertEqual((error.code, error.diagnostic), (BAD_REQUEST, diagnostic))
+    assert_refused(self, diagnostic, fmt.decode, body, CONTEXT)
 
 
 parametrize(ExampleRefusalTests, REFUSALS, _refused)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from sense_gateway.envelope import Decoded, Reading, RequestContext
-from sense_gateway.errors import BAD_REQUEST, DecodeError
+from sense_gateway.errors import DecodeError
 from sense_gateway.formats import sense_text
 
-from tests.support import parametrize
+from tests.support import assert_refused, parametrize
 
 RECEIVED = 1764300000.0
 [FORMAT] = sense_text.sense_register_formats()
@@ -143,8 +143,7 @@ REFUSALS = {
 
 
 def _refused(self, body: bytes, diagnostic: str):
-    error = self.assertRaises(DecodeError, decode, body)
-    self.assertEqual((error.code, error.diagnostic), (BAD_REQUEST, diagnostic))
+    assert_refused(self, diagnostic, decode, body)
 
 
 parametrize(SenseTextRefusalTests, REFUSALS, _refused)
