@@ -39,13 +39,12 @@ import gc
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from sense_gateway.processor import BatchProcessor, Outcome, Result
 from sense_gateway.registry import RegistryUnavailable
+from sense_gateway.threads import BlockingThreads
 
 log = Logger()
 
@@ -75,7 +74,8 @@ class ProcessorService(Service):
         self.swept = 0
         self.reactor = reactor
         self.processor: BatchProcessor | None = None
-        self._pool: ThreadPool | None = None
+        #: the worker's thread: opens, uses and (stopping, last) closes the processor
+        self.threads = BlockingThreads("sense-processor", reactor, close=self._close)
         self._round: defer.Deferred | None = None
         self._sleep: defer.Deferred | None = None
         #: the deletes of the last batch, still being written
@@ -98,8 +98,7 @@ class ProcessorService(Service):
         # What exists by now (modules, configuration) lives as long as the
         # process: the collector need not scan it again.
         gc.freeze()
-        self._pool = ThreadPool(1, 1, name="sense-processor")
-        self._pool.start()
+        self.threads.startService()
         self._round = self._start()
         self._round.addErrback(lambda f: log.failure("processor stopped", f))
         self._sweeper = task.LoopingCall(self._sweep)
@@ -119,7 +118,11 @@ class ProcessorService(Service):
             log.warn("liveness sweep failed: {reason}", reason=f"{type(e).__name__}: {e}")
 
     def _in_thread(self, function, *args):
-        return deferToThreadPool(self.reactor, self._pool, function, *args)
+        return self.threads.run(function, *args)
+
+    def _close(self) -> None:
+        if self.processor is not None:
+            self.processor.close()
 
     def _open(self) -> None:
         processor = self.make_processor()
@@ -302,11 +305,9 @@ class ProcessorService(Service):
             if self._round is not None:
                 # A round in progress finishes settling its batch first.
                 yield self._round
-            if self.processor is not None:
-                yield self._in_thread(self.processor.close)
         except Exception:
             log.failure("processor did not stop cleanly")
         finally:
-            self._pool.stop()
+            yield self.threads.stopService()
             gc.set_threshold(*self._gc_threshold)
             gc.unfreeze()
