@@ -35,8 +35,6 @@ device that went silent shows as such in InfluxDB too.
 
 from __future__ import annotations
 
-import gc
-
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -47,15 +45,6 @@ from sense_gateway.registry import RegistryUnavailable
 from sense_gateway.threads import BlockingThreads
 
 log = Logger()
-
-#: The collector's first threshold while a processor runs. The processor
-#: makes a dozen container objects per reading, most of them alive until
-#: their batch is written: at Python's default (700) the collector ran
-#: every few dozen readings and kept scanning the batches in flight
-#: (raising it took the processor from ~17,000 to ~23,000 readings/s in
-#: ``sense bench --end-to-end --split``). Only reference cycles, rare
-#: here, wait longer to be freed; reference counting frees the rest.
-GC_THRESHOLD = 50_000
 
 
 class ProcessorService(Service):
@@ -87,17 +76,9 @@ class ProcessorService(Service):
         self.problem: str | None = None
         #: failed tries in a row of the current outage (or of starting)
         self._failures = 0
-        self._gc_threshold = gc.get_threshold()
 
     def startService(self) -> None:
         super().startService()
-        self._gc_threshold = gc.get_threshold()
-        threshold, *older = self._gc_threshold
-        if 0 < threshold < GC_THRESHOLD:
-            gc.set_threshold(GC_THRESHOLD, *older)
-        # What exists by now (modules, configuration) lives as long as the
-        # process: the collector need not scan it again.
-        gc.freeze()
         self.threads.startService()
         self._round = self._start()
         self._round.addErrback(lambda f: log.failure("processor stopped", f))
@@ -309,5 +290,3 @@ class ProcessorService(Service):
             log.failure("processor did not stop cleanly")
         finally:
             yield self.threads.stopService()
-            gc.set_threshold(*self._gc_threshold)
-            gc.unfreeze()
