@@ -18,11 +18,10 @@ from collections.abc import Callable
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
 from sense_gateway.limits import TokenBuckets
+from sense_gateway.threads import BlockingThreads
 
 log = Logger()
 
@@ -139,7 +138,7 @@ class DirectoryService(Service):
         self.registry_interval = registry_interval
         self._open_store, self._open_registry = open_store, open_registry
         self._store = self._registry = None
-        self._pool: ThreadPool | None = None
+        self.threads = BlockingThreads("sense-directory", reactor, close=self._close)
         self._loop = task.LoopingCall(self.refresh)
         self._loop.clock = reactor
         self._ids_due = 0.0
@@ -159,8 +158,7 @@ class DirectoryService(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._pool = ThreadPool(1, 1, name="sense-directory")
-        self._pool.start()
+        self.threads.startService()
         self._loop.start(self.interval, now=True)
 
     @defer.inlineCallbacks
@@ -168,18 +166,15 @@ class DirectoryService(Service):
         super().stopService()
         if self._loop.running:
             self._loop.stop()
-        if self._running is not None:
-            yield self._running
-        yield deferToThreadPool(self.reactor, self._pool, self._close)
-        self._pool.stop()
+        # A refresh under way finishes; then the stores close on their thread.
+        yield self.threads.stopService()
 
     def refresh(self):
         """One refresh; a failing one is logged and the old view kept."""
         if self._running is not None:
             return None
         want_ids = self.reactor.seconds() >= self._ids_due
-        self._running = d = deferToThreadPool(self.reactor, self._pool, self._read,
-                                              self.directory.serial, want_ids)
+        self._running = d = self.threads.run(self._read, self.directory.serial, want_ids)
         d.addCallbacks(self._apply, self._failed, callbackArgs=(want_ids,))
         d.addBoth(self._done)
         return d

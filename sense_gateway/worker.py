@@ -35,28 +35,16 @@ device that went silent shows as such in InfluxDB too.
 
 from __future__ import annotations
 
-import gc
-
 from twisted.application.service import Service
 from twisted.internet import defer, task
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from sense_gateway.processor import BatchProcessor, Outcome, Result
 from sense_gateway.registry import RegistryUnavailable
+from sense_gateway.threads import BlockingThreads
 
 log = Logger()
-
-#: The collector's first threshold while a processor runs. The processor
-#: makes a dozen container objects per reading, most of them alive until
-#: their batch is written: at Python's default (700) the collector ran
-#: every few dozen readings and kept scanning the batches in flight
-#: (raising it took the processor from ~17,000 to ~23,000 readings/s in
-#: ``sense bench --end-to-end --split``). Only reference cycles, rare
-#: here, wait longer to be freed; reference counting frees the rest.
-GC_THRESHOLD = 50_000
 
 
 class ProcessorService(Service):
@@ -75,7 +63,8 @@ class ProcessorService(Service):
         self.swept = 0
         self.reactor = reactor
         self.processor: BatchProcessor | None = None
-        self._pool: ThreadPool | None = None
+        #: the worker's thread: opens, uses and (stopping, last) closes the processor
+        self.threads = BlockingThreads("sense-processor", reactor, close=self._close)
         self._round: defer.Deferred | None = None
         self._sleep: defer.Deferred | None = None
         #: the deletes of the last batch, still being written
@@ -87,19 +76,10 @@ class ProcessorService(Service):
         self.problem: str | None = None
         #: failed tries in a row of the current outage (or of starting)
         self._failures = 0
-        self._gc_threshold = gc.get_threshold()
 
     def startService(self) -> None:
         super().startService()
-        self._gc_threshold = gc.get_threshold()
-        threshold, *older = self._gc_threshold
-        if 0 < threshold < GC_THRESHOLD:
-            gc.set_threshold(GC_THRESHOLD, *older)
-        # What exists by now (modules, configuration) lives as long as the
-        # process: the collector need not scan it again.
-        gc.freeze()
-        self._pool = ThreadPool(1, 1, name="sense-processor")
-        self._pool.start()
+        self.threads.startService()
         self._round = self._start()
         self._round.addErrback(lambda f: log.failure("processor stopped", f))
         self._sweeper = task.LoopingCall(self._sweep)
@@ -119,7 +99,11 @@ class ProcessorService(Service):
             log.warn("liveness sweep failed: {reason}", reason=f"{type(e).__name__}: {e}")
 
     def _in_thread(self, function, *args):
-        return deferToThreadPool(self.reactor, self._pool, function, *args)
+        return self.threads.run(function, *args)
+
+    def _close(self) -> None:
+        if self.processor is not None:
+            self.processor.close()
 
     def _open(self) -> None:
         processor = self.make_processor()
@@ -302,11 +286,7 @@ class ProcessorService(Service):
             if self._round is not None:
                 # A round in progress finishes settling its batch first.
                 yield self._round
-            if self.processor is not None:
-                yield self._in_thread(self.processor.close)
         except Exception:
             log.failure("processor did not stop cleanly")
         finally:
-            self._pool.stop()
-            gc.set_threshold(*self._gc_threshold)
-            gc.unfreeze()
+            yield self.threads.stopService()

@@ -208,17 +208,3 @@ class StopDuringProcessingTests(TestCase):
 
 
 SLOW_SINK: list = []
-
-
-class CollectorThresholdTests(TestCase):
-    @defer.inlineCallbacks
-    def test_processor_raises_the_collectors_threshold_while_it_runs(self):
-        import gc
-
-        from sense_gateway.worker import GC_THRESHOLD
-
-        before = gc.get_threshold()
-        gateway = yield start_gateway(self, role="all")
-        self.assertEqual(gc.get_threshold(), (max(before[0], GC_THRESHOLD), *before[1:]))
-        yield gateway.stopService()
-        self.assertEqual(gc.get_threshold(), before)

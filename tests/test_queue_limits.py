@@ -55,7 +55,7 @@ class QueueServiceLimitTests(TestCase):
     def test_a_full_file_refuses_puts_says_why_and_takes_them_again_with_room(self):
         queue = self.start()
         yield queue.put([envelope(1)])
-        yield queue._in_thread("limit_pages", None)
+        yield queue.with_store(lambda store: store.limit_pages(None))
         yield self.assertUnavailable(queue.put([envelope(i) for i in range(2, 400)]),
                                      "queue write failed")
         yield self.assertUnavailable(queue.put([envelope(401)] * 300), "queue write failed")
@@ -66,7 +66,7 @@ class QueueServiceLimitTests(TestCase):
         # Logged when writing started failing, not again for each commit.
         self.assertEqual(len(self.flushLoggedErrors(sqlite3.OperationalError)), 1)
 
-        yield queue._in_thread("limit_pages", 1_000_000)
+        yield queue.with_store(lambda store: store.limit_pages(1_000_000))
         yield queue.put([envelope(402)])
         yield queue.check()
         self.assertIsNone(queue.write_error)

@@ -7,7 +7,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor, task, threads
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sense_gateway.config import Config, QueueConfig
@@ -19,6 +19,7 @@ from sense_gateway.queues.sqlite import (
     make_sqlite_queue,
     sense_register_queues,
 )
+from sense_gateway.queues.sqlite_store import MissingJSONFunctions
 
 
 def envelope(seq=1) -> Envelope:
@@ -207,7 +208,10 @@ class StoreTests(SynchronousTestCase):
         self.assertTrue(letter.reason.startswith("undecodable envelope"), letter.reason)
 
     def test_a_body_that_is_not_utf8_is_dead_lettered_intact(self):
-        self.store.put_many([b"\xff\xfe{"])
+        # put_many takes envelopes' UTF-8 JSON only; a damaged row (another
+        # writer, a disk) still reaches receive, which must not lose it.
+        self.store.db.execute("INSERT INTO messages (body, enqueued_at, visible_at) "
+                              "VALUES (?, 0, 0)", (b"\xff\xfe{",))
         self.assertEqual([m.envelope.seq for m in self.store.receive(10)], [1, 2])
         [letter] = self.store.dead_letters()
         self.assertEqual(letter.body, b"\xff\xfe{")
@@ -368,8 +372,10 @@ class ServiceTests(TestCase):
         main = threading.get_ident()
         self.assertNotEqual(queue.opened_on, main)
         self.assertEqual({thread for _, thread in queue.batches}, {queue.opened_on})
-        self.assertEqual(queue._pool.max, 1)
-        self.assertIsNot(queue._pool, reactor.getThreadPool())
+        self.assertEqual(queue.threads.threads, 1)
+        # Not a thread of the reactor's own pool (DNS uses that one).
+        pooled = yield threads.deferToThread(threading.get_ident)
+        self.assertNotEqual(queue.opened_on, pooled)
 
     @defer.inlineCallbacks
     def test_batches_are_bounded(self):
@@ -493,6 +499,35 @@ class ServiceTests(TestCase):
         self.assertEqual((yield queue.replay([letter.id])), 1)
         [back] = yield queue.receive(10)
         self.assertEqual((back.envelope.seq, back.receive_count), (2, 1))
+
+
+class WithoutJSONFunctions(SQLiteQueueStore):
+    """A store whose connection cannot run json_each, as on a SQLite built
+    without the JSON functions (there the same probe fails with "no such
+    table: json_each"; here SQLite's authorizer refuses it)."""
+
+    def open_connection(self):
+        db = super().open_connection()
+
+        def authorize(action, table, *_):
+            refused = action == sqlite3.SQLITE_READ and table == "json_each"
+            return sqlite3.SQLITE_DENY if refused else sqlite3.SQLITE_OK
+        db.set_authorizer(authorize)
+        return db
+
+
+class JSONFunctionsTests(SynchronousTestCase):
+    def test_a_sqlite_without_json_functions_fails_the_open_naming_them(self):
+        path = Path(self.mktemp())
+        with self.assertRaises(MissingJSONFunctions) as caught:
+            WithoutJSONFunctions(path)
+        message = str(caught.exception)
+        self.assertIn(f"SQLite {sqlite3.sqlite_version} cannot run json_each", message)
+        self.assertIn("the queue needs SQLite's JSON functions", message)
+        # Nothing was made of the file: no schema for a store that cannot run.
+        check = sqlite3.connect(str(path))
+        self.addCleanup(check.close)
+        self.assertEqual(check.execute("SELECT count(*) FROM sqlite_master").fetchone(), (0,))
 
 
 class FactoryTests(SynchronousTestCase):

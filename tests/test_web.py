@@ -133,6 +133,18 @@ class WebTests(TestCase):
                                "milliseconds"))
 
     @defer.inlineCallbacks
+    def test_readings_and_series_refuse_bad_arguments_alike(self):
+        time_help = "-<n>[smhd], an ISO 8601 time, or epoch seconds or milliseconds"
+        for path in ("/api/readings?device=d&field=f", "/api/series?device=d"):
+            for query, error in (("&until=tomorrow", f"until: {time_help}"),
+                                 ("&since=-5x", f"since: {time_help}"),
+                                 ("&since=" + "9" * 400, f"since: {time_help}")):
+                code, body = yield self.get(path + query)
+                self.assertEqual((code, orjson.loads(body)), (400, {"error": error}), path + query)
+        code, body = yield self.get("/api/readings?field=t")
+        self.assertEqual((code, orjson.loads(body)), (400, {"error": "device and field are required"}))
+
+    @defer.inlineCallbacks
     def test_dashboard_page_and_its_chart_library_are_served_locally(self):
         response = yield http_get(self.base + "/")
         page = response.body

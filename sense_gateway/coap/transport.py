@@ -14,7 +14,6 @@ envelope records as the transport (``coap``, ``coaps``).
 
 from __future__ import annotations
 
-import gc
 import socket
 
 from twisted.application.service import Service
@@ -148,11 +147,6 @@ class CoapServer(Service):
 
     def _listen(self) -> None:
         self.port = bind_udp(self.reactor, self.transport, self.bind, self.port_number)
-        # What exists once the gateway is up (modules, plugins, resources)
-        # lives as long as the process: out of the garbage collector's way,
-        # so its full collections, which stop the reactor, scan only what
-        # requests left behind (tens of ms less at a time).
-        gc.freeze()
         log.info("{label} listening on {address}", label=self.label,
                  address=source_text((self.bind, self.address[1])))
 
@@ -163,7 +157,6 @@ class CoapServer(Service):
 
     def stopService(self):
         super().stopService()
-        gc.unfreeze()  # what start-up made may be garbage from now on
         if self.port is not None:
             port, self.port = self.port, None
             return port.stopListening()

@@ -54,9 +54,10 @@ gateway writes each put in the turn it arrives, with no added delay.
 transaction's completion, so the CoAP layer needs no Deferred per
 request.
 
-Threads: all SQLite work happens on one thread of the queue's own (never
-the reactor's pool, which DNS uses), which opens the connection and is the
-only one to use it. The reactor thread only serialises envelopes and hands
+Threads: all SQLite work happens on one thread of the queue's own (a
+:class:`~sense_gateway.threads.BlockingThreads`, never the reactor's pool,
+which DNS uses), which opens the connection and is the only one to use it;
+:meth:`SQLiteQueue.with_store` runs a callable on it. The reactor thread only serialises envelopes and hands
 them over, one hop per transaction, not per message. A transaction is one
 ``INSERT ... SELECT FROM json_each(?)`` statement in autocommit mode: that
 thread needs the GIL back from the busy reactor thread once per
@@ -79,16 +80,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from sense_gateway.envelope import Envelope
 from sense_gateway.errors import ConfigError, Unavailable
 from sense_gateway.hookspecs import hookimpl
 from sense_gateway.queues import DeadLetter, EnvelopeQueue, Received
-from sense_gateway.queues.sqlite_store import RECOUNT_INTERVAL, SQLiteQueueStore
+from sense_gateway.queues.sqlite_store import (RECOUNT_INTERVAL, MissingJSONFunctions,
+                                               SQLiteQueueStore)
+from sense_gateway.threads import BlockingThreads
 
 __all__ = ["SQLiteQueue", "SQLiteQueueStore", "make_sqlite_queue"]
 
@@ -119,8 +120,10 @@ class SQLiteQueue(EnvelopeQueue):
         self._recounting = False
         self._recount_call = None
         self._store: SQLiteQueueStore | None = None
-        self._pool: ThreadPool | None = None
-        self._closing = False
+        #: the one thread that opens the store and is the only one to use it
+        self.threads = BlockingThreads(f"sense-queue-sqlite {self.path.name}", reactor,
+                                       close=self._close, refusal="queue stopped",
+                                       max_age=retry_after)
         # (serialised envelopes of one put, what to call when it is done:
         # with None once committed, with the error if not), oldest first.
         self._pending: deque[tuple[list[bytes], Callable[[BaseException | None], object]]] = deque()
@@ -139,13 +142,11 @@ class SQLiteQueue(EnvelopeQueue):
 
     def startService(self) -> None:
         super().startService()
-        self._closing = False
-        self._pool = ThreadPool(1, 1, name=f"sense-queue-sqlite {self.path.name}")
-        self._pool.start()
-        # One worker thread runs tasks in order: the store opens before any
-        # put or receive reaches it. Were it to fail, each of those fails
-        # (puts with Unavailable) instead of hanging.
-        deferToThreadPool(self.reactor, self._pool, self._open).addCallbacks(
+        self.threads.startService()
+        # One thread runs calls in order: the store opens before any put or
+        # receive reaches it. Were it to fail, each of those fails (puts
+        # with Unavailable) instead of hanging.
+        self.threads.run(self._open).addCallbacks(
             self._counted,
             lambda f: log.failure("cannot open the queue {path}", f, path=str(self.path)))
 
@@ -158,23 +159,9 @@ class SQLiteQueue(EnvelopeQueue):
         if self._recount_call is not None and self._recount_call.active():
             self._recount_call.cancel()
         self._recount_call, self._recounting = None, False
-        pool = self._pool
-        if pool is None:
-            return succeed(None)
-
-        def close(_: object) -> Deferred[None]:
-            self._closing = True
-            return deferToThreadPool(self.reactor, pool, self._close)
-
-        def stop(result: object) -> None:
-            if isinstance(result, Failure):
-                log.failure("closing the queue {path} failed", result, path=str(self.path))
-            self._pool = None
-            pool.stop()
-
-        # Pending puts were promised a commit: write them, then close (work
-        # already handed to the thread runs before the close, in order).
-        return self._until_idle().addCallback(close).addBoth(stop)
+        # Pending puts were promised a commit: write them, then stop the
+        # thread (what was handed to it runs first, then the store closes).
+        return self._until_idle().addCallback(lambda _: self.threads.stopService())
 
     def _close(self) -> None:
         if self._store is not None:
@@ -188,21 +175,18 @@ class SQLiteQueue(EnvelopeQueue):
         self._idle.append(d)
         return d
 
-    def _in_thread(self, method: str, *args) -> Deferred:
-        if self._pool is None or self._closing:
-            # A stopped pool silently drops work: that would be a Deferred
-            # that never fires.
-            return fail(Unavailable("queue stopped", max_age=self.retry_after))
-        return deferToThreadPool(self.reactor, self._pool, self._call_store, method,
-                                 *args).addCallback(self._counted)
+    def with_store(self, use: Callable[[SQLiteQueueStore], object]) -> Deferred:
+        """``use(store)`` on the queue's thread (the only one that may
+        touch the store); fails with Unavailable once the queue stops."""
+        return self.threads.run(self._use_store, use).addCallback(self._counted)
 
-    def _call_store(self, method: str, *args):
+    def _use_store(self, use: Callable[[SQLiteQueueStore], object]):
         store = self._store
         if store is None:
             raise RuntimeError(f"queue {self.path} is not open")
         # The count comes back with every result, to be set on the
         # reactor's thread (one thread runs every call, in order).
-        return getattr(store, method)(*args), store.waiting
+        return use(store), store.waiting
 
     def _counted(self, outcome: tuple):
         result, self.waiting = outcome
@@ -258,7 +242,7 @@ class SQLiteQueue(EnvelopeQueue):
     def _recount(self) -> None:
         """While full and refusing, count again from the file now and then:
         another process may have drained it."""
-        if self._recounting or self._closing or self._pool is None:
+        if self._recounting or not self.threads.running:
             return
         self._recounting = True
 
@@ -269,7 +253,7 @@ class SQLiteQueue(EnvelopeQueue):
 
         def count() -> None:
             self._recount_call = None
-            self._in_thread("count_waiting").addBoth(done)
+            self.with_store(lambda store: store.count_waiting()).addBoth(done)
         # Not more often than the store trusts its count anyway.
         self._recount_call = self.reactor.callLater(RECOUNT_INTERVAL, count)
 
@@ -302,7 +286,7 @@ class SQLiteQueue(EnvelopeQueue):
             bodies.extend(item[0])
         self._pending_count -= len(bodies)
         self._committing = True
-        self._in_thread("put_many", bodies).addBoth(self._committed, batch)
+        self.with_store(lambda store: store.put_many(bodies)).addBoth(self._committed, batch)
 
     def _committed(self, result: object,
                    batch: list[tuple[list[bytes], Callable[[BaseException | None], object]]]) -> None:
@@ -349,28 +333,32 @@ class SQLiteQueue(EnvelopeQueue):
 
     def receive(self, max_messages: int,
                 visibility_timeout: float | None = None) -> Deferred[list[Received]]:
-        return self._in_thread("receive", max_messages, visibility_timeout)
+        return self.with_store(lambda store: store.receive(max_messages, visibility_timeout))
 
     def delete(self, receipts: list[str]) -> Deferred[int]:
-        return self._in_thread("delete", list(receipts))
+        receipts = list(receipts)
+        return self.with_store(lambda store: store.delete(receipts))
 
     def release(self, receipt: str, reason: str, delay: float = 0.0) -> Deferred[None]:
-        return self._in_thread("release", receipt, reason, delay)
+        return self.with_store(lambda store: store.release(receipt, reason, delay))
 
     def postpone(self, receipts: list[str], reason: str, delay: float = 0.0) -> Deferred[None]:
-        return self._in_thread("postpone", list(receipts), reason, delay)
+        receipts = list(receipts)
+        return self.with_store(lambda store: store.postpone(receipts, reason, delay))
 
     def dead_letter(self, receipt: str, reason: str) -> Deferred[None]:
-        return self._in_thread("dead_letter", receipt, reason).addCallback(lambda _: None)
+        return self.with_store(lambda store: store.dead_letter(receipt, reason)).addCallback(
+            lambda _: None)
 
     def depth(self) -> Deferred[dict[str, int]]:
-        return self._in_thread("depth")
+        return self.with_store(lambda store: store.depth())
 
     def dead_letters(self, limit: int = 100) -> Deferred[list[DeadLetter]]:
-        return self._in_thread("dead_letters", limit)
+        return self.with_store(lambda store: store.dead_letters(limit))
 
     def replay(self, ids: list | None = None) -> Deferred[int]:
-        return self._in_thread("replay", None if ids is None else list(ids))
+        ids = None if ids is None else list(ids)
+        return self.with_store(lambda store: store.replay(ids))
 
 
 def make_sqlite_queue(config, reactor) -> SQLiteQueue:
@@ -381,6 +369,8 @@ def make_sqlite_queue(config, reactor) -> SQLiteQueue:
         # Fail start-up here, naming the key, rather than on the first put.
         # (Before the reactor runs, so opening on this thread blocks no one.)
         SQLiteQueueStore(path, synchronous=q.synchronous).close()
+    except MissingJSONFunctions as e:
+        raise ConfigError(f"queue.backend \"sqlite\": {e}") from None
     except (sqlite3.Error, OSError) as e:
         raise ConfigError(f"queue.path: cannot open {path}: {e}") from None
     return SQLiteQueue(path, reactor, synchronous=q.synchronous, max_receives=q.max_receives,

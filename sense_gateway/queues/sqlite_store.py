@@ -3,6 +3,13 @@
 One connection used from one thread; the queue service
 (:mod:`sense_gateway.queues.sqlite`) runs it on its own thread, the CLI
 and tests use it directly.
+
+It needs SQLite's JSON functions (``json_each``, ``json_group_array``;
+built in since SQLite 3.38): a batch is one statement over a JSON array,
+so the writing thread takes the GIL back once per batch, not once per
+row. A SQLite without them fails the open with
+:class:`MissingJSONFunctions`, naming the problem, rather than running a
+slower second body of code that nothing tests.
 """
 
 from __future__ import annotations
@@ -55,13 +62,19 @@ RECOUNT_INTERVAL = 1.0
 #: (the first receive looks at once)
 RECLAIM_INTERVAL = 5.0
 
-def _has_json_each(db: sqlite3.Connection) -> bool:
-    """Whether this SQLite has the JSON functions (built in since 3.38)."""
+class MissingJSONFunctions(sqlite3.NotSupportedError):
+    """This SQLite cannot run the JSON functions the queue's statements use."""
+
+
+def require_json_functions(db: sqlite3.Connection) -> None:
+    """Raise :class:`MissingJSONFunctions` unless *db* runs ``json_each``."""
     try:
         db.execute("SELECT count(*) FROM json_each('[]')").fetchone()
-    except sqlite3.OperationalError:
-        return False
-    return True
+    except sqlite3.DatabaseError as e:
+        raise MissingJSONFunctions(
+            f"SQLite {sqlite3.sqlite_version} cannot run json_each ({e}): the queue needs "
+            "SQLite's JSON functions (built in since 3.38; a build without "
+            "SQLITE_OMIT_JSON)") from None
 
 
 class SQLiteQueueStore:
@@ -84,11 +97,13 @@ class SQLiteQueueStore:
         self.clock = clock
         # Autocommit mode: every transaction below is explicit, so a commit
         # is exactly where this code says it is.
-        self.db = sqlite3.connect(str(self.path), isolation_level=None)
+        self.db = self.open_connection()
         try:
             # Set before anything else: busy_timeout covers the WAL switch too,
             # which another open connection (the CLI) can make wait.
             self.db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+            # Before the file gets a schema: nothing is made that cannot be used.
+            require_json_functions(self.db)
             mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode.lower() != "wal":
                 # Still correct, only slower and readers block the writer
@@ -104,7 +119,6 @@ class SQLiteQueueStore:
             self._next_reclaim = 0.0
             #: messages made visible again because their holder was gone
             self.reclaimed = 0
-            self._json_each = _has_json_each(self.db)
             #: messages in the queue (not dead letters): counted now and
             #: again at least every RECOUNT_INTERVAL while puts arrive, kept
             #: up to date by this store's own changes in between
@@ -114,6 +128,10 @@ class SQLiteQueueStore:
         except BaseException:
             self.db.close()
             raise
+
+    def open_connection(self) -> sqlite3.Connection:
+        """The store's connection, in autocommit mode (tests override it)."""
+        return sqlite3.connect(str(self.path), isolation_level=None)
 
     def close(self) -> None:
         self.db.close()
@@ -132,32 +150,20 @@ class SQLiteQueueStore:
             self.waiting += count
 
     def put_many(self, bodies: Iterable[bytes]) -> None:
-        """Append envelope documents, all in one transaction."""
+        """Append envelope documents (UTF-8 JSON, as :meth:`Envelope.to_json`
+        makes them), all in one transaction."""
         now = self.clock()
-        bodies = list(bodies)
-        if self._json_each:
-            try:
-                texts = orjson.dumps([body.decode("utf-8") for body in bodies])
-            except (UnicodeDecodeError, AttributeError):
-                pass  # not all UTF-8 bytes: the general way below
-            else:
-                # One statement in autocommit mode is one transaction, and
-                # one step: the sqlite3 module lets go of the GIL and must
-                # take it back from the busy reactor thread once per step,
-                # not once per row (executemany) or per BEGIN and COMMIT.
-                # A writing statement takes the write lock as it starts, as
-                # BEGIN IMMEDIATE would.
-                self.db.execute(
-                    "INSERT INTO messages (body, enqueued_at, visible_at) "
-                    "SELECT CAST(value AS BLOB), ?, 0 FROM json_each(?) ORDER BY key",
-                    (now, texts))
-                self._note_put(len(bodies), now)
-                return
-        with self._transaction():
-            self.db.executemany(
-                "INSERT INTO messages (body, enqueued_at, visible_at) VALUES (?, ?, 0)",
-                [(body, now) for body in bodies])
-        self._note_put(len(bodies), now)
+        texts = [body.decode("utf-8") for body in bodies]
+        # One statement in autocommit mode is one transaction, and one step:
+        # the sqlite3 module lets go of the GIL and must take it back from
+        # the busy reactor thread once per step, not once per row
+        # (executemany) or per BEGIN and COMMIT. A writing statement takes
+        # the write lock as it starts, as BEGIN IMMEDIATE would.
+        self.db.execute(
+            "INSERT INTO messages (body, enqueued_at, visible_at) "
+            "SELECT CAST(value AS BLOB), ?, 0 FROM json_each(?) ORDER BY key",
+            (now, orjson.dumps(texts)))
+        self._note_put(len(texts), now)
 
     def receive(self, max_messages: int, visibility_timeout: float | None = None) -> list[Received]:
         now = self.clock()
@@ -219,10 +225,6 @@ class SQLiteQueueStore:
 
     def _visible(self, now: float, limit: int) -> list[tuple[int, bytes, int, str | None]]:
         """The next *limit* visible messages: (id, body, receive count, last error)."""
-        if not self._json_each:
-            return self.db.execute(
-                "SELECT id, body, receive_count, last_error FROM messages "
-                "WHERE visible_at <= ? ORDER BY id LIMIT ?", (now, limit)).fetchall()
         # The whole batch as one JSON text, so one step of one statement:
         # the sqlite3 module lets go of the GIL for every step (every row
         # fetched) and then waits to get it back from the busy processor
@@ -241,17 +243,10 @@ class SQLiteQueueStore:
         """Hide received messages until *visible_at* with receipts ``id:token``."""
         if not ids:
             return
-        holder = self.holders.name
-        if self._json_each:
-            self.db.execute(
-                "UPDATE messages SET visible_at = ?, receive_count = receive_count + 1, "
-                "receipt = id || ':' || ?, held_by = ? WHERE id IN (SELECT value FROM json_each(?))",
-                (visible_at, token, holder, orjson.dumps(ids)))
-            return
-        self.db.executemany(
+        self.db.execute(
             "UPDATE messages SET visible_at = ?, receive_count = receive_count + 1, "
-            "receipt = ?, held_by = ? WHERE id = ?",
-            [(visible_at, f"{message_id}:{token}", holder, message_id) for message_id in ids])
+            "receipt = id || ':' || ?, held_by = ? WHERE id IN (SELECT value FROM json_each(?))",
+            (visible_at, token, self.holders.name, orjson.dumps(ids)))
 
     def _bury(self, message_id: int, reason: str, now: float, receipt: str | None = None) -> int:
         """Move one message to the dead letters (only if it still has
@@ -276,22 +271,13 @@ class SQLiteQueueStore:
         receipts = list(receipts)
         if not receipts:
             return 0
-        if self._json_each:
-            # One statement, one step (see _visible). A receipt names its
-            # row: the ids find the rows, the receipts must match exactly.
-            deleted = self.db.execute(
-                "DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?)) "
-                "AND receipt IN (SELECT value FROM json_each(?))",
-                (orjson.dumps([_receipt_id(r) for r in receipts]), orjson.dumps(receipts))
-            ).rowcount
-            self.waiting -= deleted
-            return deleted
-        with self._transaction():
-            deleted = 0
-            for receipt in receipts:
-                deleted += self.db.execute(
-                    "DELETE FROM messages WHERE id = ? AND receipt = ?",
-                    (_receipt_id(receipt), receipt)).rowcount
+        # One statement, one step (see _visible). A receipt names its row:
+        # the ids find the rows, the receipts must match exactly.
+        deleted = self.db.execute(
+            "DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?)) "
+            "AND receipt IN (SELECT value FROM json_each(?))",
+            (orjson.dumps([_receipt_id(r) for r in receipts]), orjson.dumps(receipts))
+        ).rowcount
         self.waiting -= deleted
         return deleted
 

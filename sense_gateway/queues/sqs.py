@@ -33,11 +33,9 @@ come from the usual AWS chain (environment, profile, instance role).
 
 from __future__ import annotations
 
-from twisted.internet import defer, task
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from sense_gateway.envelope import Envelope
 from sense_gateway.errors import ConfigError, Unavailable
@@ -49,6 +47,7 @@ from sense_gateway.queues.sqs_client import (
     SENDERS,
     SQSQueueClient,
 )
+from sense_gateway.threads import BlockingThreads
 
 __all__ = ["SQSQueue", "SQSQueueClient", "make_sqs_queue"]
 
@@ -75,7 +74,9 @@ class SQSQueue(EnvelopeQueue):
         self.write_error: str | None = None
         self.refusals = {"stopped": 0, "busy": 0, "full": 0, "write failed": 0}
         self.client: SQSQueueClient | None = None
-        self._pool: ThreadPool | None = None
+        #: boto3's calls: one receiving, SENDERS sending side by side
+        self.threads = BlockingThreads("sense-queue-sqs", reactor, threads=SENDERS + 1,
+                                       refusal="queue stopped", max_age=self.retry_after)
         self._pending: list[tuple[str, defer.Deferred]] = []
         self._flush_call = None
         self._in_flight = 0
@@ -83,8 +84,7 @@ class SQSQueue(EnvelopeQueue):
 
     def startService(self) -> None:
         super().startService()
-        self._pool = ThreadPool(1, SENDERS + 1, name="sense-queue-sqs")
-        self._pool.start()
+        self.threads.startService()
         self.client = SQSQueueClient(self.config.aws, self.config.queue.max_receives,
                                      self.config.queue.visibility_timeout,
                                      wait=self.config.processor.poll_interval)
@@ -94,18 +94,11 @@ class SQSQueue(EnvelopeQueue):
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
             self._flush()
-        return self._drain().addCallback(lambda _: self._pool.stop())
-
-    @defer.inlineCallbacks
-    def _drain(self):
-        while self._in_flight:
-            yield task.deferLater(self.reactor, 0.01, lambda: None)
+        # Sends in flight were promised an answer: the stop waits for them.
+        return self.threads.stopService()
 
     def _call(self, function, *args) -> defer.Deferred:
-        if self._pool is None or self._pool.joined:
-            # A stopped pool drops work silently: fail rather than never fire.
-            return defer.fail(Unavailable("queue stopped", max_age=self.retry_after))
-        return deferToThreadPool(self.reactor, self._pool, function, *args)
+        return self.threads.run(function, *args)
 
     # -- puts: batched, several calls in flight -------------------------------
 

@@ -1,4 +1,5 @@
-"""The read-only JSON (and CSV) API over the registry and the embedded store.
+"""The web's resources: the read-only JSON (and CSV) API over the registry
+and the embedded store, ``/api/stats`` and ``/healthz``.
 
 - ``/api/devices``: one object per device, with its liveness (``state``,
   ``interval``, ``interval_source``, ``silent``), offline and late ones
@@ -24,11 +25,12 @@ import csv
 import datetime
 import io
 import re
+from dataclasses import dataclass
 
 import orjson
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web import resource, server
+from twisted.web import pages, resource, server
 
 from sense_gateway.liveness import fleet_order
 from sense_gateway.units import symbol
@@ -58,14 +60,21 @@ def parse_time(text: str, now: float) -> float:
     return moment.timestamp()
 
 
-#: kept for callers of the name it had
-parse_since = parse_time
-
-
 def json_response(request, status: int, body) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
     return orjson.dumps(body)
+
+
+class Folder(resource.Resource):
+    """A path segment with fixed children; anything else is a plain 404."""
+
+    def getChild(self, path, request):
+        return pages.notFound()
+
+
+class BadQuery(ValueError):
+    """A request's arguments are wrong: 400, with this message."""
 
 
 class AsyncResource(resource.Resource):
@@ -79,6 +88,9 @@ class AsyncResource(resource.Resource):
 
     def render_GET(self, request):
         def failed(failure):
+            if failure.check(BadQuery):
+                request.write(json_response(request, 400, {"error": str(failure.value)}))
+                return
             log.failure("{path} failed", failure, path=request.path)
             request.write(json_response(request, 500, {"error": "internal error"}))
         d = defer.maybeDeferred(self.respond, request)
@@ -102,31 +114,36 @@ class DevicesResource(AsyncResource):
         return self.web.in_thread(self.web.backends.devices).addCallback(rows)
 
 
-def _arguments(request) -> dict[str, str]:
-    return {k.decode(errors="replace"): v[0].decode(errors="replace")
-            for k, v in request.args.items()}
+@dataclass(frozen=True)
+class ReadingsQuery:
+    """What ``/api/readings`` and ``/api/series`` were asked, parsed once."""
 
+    device: str
+    #: the one field (readings), or None (series: every field)
+    field: str | None
+    since_ns: int
+    until_ns: int | None
+    csv: bool
 
-def _window(args, now) -> tuple[int, int | None]:
-    """(since, until) in nanoseconds; ValueError naming the argument."""
-    bounds = []
-    for name, default in (("since", "-1h"), ("until", None)):
-        text = args.get(name, default)
-        if text is None:
-            bounds.append(None)
-            continue
-        try:
-            bounds.append(int(parse_time(text, now) * 1e9))
-        except (ValueError, OverflowError):
-            raise ValueError(f"{name}: {TIME_HELP}") from None
-    return bounds[0], bounds[1]
-
-
-def wants_csv(request, args) -> bool:
-    if args.get("format") == "csv":
-        return True
-    accept = request.getHeader(b"accept") or b""
-    return args.get("format") is None and b"text/csv" in accept
+    @classmethod
+    def parse(cls, request, now: float, *, with_field: bool) -> "ReadingsQuery":
+        """The request's arguments; :class:`BadQuery` naming what is wrong."""
+        args = {k.decode(errors="replace"): v[0].decode(errors="replace")
+                for k, v in request.args.items()}
+        if "device" not in args or (with_field and "field" not in args):
+            raise BadQuery("device and field are required" if with_field
+                           else "device is required")
+        bounds = []
+        for name, default in (("since", "-1h"), ("until", None)):
+            text = args.get(name, default)
+            try:
+                bounds.append(None if text is None else int(parse_time(text, now) * 1e9))
+            except (ValueError, OverflowError):
+                raise BadQuery(f"{name}: {TIME_HELP}") from None
+        form = args.get("format")
+        wants_csv = form == "csv" or (form is None
+                                      and b"text/csv" in (request.getHeader(b"accept") or b""))
+        return cls(args["device"], args.get("field") if with_field else None, *bounds, wants_csv)
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -157,51 +174,64 @@ def csv_response(request, device: str, rows) -> bytes:
     return out.getvalue().encode("utf-8")
 
 
-class ReadingsResource(AsyncResource):
+class _StoreResource(AsyncResource):
+    """A query of the embedded store: parse, read on the web's thread, answer."""
+
+    with_field = True
+
     def respond(self, request):
-        args = _arguments(request)
-        if "device" not in args or "field" not in args:
-            return json_response(request, 400, {"error": "device and field are required"})
-        try:
-            since, until = _window(args, self.web.reactor.seconds())
-        except ValueError as e:
-            return json_response(request, 400, {"error": str(e)})
-        device, field = args["device"], args["field"]
-        d = self.web.in_thread(self.web.backends.readings, device, field, since, until)
-
-        def answer(rows):
-            if wants_csv(request, args):
-                return csv_response(request, device, ((t, field, v, u) for t, v, u in rows))
-            unit = next((u for _, _, u in reversed(rows) if u), None)
-            return json_response(request, 200, {
-                "device": device, "field": field, "unit": unit, "symbol": symbol(unit),
-                "points": [[t // 1_000_000, v] for t, v, _ in rows]})
-        return d.addCallback(answer)
+        query = ReadingsQuery.parse(request, self.web.reactor.seconds(),
+                                    with_field=self.with_field)
+        return self.web.in_thread(self.read, query).addCallback(
+            lambda found: self.answer(request, query, found))
 
 
-class SeriesResource(AsyncResource):
+class ReadingsResource(_StoreResource):
+    def read(self, query: ReadingsQuery):
+        return self.web.backends.readings(query.device, query.field, query.since_ns,
+                                          query.until_ns)
+
+    def answer(self, request, query: ReadingsQuery, rows):
+        device, field = query.device, query.field
+        if query.csv:
+            return csv_response(request, device, ((t, field, v, u) for t, v, u in rows))
+        unit = next((u for _, _, u in reversed(rows) if u), None)
+        return json_response(request, 200, {
+            "device": device, "field": field, "unit": unit, "symbol": symbol(unit),
+            "points": [[t // 1_000_000, v] for t, v, _ in rows]})
+
+
+class SeriesResource(_StoreResource):
+    with_field = False
+
+    def read(self, query: ReadingsQuery):
+        return self.web.backends.series(query.device, query.since_ns, query.until_ns)
+
+    def answer(self, request, query: ReadingsQuery, fields):
+        device = query.device
+        if query.csv:
+            rows = sorted((t, name, v, u) for name, points in fields.items()
+                          for t, v, u in points)
+            return csv_response(request, device, rows)
+        units = {name: next((u for _, _, u in reversed(points) if u), None)
+                 for name, points in fields.items()}
+        units = {name: unit for name, unit in units.items() if unit}
+        return json_response(request, 200, {
+            "device": device,
+            "fields": {name: [[t // 1_000_000, v] for t, v, _ in points]
+                       for name, points in fields.items()},
+            "units": units, "symbols": {name: symbol(u) for name, u in units.items()}})
+
+
+class StatsResource(AsyncResource):
     def respond(self, request):
-        args = _arguments(request)
-        if "device" not in args:
-            return json_response(request, 400, {"error": "device is required"})
-        try:
-            since, until = _window(args, self.web.reactor.seconds())
-        except ValueError as e:
-            return json_response(request, 400, {"error": str(e)})
-        device = args["device"]
-        d = self.web.in_thread(self.web.backends.series, device, since, until)
+        return self.web.stats().addCallback(lambda stats: json_response(request, 200, stats))
 
-        def answer(fields):
-            if wants_csv(request, args):
-                rows = sorted((t, name, v, u) for name, points in fields.items()
-                              for t, v, u in points)
-                return csv_response(request, device, rows)
-            units = {name: next((u for _, _, u in reversed(points) if u), None)
-                     for name, points in fields.items()}
-            units = {name: unit for name, unit in units.items() if unit}
-            return json_response(request, 200, {
-                "device": device,
-                "fields": {name: [[t // 1_000_000, v] for t, v, _ in points]
-                           for name, points in fields.items()},
-                "units": units, "symbols": {name: symbol(u) for name, u in units.items()}})
-        return d.addCallback(answer)
+
+class HealthResource(AsyncResource):
+    def respond(self, request):
+        def answer(failing):
+            if failing:
+                return json_response(request, 503, {"status": "failing", "failing": failing})
+            return json_response(request, 200, {"status": "ok"})
+        return self.web.health().addCallback(answer)

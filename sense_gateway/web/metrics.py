@@ -3,7 +3,12 @@ families, from the same statistics ``/api/stats`` serves."""
 
 from __future__ import annotations
 
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from twisted.internet import defer
+
+from sense_gateway.web.api import AsyncResource
 
 
 #: the message layers' counters as /metrics names them (``_total`` added)
@@ -164,3 +169,20 @@ class FleetCollector:
             total = CounterMetricFamily(f"sense_device_messages_{name}", documentation)
             total.add_metric([], sum(getattr(r.state.counters, name) for r in self.records))
             yield total
+
+
+class MetricsResource(AsyncResource):
+    """``/metrics``: the statistics, and the fleet when the registry is read here."""
+
+    @defer.inlineCallbacks
+    def respond(self, request):
+        web = self.web
+        stats = yield web.stats()
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(StatsCollector(stats, web.gateway))
+        if web.backends is not None:
+            records = yield web.in_thread(web.backends.devices)
+            registry.register(FleetCollector(records, web.reactor.seconds(), web.policy,
+                                             web.metrics_limit))
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        return generate_latest(registry)
