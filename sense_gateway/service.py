@@ -26,8 +26,8 @@ from sense_gateway.coap.transport import CoapServer, DTLSTransport, UDPTransport
 from sense_gateway.coap.tree import ResourceTree
 from sense_gateway.config import Config
 from sense_gateway.admission import IngestPolicy
-from sense_gateway.backends import (choose, credential_store_factory, named_factories,
-                                    processor_factory, registry_factory)
+from sense_gateway.backends import (credential_store_factory, processor_factory, queue_backend,
+                                    registry_factory)
 from sense_gateway.directory import DeviceDirectory, DirectoryService
 from sense_gateway.limits import TokenBuckets
 from sense_gateway.errors import PluginLoadError, code_text
@@ -155,10 +155,9 @@ def make_service(config: Config, reactor=None) -> GatewayService:
     if reactor is None:
         from twisted.internet import reactor
     pm = make_plugin_manager(config.disable_plugins, plugins_dir=config.plugins_dir)
-    queue_factory = choose(named_factories(pm, "sense_register_queues", "queue backend"),
-                           config.queue.backend, "queue.backend")
+    backend, settings = queue_backend(config, pm)
     processor = processor_factory(config, pm) if config.role in ("all", "processor") else None
-    queue = queue_factory(config, reactor)
+    queue = backend.open(config, settings, reactor)
     service = GatewayService(config, pm, queue, reactor)
     queue.setServiceParent(service)
     if config.role in ("all", "gateway"):

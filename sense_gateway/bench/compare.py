@@ -43,7 +43,7 @@ def run_compare(args) -> int:
         for name in [*peers, "gateway"]:
             if name == "gateway":
                 server = Gateway(workdir / "gateway", role=args.role,
-                                 settings={"queue.synchronous": args.synchronous}, host=host)
+                                 settings={"queue.sqlite.synchronous": args.synchronous}, host=host)
             else:
                 server = Peer(name, workdir, host=host)
             try:
@@ -64,7 +64,7 @@ def run_compare(args) -> int:
         if row["ok_rate"]:
             ratios[row["server"]] = round(gateway["ok_rate"] / row["ok_rate"], 2)
     document = {"machine": machine(), "load": describe_load(settings_from(args, host, 0)),
-                "gateway": {"role": args.role, "queue.synchronous": args.synchronous},
+                "gateway": {"role": args.role, "queue.sqlite.synchronous": args.synchronous},
                 "results": rows, "gateway_ratio": ratios}
     if args.json:
         sys.stdout.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults
@@ -139,6 +140,42 @@ class EnvelopeQueue(Service):
         """Move dead letters (all, or those with *ids*) back into the queue
         with their receive count reset; fire with how many moved."""
         raise NotImplementedError
+
+
+class QueueStore(Protocol):
+    """A synchronous handle on a queue for the ``sense queue`` and ``sense
+    dlq`` commands (no reactor runs there): the same answers as the
+    :class:`EnvelopeQueue` methods of the same names, returned directly."""
+
+    def depth(self) -> dict[str, int]: ...
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]: ...
+
+    def replay(self, ids: list | None = None) -> int: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class QueueBackend:
+    """What a queue backend brings, registered by ``sense_register_queues``.
+
+    ``open(config, settings, reactor)`` returns the :class:`EnvelopeQueue`
+    the gateway runs. ``open_store(config, settings)`` returns a
+    :class:`QueueStore` for the ``sense`` commands, or raises
+    :class:`~sense_gateway.errors.ConfigError` (no queue there); ``None``
+    means the backend offers the commands nothing. ``settings`` is a frozen
+    dataclass whose fields (``bool``, ``int``, ``float``, ``str`` or
+    ``tuple[str, ...]``, each with a default) are the keys of the backend's
+    own table ``[queue.NAME]`` (environment: ``SENSE_QUEUE_NAME_KEY``); the
+    core converts and checks them at start-up and hands the instance to
+    both callables. A ``__post_init__`` raising ``ConfigError`` checks
+    values beyond their type. ``None``: the backend has no keys of its own.
+    """
+
+    open: Callable[[Any, Any, Any], EnvelopeQueue]
+    open_store: Callable[[Any, Any], QueueStore] | None = None
+    settings: type | None = None
 
 
 def _each(release, receipts: list[str], reason: str, delay: float) -> Deferred[None]:
