@@ -97,7 +97,15 @@ def _open_queue_store(config):
     if backend.open_store is None:
         raise ConfigError(f"queue.backend: {config.queue.backend!r} offers no store for "
                           "this command")
-    return backend.open_store(config, settings)
+    if backend.shards is None:
+        return backend.open_store(config, settings)
+    # Every shard there is (--workers leaves one per worker).
+    stores = [backend.open_store(config, shard) for shard in backend.shards(config, settings, 1)]
+    if len(stores) == 1:
+        return stores[0]
+    from sense_gateway.queues.shards import ShardedStore
+
+    return ShardedStore(stores)
 
 
 def _iso(seconds: float) -> str:

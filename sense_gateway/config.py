@@ -27,7 +27,7 @@ from sense_gateway.errors import ConfigError
 __all__ = ["AwsConfig", "CoapConfig", "CoapsConfig", "Config", "DevicesConfig", "InfluxConfig",
            "ProcessorConfig", "QueueConfig", "RegistryConfig", "SecurityConfig", "SinksConfig",
            "StoreConfig", "ValidationConfig", "WebConfig", "load_config", "validate", "env_names",
-           "backend_settings", "check_backend_env"]
+           "backend_settings", "check_backend_env", "worker_count"]
 
 ROLES = ("all", "gateway", "processor")
 PLAIN_INGEST = ("open", "uncredentialed", "off")
@@ -179,6 +179,8 @@ def load_config(
                 sections.setdefault(key, {}).update(value)
             else:
                 top[key] = value
+        if isinstance(top.get("workers"), int) and not isinstance(top["workers"], bool):
+            top["workers"] = str(top["workers"])  # a count, or "auto"
         config = _apply(Config, config, top, origin)
     config = dataclasses.replace(
         config,
@@ -241,10 +243,24 @@ def check_backend_env(config: Config, declared: Mapping[str, type | None]) -> No
             raise ConfigError(f"{variable}: unknown SENSE_ environment variable{hint}")
 
 
+def worker_count(config: Config) -> int:
+    """How many ingest processes ``workers`` asks for."""
+    if config.workers == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else os.cpu_count() or 1
+    return int(config.workers)
+
+
 def validate(config: Config) -> None:
     """Check values that have a type but not every value of it makes sense."""
     if config.role not in ROLES:
         raise ConfigError(f"role: must be one of {', '.join(ROLES)}, got {config.role!r}")
+    if config.workers != "auto" and not (config.workers.isdigit() and int(config.workers) >= 1):
+        raise ConfigError(f"workers: must be a count of at least 1 or 'auto', "
+                          f"got {config.workers!r}")
+    if config.role == "processor" and config.workers != "1":
+        raise ConfigError("workers: ingest workers need role 'all' or 'gateway', "
+                          "not 'processor'")
     for key, bind in (("coap.bind", config.coap.bind), ("coaps.bind", config.coaps.bind)):
         try:
             ipaddress.ip_address(bind)

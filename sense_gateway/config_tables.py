@@ -175,6 +175,8 @@ class AwsConfig:
 @dataclass(frozen=True)
 class Config:
     role: str = "all"
+    #: ingest processes on the CoAP ports: a count, or "auto" (one per core)
+    workers: str = "1"
     data_dir: str = "./var"
     plugins_dir: str = "plugins"
     keep_raw: bool = False

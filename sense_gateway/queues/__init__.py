@@ -171,11 +171,18 @@ class QueueBackend:
     core converts and checks them at start-up and hands the instance to
     both callables. A ``__post_init__`` raising ``ConfigError`` checks
     values beyond their type. ``None``: the backend has no keys of its own.
+
+    ``shards(config, settings, count)`` returns the settings of each shard
+    of the queue for ``--workers`` (each ingest worker writes one; the
+    processor drains them all): at least *count*, more when more are
+    there from an earlier run, the first one the queue of a single
+    process. ``None``: every worker shares the one queue (SQS).
     """
 
     open: Callable[[Any, Any, Any], EnvelopeQueue]
     open_store: Callable[[Any, Any], QueueStore] | None = None
     settings: type | None = None
+    shards: Callable[[Any, Any, int], list] | None = None
 
 
 def _each(release, receipts: list[str], reason: str, delay: float) -> Deferred[None]:

@@ -92,7 +92,7 @@ from sense_gateway.envelope import Envelope
 from sense_gateway.errors import ConfigError, Unavailable
 from sense_gateway.hookspecs import hookimpl
 from sense_gateway.queues import DeadLetter, EnvelopeQueue, QueueBackend, Received
-from sense_gateway.queues.sqlite_settings import SQLiteQueueSettings
+from sense_gateway.queues.sqlite_settings import SQLiteQueueSettings, queue_file, sqlite_shards
 from sense_gateway.queues.sqlite_store import RECOUNT_INTERVAL, SQLiteQueueStore
 
 __all__ = ["SQLiteQueue", "SQLiteQueueSettings", "SQLiteQueueStore", "make_sqlite_queue"]
@@ -380,7 +380,7 @@ class SQLiteQueue(EnvelopeQueue):
 
 def make_sqlite_queue(config, settings: SQLiteQueueSettings, reactor) -> SQLiteQueue:
     """The ``sqlite`` backend's queue: ``open(config, settings, reactor)``."""
-    path = config.queue_path
+    path = queue_file(config, settings)
     q = config.queue
     try:
         # Fail start-up here, naming the key, rather than on the first put.
@@ -396,11 +396,13 @@ def make_sqlite_queue(config, settings: SQLiteQueueSettings, reactor) -> SQLiteQ
 
 def open_sqlite_store(config, settings: SQLiteQueueSettings) -> SQLiteQueueStore:
     """The ``sqlite`` backend's store for ``sense queue`` and ``sense dlq``."""
-    if not config.queue_path.exists():
-        raise ConfigError(f"queue.sqlite.path: no queue at {config.queue_path}")
-    return SQLiteQueueStore(config.queue_path, max_receives=config.queue.max_receives)
+    path = queue_file(config, settings)
+    if not path.exists():
+        raise ConfigError(f"queue.sqlite.path: no queue at {path}")
+    return SQLiteQueueStore(path, max_receives=config.queue.max_receives)
 
 
 @hookimpl
 def sense_register_queues():
-    return {"sqlite": QueueBackend(make_sqlite_queue, open_sqlite_store, SQLiteQueueSettings)}
+    return {"sqlite": QueueBackend(make_sqlite_queue, open_sqlite_store, SQLiteQueueSettings,
+                                   shards=sqlite_shards)}

@@ -1,0 +1,170 @@
+"""``--workers N``: ingest processes sharing the CoAP ports, each with a
+queue shard of its own, drained by the master's processor."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import time
+
+import orjson
+from twisted.internet import defer
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from txthings import coap
+
+from sense_gateway.coap.transport import free_shared_port, udp_socket
+from tests.support import (BIN, GatewayProcess, RawCoapPeer, deferLater, eventually, queued,
+                           request_datagram)
+
+
+class SharedPortTests(SynchronousTestCase):
+    """What the design rests on: with SO_REUSEPORT, Linux hands all of one
+    peer's datagrams to the same socket (a hash of the 4-tuple)."""
+
+    def test_each_peer_sticks_to_one_socket(self):
+        port = free_shared_port("127.0.0.1")
+        servers = []
+        for _ in range(2):
+            server = udp_socket("127.0.0.1", reuse_port=True)
+            server.bind(("127.0.0.1", port))
+            server.setblocking(False)
+            self.addCleanup(server.close)
+            servers.append(server)
+        peers = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(32)]
+        for peer in peers:
+            self.addCleanup(peer.close)
+            peer.bind(("127.0.0.1", 0))
+        for round_ in range(20):
+            for number, peer in enumerate(peers):
+                peer.sendto(b"%d" % number, ("127.0.0.1", port))
+        time.sleep(0.2)
+        reached: dict[bytes, set[int]] = {}
+        for index, server in enumerate(servers):
+            while True:
+                try:
+                    data, _ = server.recvfrom(100)
+                except BlockingIOError:
+                    break
+                reached.setdefault(data, set()).add(index)
+        self.assertEqual(len(reached), len(peers))
+        self.assertEqual([p for p, sockets in reached.items() if len(sockets) > 1], [])
+        # Both sockets take peers (all 32 on one: a chance of 2**-31).
+        self.assertEqual({i for sockets in reached.values() for i in sockets}, {0, 1})
+
+
+def workers_started(gateway) -> list[tuple[int, int]]:
+    """(index, pid) of every worker start the master logged, in order."""
+    return [(int(i), int(pid)) for i, pid in re.findall(
+        rb"worker (\d+) started, pid (\d+)", gateway.log_path.read_bytes())]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead too: our own child that has not been reaped.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class WorkersTests(TestCase):
+    """A real ``twistd sense-gateway --workers 2``, devices on their own ports."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def start(self, *args):
+        gateway = GatewayProcess(self, "--workers", "2", *args)
+        yield eventually(lambda: gateway.log_path.exists() and gateway.log_path.read_bytes()
+                         .count(b"CoAP listening") == 2, timeout=40)
+        return gateway
+
+    @defer.inlineCallbacks
+    def post(self, gateway, peer, device: str, seq: int, mid: int):
+        """Post one reading until it is acknowledged (a request that
+        reached a worker being killed is sent again, as a device would)."""
+        datagram = request_datagram(payload=orjson.dumps(
+            {"id": device, "seq": seq, "data": {"n": seq}}), content_format=50, mid=mid,
+            token=mid.to_bytes(2, "big"))
+        for _ in range(40):
+            try:
+                response = yield peer.request(datagram, gateway.port, timeout=0.5)
+            except TimeoutError:
+                continue
+            if response.code == coap.CHANGED and response.mid == mid:
+                return
+            yield deferLater(0.2)  # 5.03 while a worker stops: try again
+        self.fail(f"{device} seq {seq} never acknowledged")
+
+    def sense(self, gateway, *args) -> str:
+        return subprocess.run([str(BIN / "sense"), "--data-dir", str(gateway.data_dir), *args],
+                              check=True, capture_output=True, timeout=60, text=True).stdout
+
+    @defer.inlineCallbacks
+    def test_peers_stay_on_one_worker_and_every_shard_is_seen(self):
+        gateway = yield self.start("--role", "gateway")
+        peers = {f"w-{n}": RawCoapPeer(self) for n in range(24)}
+        for seq in range(1, 5):
+            for n, (device, peer) in enumerate(peers.items()):
+                yield self.post(gateway, peer, device, seq, 100 * seq + n)
+        shards = {path.name: [e.device for e in queued(path)]
+                  for path in (gateway.data_dir / "queue.sqlite3",
+                               gateway.data_dir / "queue-1.sqlite3")}
+        # Every device's readings in one shard: each one peer, one worker.
+        homes = {d: [name for name, devices in shards.items() if d in devices] for d in peers}
+        self.assertEqual({d: len(h) for d, h in homes.items()}, dict.fromkeys(peers, 1))
+        self.assertTrue(all(shards.values()), shards)  # both workers took some
+        self.assertEqual(orjson.loads(self.sense(gateway, "queue", "--json")),
+                         {"visible": 96, "in_flight": 0, "dead": 0})
+        self.assertEqual(self.sense(gateway, "dlq", "list"), "no dead letters\n")
+        status, health = yield gateway.get_json("/healthz")
+        self.assertEqual(status, 200, health)
+        status, metrics = yield gateway.get("/metrics")
+        self.assertIn(b'sense_queue_messages{state="visible"} 96.0', metrics)
+
+        # SIGTERM: the master stops its workers, then itself.
+        pids = [pid for _, pid in workers_started(gateway)]
+        gateway.process.terminate()
+        # twistd stops cleanly, then reports the signal that stopped it.
+        self.assertIn(gateway.process.wait(30), (0, -signal.SIGTERM))
+        self.assertEqual([pid for pid in pids if alive(pid)], [])
+        log = gateway.log_path.read_bytes()
+        for index in (0, 1):
+            self.assertIn(b"worker %d: [twisted.scripts._twistd_unix.UnixAppLogger#info] "
+                          b"Server Shut Down." % index, log)
+        self.assertTrue(log.rstrip().endswith(b"Server Shut Down."), log[-300:])
+
+    @defer.inlineCallbacks
+    def test_sigkill_of_a_worker_loses_nothing_it_acknowledged(self):
+        gateway = yield self.start()
+        peers = {f"k-{n}": RawCoapPeer(self) for n in range(16)}
+        acknowledged = set()
+        for seq in range(1, 9):
+            if seq == 4:
+                [(index, pid), _] = workers_started(gateway)
+                os.kill(pid, signal.SIGKILL)
+            for n, (device, peer) in enumerate(peers.items()):
+                yield self.post(gateway, peer, device, seq, 100 * seq + n)
+                acknowledged.add((device, float(seq)))
+        # The master starts the killed worker again.
+        yield eventually(lambda: [i for i, _ in workers_started(gateway)].count(index) == 2,
+                         timeout=20)
+
+        def stored():
+            db = sqlite3.connect(f"file:{gateway.data_dir / 'readings.sqlite3'}?mode=ro", uri=True)
+            try:
+                return set(db.execute("SELECT device, value FROM readings WHERE field = 'n'"))
+            finally:
+                db.close()
+        yield eventually(lambda: acknowledged <= stored(), timeout=40)
+        self.assertEqual(stored(), acknowledged)
+        yield eventually(lambda: orjson.loads(self.sense(gateway, "queue", "--json"))
+                         == {"visible": 0, "in_flight": 0, "dead": 0}, timeout=20)
