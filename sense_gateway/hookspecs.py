@@ -76,7 +76,7 @@ def sense_register_queues():
 
     Called once at start-up and by the ``sense queue`` and ``sense dlq``
     commands; the core picks the backend named by the ``queue.backend``
-    key. A :class:`sense_gateway.queues.QueueBackend` brings three things,
+    key. A :class:`sense_gateway.queues.QueueBackend` brings these,
     the same for the built-in ``sqlite`` and ``sqs`` as for a plugin's:
 
     - ``open(config, settings, reactor)``: the
@@ -91,7 +91,11 @@ def sense_register_queues():
       each with its type and default. The core converts and checks them
       at start-up (a wrong type fails start-up naming the key) and passes
       the instance to both callables. The keys of ``[queue]`` itself
-      (``max_receives``, ``max_depth``, ...) are for every backend.
+      (``max_receives``, ``max_depth``, ...) are for every backend;
+    - ``shards(config, settings, count)`` (optional): the settings of each
+      shard for ``--workers`` (one per ingest worker, all drained by the
+      processor; docs/workers.md). Without it every worker shares the
+      one queue.
 
     A bare ``factory(config, reactor)`` is still taken, as a backend with
     no settings and no commands.

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from sense_gateway.backends import queue_backend, queue_backends
-from sense_gateway.config import Config, load_config
+from sense_gateway.config import Config, load_config, worker_count
 from sense_gateway.errors import ConfigError
 from sense_gateway.plugins import make_plugin_manager
 from sense_gateway.queues.sqlite_settings import SQLiteQueueSettings
@@ -106,6 +107,24 @@ class ConfigTests(SynchronousTestCase):
 
     def test_missing_file(self):
         self.assertConfigError("no such file", self.mktemp(), environ={})
+
+
+class WorkersConfigTests(SynchronousTestCase):
+    def test_a_count_from_the_file_or_auto(self):
+        path = self.mktemp()
+        Path(path).write_text("workers = 3\n")
+        self.assertEqual(worker_count(load_config(path, environ={})), 3)
+        auto = load_config(environ={"SENSE_WORKERS": "auto"})
+        self.assertEqual(worker_count(auto), len(os.sched_getaffinity(0)))
+
+    def test_not_a_count_is_refused(self):
+        error = self.assertRaises(ConfigError, load_config, environ={"SENSE_WORKERS": "0"})
+        self.assertEqual(str(error), "workers: must be a count of at least 1 or 'auto', got '0'")
+
+    def test_a_processor_has_no_ingest_workers(self):
+        error = self.assertRaises(ConfigError, load_config,
+                                  environ={"SENSE_WORKERS": "2", "SENSE_ROLE": "processor"})
+        self.assertIn("workers: ingest workers need role 'all' or 'gateway'", str(error))
 
 
 class QueueBackendSettingsTests(SynchronousTestCase):

@@ -10,6 +10,8 @@ import socket
 import sqlite3
 import subprocess
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import orjson
 from twisted.internet import defer
@@ -17,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from txthings import coap
 
 from sense_gateway.coap.transport import free_shared_port, udp_socket
+from sense_gateway.queues.sqlite import SQLiteQueueStore
 from tests.support import (BIN, GatewayProcess, RawCoapPeer, deferLater, eventually, queued,
                            request_datagram)
 
@@ -54,6 +57,35 @@ class SharedPortTests(SynchronousTestCase):
         self.assertEqual([p for p, sockets in reached.items() if len(sockets) > 1], [])
         # Both sockets take peers (all 32 on one: a chance of 2**-31).
         self.assertEqual({i for sockets in reached.values() for i in sockets}, {0, 1})
+
+
+class ShardCommandTests(SynchronousTestCase):
+    """``sense queue`` and ``sense dlq`` over the shards workers left."""
+
+    def sense(self, data_dir, *args) -> str:
+        return subprocess.run([str(BIN / "sense"), "--data-dir", str(data_dir),
+                               "--plugins-dir", str(data_dir / "none"), *args],
+                              check=True, capture_output=True, timeout=60, text=True).stdout
+
+    def test_dead_letters_of_every_shard_are_listed_and_replayed_by_shard(self):
+        from tests.test_queue_sqlite import envelope
+
+        data_dir = Path(self.mktemp())
+        for name, count, device in (("queue.sqlite3", 2, "s-0"), ("queue-1.sqlite3", 1, "s-1")):
+            store = SQLiteQueueStore(data_dir / name)
+            store.put_many([replace(envelope(seq), device=device).to_json()
+                            for seq in range(1, count + 1)])
+            [first, *_] = store.receive(1)
+            store.dead_letter(first.receipt, f"refused in {name}")
+            store.close()
+        letters = orjson.loads(self.sense(data_dir, "dlq", "list", "--json"))
+        self.assertEqual(sorted((d["id"], d["device"], d["reason"]) for d in letters),
+                         [("0:1", "s-0", "refused in queue.sqlite3"),
+                          ("1:1", "s-1", "refused in queue-1.sqlite3")])
+        self.assertEqual(self.sense(data_dir, "dlq", "replay", "--id", "1:1"),
+                         "1 message back in the queue\n")
+        self.assertEqual(orjson.loads(self.sense(data_dir, "queue", "--json")),
+                         {"visible": 2, "in_flight": 0, "dead": 1})
 
 
 def workers_started(gateway) -> list[tuple[int, int]]:

@@ -39,11 +39,13 @@ def run_compare(args) -> int:
     host = "::1"
     workdir = Path(tempfile.mkdtemp(prefix="sense-bench-"))
     rows = []
+    counts = [int(n) for n in str(args.workers).split(",") if n.strip()]
+    gateways = {"gateway": 1} if counts == [1] else {f"gateway-{n}w": n for n in counts}
     try:
-        for name in [*peers, "gateway"]:
-            if name == "gateway":
-                server = Gateway(workdir / "gateway", role=args.role,
-                                 settings={"queue.sqlite.synchronous": args.synchronous}, host=host)
+        for name in [*peers, *gateways]:
+            if name in gateways:
+                server = Gateway(workdir / name, role=args.role, host=host, settings={
+                    "queue.sqlite.synchronous": args.synchronous, "workers": gateways[name]})
             else:
                 server = Peer(name, workdir, host=host)
             try:
@@ -54,7 +56,9 @@ def run_compare(args) -> int:
                 summary = run_load(settings, server.pid, args.progress, label=name)
             finally:
                 server.stop()
-            rows.append({"server": name, "description": DESCRIPTIONS[name], **summary})
+            description = DESCRIPTIONS.get(name) or (
+                f"{DESCRIPTIONS['gateway']}, --workers {gateways[name]}")
+            rows.append({"server": name, "description": description, **summary})
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -64,7 +68,8 @@ def run_compare(args) -> int:
         if row["ok_rate"]:
             ratios[row["server"]] = round(gateway["ok_rate"] / row["ok_rate"], 2)
     document = {"machine": machine(), "load": describe_load(settings_from(args, host, 0)),
-                "gateway": {"role": args.role, "queue.sqlite.synchronous": args.synchronous},
+                "gateway": {"role": args.role, "queue.sqlite.synchronous": args.synchronous,
+                            "workers": counts},
                 "results": rows, "gateway_ratio": ratios}
     if args.json:
         sys.stdout.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")
