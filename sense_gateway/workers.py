@@ -36,6 +36,10 @@ RESPAWN_FIRST, RESPAWN_MAX = 1.0, 30.0
 YOUNG = 10.0
 
 
+class WorkersDown(Exception):
+    """Fewer ingest workers run than ``--workers`` asks for."""
+
+
 class _WorkerProtocol(protocol.ProcessProtocol):
     def __init__(self, supervisor: WorkerSupervisor, index: int):
         self.supervisor = supervisor
@@ -97,6 +101,21 @@ class WorkerSupervisor(Service):
         self.starts[index] += 1
         self._born[index] = self.reactor.seconds()
         log.info("worker {index} started, pid {pid}", index=index, pid=worker.pid)
+
+    def state(self) -> dict:
+        """For ``/api/stats`` and ``/metrics``: workers asked for, running,
+        and how many times each was started."""
+        return {"configured": self.count, "running": len(self.workers),
+                "starts": {str(i): n for i, n in self.starts.items()}}
+
+    def check(self) -> defer.Deferred:
+        """Fails (for ``/healthz``) while a worker is down."""
+        missing = sorted(set(range(self.count)) - set(self.workers))
+        if missing and self.running:
+            return defer.fail(WorkersDown(
+                f"{len(self.workers)} of {self.count} running; down: "
+                + ", ".join(map(str, missing))))
+        return defer.succeed(None)
 
     def ended(self, worker: _WorkerProtocol, reason) -> None:
         if self.workers.get(worker.index) is worker:

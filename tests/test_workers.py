@@ -183,12 +183,24 @@ class WorkersTests(TestCase):
             if seq == 4:
                 [(index, pid), _] = workers_started(gateway)
                 os.kill(pid, signal.SIGKILL)
+                # Down until the master starts it again (1 s): /healthz says so.
+                for _ in range(50):
+                    status, health = yield gateway.get_json("/healthz")
+                    if status != 200:
+                        break
+                self.assertEqual((status, health["failing"]["workers"]),
+                                 (503, f"WorkersDown: 1 of 2 running; down: {index}"))
             for n, (device, peer) in enumerate(peers.items()):
                 yield self.post(gateway, peer, device, seq, 100 * seq + n)
                 acknowledged.add((device, float(seq)))
         # The master starts the killed worker again.
         yield eventually(lambda: [i for i, _ in workers_started(gateway)].count(index) == 2,
                          timeout=20)
+        status, metrics = yield gateway.get("/metrics")
+        self.assertIn(b'sense_worker_starts_total{worker="%d"} 2.0' % index, metrics)
+        self.assertIn(b"sense_workers_running 2.0", metrics)
+        status, health = yield gateway.get_json("/healthz")
+        self.assertEqual(status, 200, health)
 
         def stored():
             db = sqlite3.connect(f"file:{gateway.data_dir / 'readings.sqlite3'}?mode=ro", uri=True)
