@@ -53,7 +53,9 @@ def run_compare(args) -> int:
                 if not args.json:
                     print(f"{name}: {settings.duration or settings.count} "
                           f"{'s' if settings.duration else 'requests'} ...", file=sys.stderr)
+                cpu = ServerCpu(server.pid)
                 summary = run_load(settings, server.pid, args.progress, label=name)
+                summary.update(cpu.used(summary["ok"]))
             finally:
                 server.stop()
             description = DESCRIPTIONS.get(name) or (
@@ -78,6 +80,48 @@ def run_compare(args) -> int:
     return 0 if gateway["ok"] else 1
 
 
+class ServerCpu:
+    """CPU seconds a server and its children (``--workers``) spend while a
+    load runs, and the load generator's own (this process): what two
+    cores are shared between."""
+
+    def __init__(self, pid: int):
+        import resource
+
+        try:
+            import psutil
+        except ImportError:  # psutil comes with the bench extra
+            self.tree = None
+        else:
+            self.tree = psutil.Process(pid)
+        self.before = self._server()
+        self.resource = resource
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        self.self_before = usage.ru_utime + usage.ru_stime
+
+    def _server(self) -> dict:
+        if self.tree is None:
+            return {}
+        times = {}
+        for process in [self.tree, *self.tree.children(recursive=True)]:
+            try:
+                t = process.cpu_times()
+            except Exception:  # ended meanwhile
+                continue
+            times[process.pid] = t.user + t.system
+        return times
+
+    def used(self, ok: int) -> dict:
+        usage = self.resource.getrusage(self.resource.RUSAGE_SELF)
+        loadgen = usage.ru_utime + usage.ru_stime - self.self_before
+        if self.tree is None:
+            return {"server_cpu_s": None, "loadgen_cpu_s": round(loadgen, 2)}
+        after = self._server()
+        server = sum(t - self.before.get(pid, 0.0) for pid, t in after.items())
+        return {"server_cpu_s": round(server, 2), "loadgen_cpu_s": round(loadgen, 2),
+                "server_cpu_us_per_ok": round(server / ok * 1e6, 1) if ok else None}
+
+
 def format_table(document: dict) -> str:
     """The comparison as a Markdown table (also what BENCHMARKS.md shows)."""
     m, load = document["machine"], document["load"]
@@ -86,8 +130,9 @@ def format_table(document: dict) -> str:
         f"load: {load['type']} POST {load['format']}, {load['mode']}, {load['devices']} devices, "
         f"{load['duration_s'] or load['count']} {'s' if load['duration_s'] else 'requests'} each",
         "",
-        "| server | 2.xx/s | our gateway / this | p50 ms | p99 ms | lost | retransmissions | peak RSS MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| server | 2.xx/s | our gateway / this | p50 ms | p99 ms | lost | retransmissions "
+        "| peak RSS MB | server CPU µs per 2.xx |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in document["results"]:
         ratio = document["gateway_ratio"].get(row["server"])
@@ -96,7 +141,8 @@ def format_table(document: dict) -> str:
             f"| {row['server']} | {row['ok_rate']:,.0f} | "
             f"{'' if ratio is None else f'{ratio:.2f}x'} | "
             f"{_ms(lat['p50'])} | {_ms(lat['p99'])} | {row['lost']} | {row['retransmissions']} | "
-            f"{'' if row['server_rss_mb'] is None else row['server_rss_mb']} |")
+            f"{'' if row['server_rss_mb'] is None else row['server_rss_mb']} | "
+            f"{row.get('server_cpu_us_per_ok') or ''} |")
     return "\n".join(lines)
 
 
