@@ -20,8 +20,8 @@ from txthings import coap
 
 from sense_gateway.coap.transport import free_shared_port, udp_socket
 from sense_gateway.queues.sqlite import SQLiteQueueStore
-from tests.support import (BIN, GatewayProcess, RawCoapPeer, deferLater, eventually, queued,
-                           request_datagram)
+from tests.support import (BIN, GatewayProcess, RawCoapPeer, deferLater, eventually,
+                           libcoap_request, queued, request_datagram)
 
 
 class SharedPortTests(SynchronousTestCase):
@@ -113,8 +113,8 @@ class WorkersTests(TestCase):
     timeout = 120
 
     @defer.inlineCallbacks
-    def start(self, *args):
-        gateway = GatewayProcess(self, "--workers", "2", *args)
+    def start(self, *args, env=None):
+        gateway = GatewayProcess(self, "--workers", "2", *args, env=env)
         yield eventually(lambda: gateway.log_path.exists() and gateway.log_path.read_bytes()
                          .count(b"CoAP listening") == 2, timeout=40)
         return gateway
@@ -173,6 +173,30 @@ class WorkersTests(TestCase):
             self.assertIn(b"worker %d: [twisted.scripts._twistd_unix.UnixAppLogger#info] "
                           b"Server Shut Down." % index, log)
         self.assertTrue(log.rstrip().endswith(b"Server Shut Down."), log[-300:])
+
+    @defer.inlineCallbacks
+    def test_dtls_handshakes_and_requests_complete_on_one_worker(self):
+        # A handshake takes several flights from one source port: every one
+        # must reach the worker holding that peer's DTLS state.
+        gateway = yield self.start("--role", "gateway",
+                                   env={"SENSE_SECURITY_REFRESH_INTERVAL": "0.1"})
+        keys = {f"d-{n}": f"{n:02d}".encode() * 8 for n in range(8)}
+        for device, key in keys.items():
+            self.sense(gateway, "devices", "add", device, "--psk-hex", key.hex())
+        yield deferLater(2.0)  # both workers have the keys by now
+        url = f"coaps://[::1]:{gateway.coaps_port}/data"
+
+        def post(device):
+            return libcoap_request("post", url, b'{"id": "%s", "data": {"t": 1}}' % device.encode(),
+                                   50, extra=("-u", device, "-k", keys[device].decode()),
+                                   client="coap-client-openssl")
+        for device in keys:
+            response = yield post(device)
+            self.assertEqual(response.code, "2.04", (device, response))
+        stored = [e for name in ("queue.sqlite3", "queue-1.sqlite3")
+                  for e in queued(gateway.data_dir / name)]
+        self.assertEqual(sorted((e.transport, e.identity) for e in stored),
+                         [("coaps", d) for d in keys])
 
     @defer.inlineCallbacks
     def test_sigkill_of_a_worker_loses_nothing_it_acknowledged(self):
