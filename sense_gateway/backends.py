@@ -28,37 +28,6 @@ def choose(factories: dict[str, Callable], name: str, key: str) -> Callable:
     return factories[name]
 
 
-def queue_backends(config, pm: SensePluginManager) -> dict:
-    """Every registered queue backend by name, as a
-    :class:`~sense_gateway.queues.QueueBackend` (a bare ``factory(config,
-    reactor)`` becomes one without settings or commands); fails on a
-    ``[queue.NAME]`` table or ``SENSE_QUEUE_*`` variable none claims."""
-    from sense_gateway.config import check_backend_env
-    from sense_gateway.queues import QueueBackend
-
-    backends = {}
-    for name, offered in named_factories(pm, "sense_register_queues", "queue backend").items():
-        if not isinstance(offered, QueueBackend):
-            offered = QueueBackend(open=lambda config, settings, reactor, make=offered:
-                                   make(config, reactor))
-        backends[name] = offered
-    check_backend_env(config, {name: b.settings for name, b in backends.items()})
-    return backends
-
-
-def queue_backend(config, pm: SensePluginManager) -> tuple:
-    """The backend ``queue.backend`` names and its typed settings (every
-    present ``[queue.NAME]`` table is checked, used or not)."""
-    from sense_gateway.config import backend_settings
-
-    backends = queue_backends(config, pm)
-    backend = choose(backends, config.queue.backend, "queue.backend")
-    for name, other in backends.items():
-        if name != config.queue.backend:
-            backend_settings(config, name, other.settings)
-    return backend, backend_settings(config, config.queue.backend, backend.settings)
-
-
 def registry_factory(config, pm: SensePluginManager) -> Callable:
     """``factory(config)`` of the registry ``registry.backend`` names."""
     return choose(named_factories(pm, "sense_register_registries", "registry"),

@@ -90,7 +90,7 @@ def cmd_queue(config, args) -> int:
 
 def _open_queue_store(config):
     """A synchronous handle on the configured queue, from its backend."""
-    from sense_gateway.backends import queue_backend
+    from sense_gateway.queues import queue_backend
 
     pm = make_plugin_manager(config.disable_plugins, plugins_dir=config.plugins_dir)
     backend, settings = queue_backend(config, pm)

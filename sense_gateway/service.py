@@ -27,12 +27,12 @@ from sense_gateway.coap.transport import CoapServer, DTLSTransport, UDPTransport
 from sense_gateway.coap.tree import ResourceTree
 from sense_gateway.config import Config, worker_count
 from sense_gateway.admission import IngestPolicy
-from sense_gateway.backends import (credential_store_factory, processor_factory, queue_backend,
-                                    registry_factory)
+from sense_gateway.backends import credential_store_factory, processor_factory, registry_factory
 from sense_gateway.directory import DeviceDirectory, DirectoryService
 from sense_gateway.limits import TokenBuckets
 from sense_gateway.errors import PluginLoadError, code_text
 from sense_gateway.pipeline import IngestPipeline
+from sense_gateway.queues import queue_backend
 from sense_gateway.queues.shards import ShardedQueue
 from sense_gateway.plugins import call_collecting, make_plugin_manager
 from sense_gateway.web import make_web

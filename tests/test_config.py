@@ -8,10 +8,10 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from sense_gateway.backends import queue_backend, queue_backends
 from sense_gateway.config import Config, load_config, worker_count
 from sense_gateway.errors import ConfigError
 from sense_gateway.plugins import make_plugin_manager
+from sense_gateway.queues import queue_backend, queue_backends
 from sense_gateway.queues.sqlite_settings import SQLiteQueueSettings
 
 REPO = Path(__file__).resolve().parent.parent

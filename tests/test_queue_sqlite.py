@@ -10,7 +10,7 @@ from pathlib import Path
 from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from sense_gateway.config import Config, QueueConfig, load_config
+from sense_gateway.config import Config, QueueConfig
 from sense_gateway.envelope import Envelope, Reading, new_envelope_id
 from sense_gateway.errors import ConfigError, Unavailable
 from sense_gateway.queues.sqlite import (
@@ -511,9 +511,8 @@ class FactoryTests(SynchronousTestCase):
     def test_unopenable_path_is_a_config_error_naming_the_key(self):
         blocker = Path(self.mktemp())
         blocker.write_text("a file where a directory should be")
-        config = load_config(environ={}, overrides={
-            "queue.sqlite.path": str(blocker / "queue.sqlite3")})
         with self.assertRaises(ConfigError) as caught:
-            make_sqlite_queue(config, SQLiteQueueSettings(), reactor)
+            make_sqlite_queue(Config(), SQLiteQueueSettings(path=str(blocker / "queue.sqlite3")),
+                              reactor)
         self.assertTrue(str(caught.exception).startswith("queue.sqlite.path: "),
                         str(caught.exception))

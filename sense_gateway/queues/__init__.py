@@ -16,6 +16,8 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.python.failure import Failure
 
+from sense_gateway.backends import choose, named_factories
+from sense_gateway.config import backend_settings, check_backend_env
 from sense_gateway.envelope import Envelope
 
 
@@ -183,6 +185,35 @@ class QueueBackend:
     open_store: Callable[[Any, Any], QueueStore] | None = None
     settings: type | None = None
     shards: Callable[[Any, Any, int], list] | None = None
+
+
+# Choosing one: here, not in sense_gateway.backends, which the Lambda
+# handler imports without Twisted.
+
+def queue_backends(config, pm) -> dict:
+    """Every registered queue backend by name, as a
+    :class:`~sense_gateway.queues.QueueBackend` (a bare ``factory(config,
+    reactor)`` becomes one without settings or commands); fails on a
+    ``[queue.NAME]`` table or ``SENSE_QUEUE_*`` variable none claims."""
+    backends = {}
+    for name, offered in named_factories(pm, "sense_register_queues", "queue backend").items():
+        if not isinstance(offered, QueueBackend):
+            offered = QueueBackend(open=lambda config, settings, reactor, make=offered:
+                                   make(config, reactor))
+        backends[name] = offered
+    check_backend_env(config, {name: b.settings for name, b in backends.items()})
+    return backends
+
+
+def queue_backend(config, pm) -> tuple:
+    """The backend ``queue.backend`` names and its typed settings (every
+    present ``[queue.NAME]`` table is checked, used or not)."""
+    backends = queue_backends(config, pm)
+    backend = choose(backends, config.queue.backend, "queue.backend")
+    for name, other in backends.items():
+        if name != config.queue.backend:
+            backend_settings(config, name, other.settings)
+    return backend, backend_settings(config, config.queue.backend, backend.settings)
 
 
 def _each(release, receipts: list[str], reason: str, delay: float) -> Deferred[None]:
