@@ -15,11 +15,15 @@ from pathlib import Path
 
 import orjson
 from twisted.internet import defer
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from txthings import coap
 
 from sense_gateway.coap.transport import free_shared_port, udp_socket
 from sense_gateway.queues.sqlite import SQLiteQueueStore
+from sense_gateway.workers import WorkerSupervisor
 from tests.support import (BIN, GatewayProcess, RawCoapPeer, deferLater, eventually,
                            libcoap_request, queued, request_datagram)
 
@@ -57,6 +61,81 @@ class SharedPortTests(SynchronousTestCase):
         self.assertEqual([p for p, sockets in reached.items() if len(sockets) > 1], [])
         # Both sockets take peers (all 32 on one: a chance of 2**-31).
         self.assertEqual({i for sockets in reached.values() for i in sockets}, {0, 1})
+
+
+class FakeProcessReactor(Clock):
+    """A clock that records spawned processes and the signals sent to them."""
+
+    def __init__(self):
+        super().__init__()
+        self.spawned = []
+
+    def spawnProcess(self, proto, executable, args, env=None, **kwargs):
+        reactor = self
+
+        class Transport:
+            pid = 1000 + len(reactor.spawned)
+            signals = []
+
+            def signalProcess(self, name):
+                self.signals.append(name)
+
+            def closeStdin(self):
+                pass
+        transport = Transport()
+        proto.makeConnection(transport)
+        self.spawned.append((proto, transport, args))
+        return transport
+
+
+class SupervisorTests(SynchronousTestCase):
+    """Respawn and stop, on a fake reactor."""
+
+    def setUp(self):
+        self.reactor = FakeProcessReactor()
+        self.supervisor = WorkerSupervisor(self.reactor, 2, lambda i: ["--worker", str(i)],
+                                           stop_timeout=15)
+        self.supervisor.startService()
+
+    def end(self, number: int) -> None:
+        proto = self.reactor.spawned[number][0]
+        proto.processEnded(Failure(ProcessTerminated(signal=signal.SIGKILL)))
+
+    def test_a_dead_worker_is_started_again_later_and_later_while_it_dies_young(self):
+        self.assertEqual([a[-1] for _, _, a in self.reactor.spawned], ["0", "1"])
+        latest = 0  # worker 0's process
+        for delay in (1.0, 2.0, 4.0):
+            before = len(self.reactor.spawned)
+            self.end(latest)
+            self.reactor.advance(delay - 0.01)
+            self.assertEqual(len(self.reactor.spawned), before)
+            self.reactor.advance(0.01)
+            self.assertEqual(self.reactor.spawned[-1][2][-1], "0")
+            latest = len(self.reactor.spawned) - 1
+        self.assertEqual(self.supervisor.starts, {0: 4, 1: 1})
+        # One that lived a while is started again after a second.
+        self.reactor.advance(60)
+        self.end(len(self.reactor.spawned) - 1)
+        self.reactor.advance(1.0)
+        self.assertEqual(self.supervisor.starts, {0: 5, 1: 1})
+
+    def test_stop_terminates_every_worker_and_waits_for_them(self):
+        stopped = self.supervisor.stopService()
+        self.assertEqual([t.signals for _, t, _ in self.reactor.spawned], [["TERM"], ["TERM"]])
+        self.assertNoResult(stopped)
+        self.end(0)
+        self.assertNoResult(stopped)
+        self.end(1)
+        self.successResultOf(stopped)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])  # nothing started again
+
+    def test_a_worker_that_does_not_stop_is_killed(self):
+        stopped = self.supervisor.stopService()
+        self.end(0)
+        self.reactor.advance(15)
+        self.assertEqual(self.reactor.spawned[1][1].signals, ["TERM", "KILL"])
+        self.end(1)
+        self.successResultOf(stopped)
 
 
 class ShardCommandTests(SynchronousTestCase):
