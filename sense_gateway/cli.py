@@ -89,20 +89,23 @@ def cmd_queue(config, args) -> int:
 
 
 def _open_queue_store(config):
-    """A synchronous handle on the configured queue (sqlite or sqs)."""
-    from sense_gateway.queues.sqlite import SQLiteQueueStore
+    """A synchronous handle on the configured queue, from its backend."""
+    from sense_gateway.queues import queue_backend
 
-    if config.queue.backend == "sqs":
-        from sense_gateway.queues.sqs import SQSQueueClient
+    pm = make_plugin_manager(config.disable_plugins, plugins_dir=config.plugins_dir)
+    backend, settings = queue_backend(config, pm)
+    if backend.open_store is None:
+        raise ConfigError(f"queue.backend: {config.queue.backend!r} offers no store for "
+                          "this command")
+    if backend.shards is None:
+        return backend.open_store(config, settings)
+    # Every shard there is (--workers leaves one per worker).
+    stores = [backend.open_store(config, shard) for shard in backend.shards(config, settings, 1)]
+    if len(stores) == 1:
+        return stores[0]
+    from sense_gateway.queues.shards import ShardedStore
 
-        if not config.aws.queue_url:
-            raise ConfigError("aws.queue_url: required for queue.backend = \"sqs\"")
-        return SQSQueueClient(config.aws, config.queue.max_receives)
-    if config.queue.backend != "sqlite":
-        raise ConfigError(f"queue.backend: {config.queue.backend!r} is not handled by this command")
-    if not config.queue_path.exists():
-        raise ConfigError(f"queue.path: no queue at {config.queue_path}")
-    return SQLiteQueueStore(config.queue_path, max_receives=config.queue.max_receives)
+    return ShardedStore(stores)
 
 
 def _iso(seconds: float) -> str:

@@ -26,7 +26,8 @@ from sense_gateway.errors import ConfigError
 
 __all__ = ["AwsConfig", "CoapConfig", "CoapsConfig", "Config", "DevicesConfig", "InfluxConfig",
            "ProcessorConfig", "QueueConfig", "RegistryConfig", "SecurityConfig", "SinksConfig",
-           "StoreConfig", "ValidationConfig", "WebConfig", "load_config", "validate", "env_names"]
+           "StoreConfig", "ValidationConfig", "WebConfig", "load_config", "validate", "env_names",
+           "backend_settings", "check_backend_env", "worker_count"]
 
 ROLES = ("all", "gateway", "processor")
 PLAIN_INGEST = ("open", "uncredentialed", "off")
@@ -139,6 +140,9 @@ def load_config(
             table, key = names[name]
             target = from_env.setdefault(table, {}) if table else from_env
             target[key] = value
+        elif name.startswith("SENSE_QUEUE_"):
+            # A queue backend's own key; which one is known once plugins load.
+            from_env.setdefault(BACKEND_ENV, {})[name] = value
         elif name.startswith("SENSE_") and name not in _IGNORED_ENV:
             raise ConfigError(f"{name}: unknown SENSE_ environment variable")
     layers.append(("environment ", from_env))
@@ -160,12 +164,23 @@ def load_config(
             if key in _TABLES:
                 if not isinstance(value, Mapping):
                     raise ConfigError(f"{origin}{key}: expected a table")
+                if key == "queue":
+                    # [queue.NAME]: a backend's own table, typed by the backend.
+                    for name, inner in value.items():
+                        if isinstance(inner, Mapping):
+                            sections.setdefault(f"queue.{name}", {}).update(inner)
+                    value = {k: v for k, v in value.items() if not isinstance(v, Mapping)}
+                _moved(origin, key, value)
                 table = _apply(_TABLES[key], getattr(config, key), value, f"{origin}{key}.")
                 config = dataclasses.replace(config, **{key: table})
+            elif key == BACKEND_ENV:
+                sections.setdefault(key, {}).update(value)
             elif isinstance(value, Mapping) and key not in _field_kinds(Config):
                 sections.setdefault(key, {}).update(value)
             else:
                 top[key] = value
+        if isinstance(top.get("workers"), int) and not isinstance(top["workers"], bool):
+            top["workers"] = str(top["workers"])  # a count, or "auto"
         config = _apply(Config, config, top, origin)
     config = dataclasses.replace(
         config,
@@ -178,11 +193,74 @@ def load_config(
 # Variables that configure things other than this file's keys.
 _IGNORED_ENV = frozenset({"SENSE_CONFIG"})
 
+#: the section holding ``SENSE_QUEUE_*`` variables no core key claims, for
+#: :func:`backend_settings` to give to the backend that declares them
+BACKEND_ENV = "environment queue"
+
+# Keys that moved into the sqlite backend's own table.
+_MOVED = {("queue", key): f"queue.sqlite.{key}" for key in ("path", "synchronous", "max_batch")}
+
+
+def _moved(origin: str, table: str, values: Mapping[str, Any]) -> None:
+    for key in values:
+        if (table, key) in _MOVED:
+            raise ConfigError(f"{origin}{table}.{key}: moved to {_MOVED[table, key]}")
+
+
+def backend_settings(config: Config, name: str, settings: type | None):
+    """The typed settings of queue backend *name* from its table
+    ``[queue.NAME]`` and its ``SENSE_QUEUE_NAME_*`` variables, converted
+    and checked like the core's keys (``None`` when it declares none)."""
+    table = f"queue.{name}"
+    values = dict(config.section(table))
+    prefix = f"SENSE_QUEUE_{name.upper()}_"
+    kinds = _field_kinds(settings) if settings is not None else {}
+    for variable, value in config.section(BACKEND_ENV).items():
+        key = variable[len(prefix):].lower()
+        if variable.startswith(prefix) and key in kinds:
+            values[key] = value
+    if settings is None:
+        if values:
+            raise ConfigError(f"{table}.{next(iter(values))}: queue backend {name!r} "
+                              "has no settings of its own")
+        return None
+    return _apply(settings, settings(), values, f"{table}.")
+
+
+def check_backend_env(config: Config, declared: Mapping[str, type | None]) -> None:
+    """Fail on a ``SENSE_QUEUE_*`` variable and a ``[queue.NAME]`` table no
+    registered backend (*declared*: name -> settings) claims."""
+    for table in config.sections:
+        if table.startswith("queue.") and table[6:] not in declared:
+            raise ConfigError(f"{table}: no queue backend named {table[6:]!r}; "
+                              f"available: {', '.join(sorted(declared))}")
+    for variable in config.section(BACKEND_ENV):
+        if not any(variable.startswith(f"SENSE_QUEUE_{name.upper()}_")
+                   and variable[len(name) + 13:].lower() in _field_kinds(settings)
+                   for name, settings in declared.items() if settings is not None):
+            moved = _MOVED.get(("queue", variable[12:].lower()))
+            hint = f" (queue.{variable[12:].lower()} moved to {moved})" if moved else ""
+            raise ConfigError(f"{variable}: unknown SENSE_ environment variable{hint}")
+
+
+def worker_count(config: Config) -> int:
+    """How many ingest processes ``workers`` asks for."""
+    if config.workers == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else os.cpu_count() or 1
+    return int(config.workers)
+
 
 def validate(config: Config) -> None:
     """Check values that have a type but not every value of it makes sense."""
     if config.role not in ROLES:
         raise ConfigError(f"role: must be one of {', '.join(ROLES)}, got {config.role!r}")
+    if config.workers != "auto" and not (config.workers.isdigit() and int(config.workers) >= 1):
+        raise ConfigError(f"workers: must be a count of at least 1 or 'auto', "
+                          f"got {config.workers!r}")
+    if config.role == "processor" and config.workers != "1":
+        raise ConfigError("workers: ingest workers need role 'all' or 'gateway', "
+                          "not 'processor'")
     for key, bind in (("coap.bind", config.coap.bind), ("coaps.bind", config.coaps.bind)):
         try:
             ipaddress.ip_address(bind)
@@ -219,7 +297,6 @@ def validate(config: Config) -> None:
         "queue.max_receives": config.queue.max_receives,
         "queue.max_pending": config.queue.max_pending,
         "queue.max_depth": config.queue.max_depth,
-        "queue.max_batch": config.queue.max_batch,
         "queue.visibility_timeout": config.queue.visibility_timeout,
         "validation.max_readings": config.validation.max_readings,
         "validation.max_fields": config.validation.max_fields,
@@ -258,7 +335,3 @@ def validate(config: Config) -> None:
         raise ConfigError(f"influxdb.api: must be 'v1' or 'v2', got {config.influxdb.api!r}")
     if config.influxdb.precision not in ("ns", "ms", "s"):
         raise ConfigError(f"influxdb.precision: must be 'ns', 'ms' or 's', got {config.influxdb.precision!r}")
-    if config.queue.synchronous not in ("full", "normal"):
-        raise ConfigError(
-            f"queue.synchronous: must be 'full' or 'normal', got {config.queue.synchronous!r}"
-        )

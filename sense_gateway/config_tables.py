@@ -65,15 +65,15 @@ class SecurityConfig:
 
 @dataclass(frozen=True)
 class QueueConfig:
+    """Keys every queue backend reads; a backend's own keys are in its
+    table ``[queue.NAME]`` (:class:`sense_gateway.queues.QueueBackend`)."""
+
     backend: str = "sqlite"
-    path: str = ""
     max_receives: int = 5
     visibility_timeout: float = 30.0
     max_pending: int = 20000
     #: envelopes in the queue at most (the backlog a long outage leaves)
     max_depth: int = 1_000_000
-    max_batch: int = 2000
-    synchronous: str = "full"
     retry_after: int = 5
 
 
@@ -175,6 +175,8 @@ class AwsConfig:
 @dataclass(frozen=True)
 class Config:
     role: str = "all"
+    #: ingest processes on the CoAP ports: a count, or "auto" (one per core)
+    workers: str = "1"
     data_dir: str = "./var"
     plugins_dir: str = "plugins"
     keep_raw: bool = False
@@ -205,7 +207,10 @@ class Config:
 
     @property
     def queue_path(self) -> Path:
-        return Path(self.queue.path or Path(self.data_dir) / "queue.sqlite3")
+        """The embedded queue's file (``queue.sqlite.path``, checked with
+        the sqlite backend's settings at start-up)."""
+        path = self.section("queue.sqlite").get("path")
+        return Path(path or Path(self.data_dir) / "queue.sqlite3")
 
     @property
     def registry_path(self) -> Path:

@@ -72,13 +72,44 @@ def sense_validate(envelope, config):
 
 @hookspec
 def sense_register_queues():
-    """Return queue backends by name: ``{name: factory}``.
+    """Return queue backends by name: ``{name: QueueBackend}``.
 
-    Called once at start-up; the core picks the factory named by the
-    ``queue.backend`` key and calls ``factory(config, reactor)``. The
-    factory returns an :class:`sense_gateway.queues.EnvelopeQueue`
-    (a Twisted service, started and stopped with the gateway) or raises
-    :class:`sense_gateway.errors.ConfigError` naming the key at fault.
+    Called once at start-up and by the ``sense queue`` and ``sense dlq``
+    commands; the core picks the backend named by the ``queue.backend``
+    key. A :class:`sense_gateway.queues.QueueBackend` brings these,
+    the same for the built-in ``sqlite`` and ``sqs`` as for a plugin's:
+
+    - ``open(config, settings, reactor)``: the
+      :class:`sense_gateway.queues.EnvelopeQueue` the gateway runs (a
+      Twisted service, started and stopped with the gateway), or raise
+      :class:`sense_gateway.errors.ConfigError` naming the key at fault;
+    - ``open_store(config, settings)``: a synchronous
+      :class:`sense_gateway.queues.QueueStore` (``depth``,
+      ``dead_letters``, ``replay``, ``close``) for the commands;
+    - ``settings``: a frozen dataclass declaring the backend's own keys,
+      the table ``[queue.NAME]`` (environment ``SENSE_QUEUE_NAME_KEY``),
+      each with its type and default. The core converts and checks them
+      at start-up (a wrong type fails start-up naming the key) and passes
+      the instance to both callables. The keys of ``[queue]`` itself
+      (``max_receives``, ``max_depth``, ...) are for every backend;
+    - ``shards(config, settings, count)`` (optional): the settings of each
+      shard for ``--workers`` (one per ingest worker, all drained by the
+      processor; docs/workers.md). Without it every worker shares the
+      one queue.
+
+    A bare ``factory(config, reactor)`` is still taken, as a backend with
+    no settings and no commands.
+
+    Example::
+
+        @dataclass(frozen=True)
+        class FileSettings:
+            directory: str = "files-queue"
+
+        @hookimpl
+        def sense_register_queues():
+            return {"files": QueueBackend(open=open_file_queue,
+                                          open_store=FileStore, settings=FileSettings)}
     """
 
 

@@ -8,9 +8,11 @@ the committed file is out of date.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import re
+import typing
 
 from sense_gateway import hookspecs
 from sense_gateway.plugins import DEFAULT_PLUGINS
@@ -88,4 +90,25 @@ def render_plugin_docs() -> str:
     for module_name in DEFAULT_PLUGINS:
         module = importlib.import_module(module_name)
         parts.append(f"### `{module_name}`\n\n{_markdown(module.__doc__)}\n")
+        parts.extend(_queue_settings(module))
     return "\n".join(parts)
+
+
+def _queue_settings(module) -> list[str]:
+    """The table of each queue backend's own keys, from its declaration."""
+    register = getattr(module, "sense_register_queues", None)
+    out = []
+    for name, backend in (register() if register else {}).items():
+        if getattr(backend, "settings", None) is None:
+            out.append(f"Queue backend `{name}`: no `[queue.{name}]` keys of its own.\n")
+            continue
+        hints = typing.get_type_hints(backend.settings)
+        rows = [f"| `queue.{name}.{f.name}` | `{_type_name(hints[f.name])}` | `{f.default!r}` |"
+                for f in dataclasses.fields(backend.settings)]
+        out.append(f"Queue backend `{name}`, table `[queue.{name}]`:\n\n"
+                   "| key | type | default |\n|---|---|---|\n" + "\n".join(rows) + "\n")
+    return out
+
+
+def _type_name(kind) -> str:
+    return getattr(kind, "__name__", str(kind).replace("typing.", ""))

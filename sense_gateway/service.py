@@ -9,6 +9,7 @@ listener closes before the queue flushes its last commit. Role
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from twisted.application.internet import TimerService
@@ -24,17 +25,19 @@ from sense_gateway.coap.request import MonotonicClock
 from sense_gateway.coap.resources import build_tree
 from sense_gateway.coap.transport import CoapServer, DTLSTransport, UDPTransport
 from sense_gateway.coap.tree import ResourceTree
-from sense_gateway.config import Config
+from sense_gateway.config import Config, worker_count
 from sense_gateway.admission import IngestPolicy
-from sense_gateway.backends import (choose, credential_store_factory, named_factories,
-                                    processor_factory, registry_factory)
+from sense_gateway.backends import credential_store_factory, processor_factory, registry_factory
 from sense_gateway.directory import DeviceDirectory, DirectoryService
 from sense_gateway.limits import TokenBuckets
 from sense_gateway.errors import PluginLoadError, code_text
 from sense_gateway.pipeline import IngestPipeline
+from sense_gateway.queues import queue_backend
+from sense_gateway.queues.shards import ShardedQueue
 from sense_gateway.plugins import call_collecting, make_plugin_manager
 from sense_gateway.web import make_web
 from sense_gateway.worker import ProcessorService
+from sense_gateway.workers import OrphanWatch, WorkerSupervisor
 
 log = Logger()
 
@@ -50,6 +53,8 @@ class GatewayService(MultiService):
         self.queue = queue
         self.pipeline = self.dispatcher = self.coap_server = self.worker = self.web = None
         self.coaps_server = self.directory = self.policy = self.dtls = None
+        #: the ingest workers' supervisor (``workers`` above 1)
+        self.supervisor = None
         #: one message layer per CoAP transport
         self.layers: list[MessageLayer] = []
 
@@ -151,18 +156,33 @@ class GatewayService(MultiService):
             log.failure("statistics failed")
 
 
-def make_service(config: Config, reactor=None) -> GatewayService:
+def make_service(config: Config, reactor=None, worker: int | None = None,
+                 worker_args=None) -> GatewayService:
+    """The gateway's tree. With ``workers`` above 1 this is the master
+    (queue shards, processor, web, and a :class:`WorkerSupervisor` running
+    ``worker_args(index)``); *worker* makes it ingest worker *worker*."""
     if reactor is None:
         from twisted.internet import reactor
     pm = make_plugin_manager(config.disable_plugins, plugins_dir=config.plugins_dir)
-    queue_factory = choose(named_factories(pm, "sense_register_queues", "queue backend"),
-                           config.queue.backend, "queue.backend")
+    backend, settings = queue_backend(config, pm)
+    workers = worker_count(config)
+    if worker is not None:  # an ingest worker: its own shard, no processor, no web
+        config = dataclasses.replace(config, role="gateway", web=dataclasses.replace(
+            config.web, enabled=False))
     processor = processor_factory(config, pm) if config.role in ("all", "processor") else None
-    queue = queue_factory(config, reactor)
+    shards = backend.shards(config, settings, workers) if backend.shards and (
+        workers > 1 or worker is not None) else None
+    if worker is not None:
+        queue = backend.open(config, shards[worker] if shards else settings, reactor)
+    elif shards is not None:
+        queue = ShardedQueue([backend.open(config, shard, reactor) for shard in shards])
+    else:
+        queue = backend.open(config, settings, reactor)
     service = GatewayService(config, pm, queue, reactor)
     queue.setServiceParent(service)
-    if config.role in ("all", "gateway"):
-        service.add_gateway(_make_gateway(config, pm, queue, reactor))
+    if config.role in ("all", "gateway") and (workers == 1 or worker is not None):
+        service.add_gateway(_make_gateway(config, pm, queue, reactor,
+                                          reuse_port=worker is not None))
     if processor is not None:
         service.worker = ProcessorService(queue, processor, config, reactor)
         service.worker.setServiceParent(service)
@@ -172,6 +192,14 @@ def make_service(config: Config, reactor=None) -> GatewayService:
     stats = TimerService(config.stats_interval, service.log_stats)
     stats.clock = reactor
     stats.setServiceParent(service)
+    if worker is not None:
+        OrphanWatch(reactor).setServiceParent(service)
+    elif workers > 1 and config.role in ("all", "gateway"):
+        # Added last, so stopped first: the workers drain into the queue
+        # while the processor still runs.
+        service.supervisor = WorkerSupervisor(reactor, workers, worker_args,
+                                              stop_timeout=config.shutdown_timeout + 5)
+        service.supervisor.setServiceParent(service)
     return service
 
 
@@ -190,7 +218,7 @@ class GatewayParts:
     dtls: object = None
 
 
-def _make_gateway(config, pm, queue, reactor) -> GatewayParts:
+def _make_gateway(config, pm, queue, reactor, reuse_port: bool = False) -> GatewayParts:
     """The CoAP side: the device directory and ingest policy, formats and
     validators, resources, the listeners (plain CoAP, and CoAPS)."""
     clock = MonotonicClock(reactor)
@@ -245,7 +273,7 @@ def _make_gateway(config, pm, queue, reactor) -> GatewayParts:
         transport.attach(layer)
         layers.append(layer)
         servers.append(CoapServer(transport, bind, port, reactor, label=label,
-                                  ready=directory_service.when_ready))
+                                  ready=directory_service.when_ready, reuse_port=reuse_port))
 
     services = [directory_service, *(res for res in extra.values() if IService.providedBy(res))]
     return GatewayParts(pipeline, dispatcher, layers, servers, services, directory_service,

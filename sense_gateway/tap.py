@@ -68,6 +68,10 @@ class Options(usage.Options):
         ["plugins-dir", None, None, "Directory of drop-in plugin modules [default: plugins]."],
         ["web-port", None, None, "HTTP port of the API, /healthz and /metrics [default: 8080].", int],
         ["role", None, None, f"What this process runs: {'|'.join(ROLES)} [default: all]."],
+        ["workers", None, None, "Ingest processes on the CoAP ports, a count or 'auto' "
+                                "(one per core) [default: 1]."],
+        ["worker", None, None, "Set by the master for its workers: run as ingest worker "
+                               "INDEX.", int],
     ]
 
     def postOptions(self):
@@ -87,13 +91,42 @@ def makeService(options: Options):
         "plugins_dir": options["plugins-dir"],
         "role": options["role"],
         "web.port": options["web-port"],
+        "workers": options["workers"],
     }
     try:
         config = load_config(options["config"], overrides=overrides)
-        service = make_service(config)
+        service = make_service(config, worker=options["worker"],
+                               worker_args=_worker_args(options, config))
     except (ConfigError, PluginLoadError) as e:
         # One readable line instead of a traceback wall.
         raise SystemExit(f"sense-gateway: {e}") from None
     # After the tree is built: what it holds is frozen with the modules.
     settle_process(config.role)
     return service
+
+
+def _worker_args(options: Options, config):
+    """``args(index)``: the command line of worker *index* after ``twistd``:
+    the master's own options, the ports it chose when asked for any free
+    one (port 0: every worker must share one), its worker count."""
+    from sense_gateway.coap.transport import free_shared_port
+    from sense_gateway.config import worker_count
+
+    shared = [("--config", options["config"]), ("--bind", options["bind"]),
+              ("--data-dir", options["data-dir"]), ("--plugins-dir", options["plugins-dir"]),
+              ("--role", options["role"])]
+    ports = {"--coap-port": (config.coap.port, config.coap.bind),
+             "--coaps-port": (config.coaps.port, config.coaps.bind)}
+    # Asked for lazily: only a master with workers picks ports.
+    chosen: list = []
+
+    def args(index: int) -> list[str]:
+        if not chosen:
+            chosen.extend((option, str(port or free_shared_port(bind)))
+                          for option, (port, bind) in ports.items())
+        flags = [item for option, value in [*shared, *chosen] if value is not None
+                 for item in (option, str(value))]
+        return ["-n", "--pidfile=", "--logfile=-", "sense-gateway", *flags,
+                "--workers", str(worker_count(config)), "--worker", str(index)]
+
+    return args

@@ -231,6 +231,17 @@ class AgainstTheGateway(TestCase):
             self.assertIn(f"| {row['server']} | {row['ok_rate']:,.0f} | {ratio:.2f}x |", table)
 
     @defer.inlineCallbacks
+    def test_compare_workers_side_by_side(self):
+        doc = yield sense_bench_json("--compare", "--peers", "", "--workers", "1,2",
+                                     "--duration", "0.5", "--devices", "20")
+        self.assertEqual([row["server"] for row in doc["results"]], ["gateway-1w", "gateway-2w"])
+        one, two = doc["results"]
+        for row in doc["results"]:
+            self.assertEqual(row["codes"], {"2.04": row["ok"]}, row["server"])
+            self.assertGreater(row["server_cpu_s"], 0, row["server"])
+        self.assertEqual(doc["gateway_ratio"], {"gateway-1w": round(two["ok_rate"] / one["ok_rate"], 2)})
+
+    @defer.inlineCallbacks
     def test_end_to_end_every_reading_queryable(self):
         doc = yield sense_bench_json("--end-to-end", "--readings", "600", "--devices", "20")
         self.assertEqual(doc["ingest"]["codes"], {"2.04": 600})

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import tomllib
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from sense_gateway.config import Config, env_names, load_config
+from sense_gateway.config import Config, env_names, load_config, worker_count
 from sense_gateway.errors import ConfigError
+from sense_gateway.plugins import make_plugin_manager
+from sense_gateway.queues import queue_backend, queue_backends
+from sense_gateway.queues.sqlite_settings import SQLiteQueueSettings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -23,15 +28,29 @@ class ConfigTests(SynchronousTestCase):
         path = REPO / "etc" / "sense-gateway.toml"
         with path.open("rb") as f:
             document = tomllib.load(f)
+        # (A queue backend's own table, such as [queue.sqlite], is checked below.)
         stated = {(table, key) for table, values in document.items() if isinstance(values, dict)
-                  for key in values}
+                  for key, value in values.items() if not isinstance(value, dict)}
         stated |= {(None, key) for key, value in document.items() if not isinstance(value, dict)}
         # Every key a SENSE_* variable can set is a configuration key.
         self.assertEqual(sorted(set(env_names().values()) - stated, key=str), [],
                          "keys missing from the example file")
         self.assertEqual(sorted(stated - set(env_names().values()), key=str), [],
                          "keys in the example file that are not configuration keys")
-        self.assertEqual(load_config(path, environ={}), Config())
+
+    def test_example_file_states_the_defaults(self):
+        # etc/sense-gateway.toml documents every key with its default.
+        example = load_config(REPO / "etc" / "sense-gateway.toml", environ={})
+        self.assertEqual(dataclasses.replace(example, sections={}), Config(sections={}))
+        # ... and every built-in queue backend's own table, key for key.
+        pm = make_plugin_manager(example.disable_plugins, plugins_dir=self.mktemp())
+        declared = {name: b.settings for name, b in queue_backends(example, pm).items()}
+        self.assertEqual({t for t in example.sections if t.startswith("queue.")},
+                         {f"queue.{name}" for name, s in declared.items() if s is not None})
+        for name, settings in declared.items():
+            if settings is not None:
+                self.assertEqual(dict(example.section(f"queue.{name}")),
+                                 dataclasses.asdict(settings()))
 
     def test_file_overrides_defaults(self):
         config = load_config(self.write('role = "gateway"\n[coap]\nport = 5700\n'), environ={})
@@ -103,6 +122,74 @@ class ConfigTests(SynchronousTestCase):
 
     def test_missing_file(self):
         self.assertConfigError("no such file", self.mktemp(), environ={})
+
+
+class WorkersConfigTests(SynchronousTestCase):
+    def test_a_count_from_the_file_or_auto(self):
+        path = self.mktemp()
+        Path(path).write_text("workers = 3\n")
+        self.assertEqual(worker_count(load_config(path, environ={})), 3)
+        auto = load_config(environ={"SENSE_WORKERS": "auto"})
+        self.assertEqual(worker_count(auto), len(os.sched_getaffinity(0)))
+
+    def test_not_a_count_is_refused(self):
+        error = self.assertRaises(ConfigError, load_config, environ={"SENSE_WORKERS": "0"})
+        self.assertEqual(str(error), "workers: must be a count of at least 1 or 'auto', got '0'")
+
+    def test_a_processor_has_no_ingest_workers(self):
+        error = self.assertRaises(ConfigError, load_config,
+                                  environ={"SENSE_WORKERS": "2", "SENSE_ROLE": "processor"})
+        self.assertIn("workers: ingest workers need role 'all' or 'gateway'", str(error))
+
+
+class QueueBackendSettingsTests(SynchronousTestCase):
+    """A queue backend's own table, [queue.NAME]: the built-in sqlite one
+    goes the road a plugin's goes (tests/test_plugins.py)."""
+
+    def settle(self, text: str = "", environ=None):
+        path = self.mktemp()
+        Path(path).write_text(text)
+        config = load_config(path, environ=environ or {})
+        return queue_backend(config, make_plugin_manager((), plugins_dir=self.mktemp()))
+
+    def test_sqlite_settings_come_from_their_table(self):
+        _, settings = self.settle('[queue.sqlite]\nsynchronous = "normal"\nmax_batch = 10\n')
+        self.assertEqual(settings, SQLiteQueueSettings(synchronous="normal", max_batch=10))
+
+    def test_environment_overrides_the_table(self):
+        _, settings = self.settle('[queue.sqlite]\nmax_batch = 10\n',
+                                  environ={"SENSE_QUEUE_SQLITE_MAX_BATCH": "20"})
+        self.assertEqual(settings.max_batch, 20)
+
+    def test_wrong_type_is_named(self):
+        error = self.assertRaises(ConfigError, self.settle, '[queue.sqlite]\nmax_batch = "lots"\n')
+        self.assertEqual(str(error), "queue.sqlite.max_batch: expected int, got 'lots'")
+
+    def test_bad_value_is_named(self):
+        error = self.assertRaises(ConfigError, self.settle,
+                                  environ={"SENSE_QUEUE_SQLITE_SYNCHRONOUS": "sometimes"})
+        self.assertIn("queue.sqlite.synchronous: must be 'full' or 'normal'", str(error))
+
+    def test_unknown_key_in_a_backend_table_is_named(self):
+        error = self.assertRaises(ConfigError, self.settle, '[queue.sqlite]\nsize = 1\n')
+        self.assertIn("queue.sqlite.size: unknown configuration key", str(error))
+
+    def test_table_of_no_backend_is_named(self):
+        error = self.assertRaises(ConfigError, self.settle, '[queue.kafka]\nbrokers = "x"\n')
+        self.assertEqual(str(error), "queue.kafka: no queue backend named 'kafka'; "
+                                     "available: sqlite, sqs")
+
+    def test_unknown_queue_variable_is_named(self):
+        error = self.assertRaises(ConfigError, self.settle,
+                                  environ={"SENSE_QUEUE_SQLITE_SIZE": "1"})
+        self.assertEqual(str(error), "SENSE_QUEUE_SQLITE_SIZE: unknown SENSE_ environment variable")
+
+    def test_moved_keys_say_where_they_went(self):
+        error = self.assertRaises(ConfigError, self.settle, '[queue]\nsynchronous = "full"\n')
+        self.assertIn("queue.synchronous: moved to queue.sqlite.synchronous", str(error))
+        error = self.assertRaises(ConfigError, self.settle,
+                                  environ={"SENSE_QUEUE_PATH": "/tmp/q"})
+        self.assertIn("(queue.path moved to queue.sqlite.path)", str(error))
 
 
 class DevicesConfigTests(SynchronousTestCase):

@@ -32,7 +32,7 @@ class PluginDocsTests(SynchronousTestCase):
 
     def test_readme_names_every_configuration_table(self):
         readme = (REPO / "README.md").read_text()
-        for key in ("coap.port", "queue.synchronous", "validation.*", "disable_plugins"):
+        for key in ("coap.port", "queue.sqlite.synchronous", "validation.*", "disable_plugins"):
             self.assertIn(key, readme)
 
 

@@ -4,7 +4,9 @@ one-line errors a broken plugin produces."""
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import subprocess
 import sys
 import textwrap
 import time
@@ -16,7 +18,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from sense_gateway.config import Config
 from sense_gateway.errors import ConfigError, PluginLoadError
 from sense_gateway.plugins import DEFAULT_PLUGINS, call_collecting, make_plugin_manager
-from tests.support import coap_url, deferLater, exercises, libcoap_request, queued, start_gateway
+from tests.support import (BIN, coap_url, deferLater, exercises, libcoap_request, queued,
+                           start_gateway)
 
 GOOD_PLUGIN = '''
 from sense_gateway.envelope import Decoded, Reading
@@ -217,6 +220,153 @@ class GatewayPluginTests(TestCase):
                                          b'{"id": "m-1", "data": {"t": 1}}', 50)
         self.assertEqual(response.code, "2.04", response)
         self.assertEqual([e.device for e in gateway.queue.envelopes], ["m-1"])
+
+    FILE_QUEUE = '''
+        """A queue kept as files, one per message, in [queue.files] directory."""
+        import time
+        from dataclasses import dataclass
+        from pathlib import Path
+
+        from twisted.internet import defer
+        from sense_gateway.envelope import Envelope
+        from sense_gateway.hookspecs import hookimpl
+        from sense_gateway.queues import DeadLetter, EnvelopeQueue, QueueBackend, Received
+
+        @dataclass(frozen=True)
+        class FileSettings:
+            directory: str = "files-queue"
+            #: digits of a message's file name
+            width: int = 6
+
+        class FileStore:
+            def __init__(self, config, settings):
+                self.root = Path(config.data_dir) / settings.directory
+                self.width = settings.width
+                for part in ("waiting", "dead"):
+                    (self.root / part).mkdir(parents=True, exist_ok=True)
+
+            def _files(self, part):
+                return sorted((self.root / part).glob("*.json"))
+
+            def put(self, envelope):
+                number = len(self._files("waiting")) + len(self._files("dead")) + 1
+                (self.root / "waiting" / f"{number:0{self.width}}.json").write_bytes(
+                    envelope.to_json())
+
+            def bury(self, name, reason):
+                (self.root / "waiting" / name).rename(self.root / "dead" / name)
+                (self.root / "dead" / (name + ".reason")).write_text(reason)
+
+            def depth(self):
+                return {"visible": len(self._files("waiting")), "in_flight": 0,
+                        "dead": len(self._files("dead"))}
+
+            def dead_letters(self, limit=100):
+                return [DeadLetter(id=int(f.stem), envelope=Envelope.from_json(f.read_bytes()),
+                                   reason=f.with_name(f.name + ".reason").read_text(),
+                                   receive_count=1, enqueued_at=f.stat().st_mtime,
+                                   failed_at=time.time()) for f in self._files("dead")[:limit]]
+
+            def replay(self, ids=None):
+                moved = 0
+                for f in self._files("dead"):
+                    if ids is None or int(f.stem) in ids:
+                        f.rename(self.root / "waiting" / f.name)
+                        f.with_name(f.name + ".reason").unlink()
+                        moved += 1
+                return moved
+
+            def close(self):
+                pass
+
+        class FileQueue(EnvelopeQueue):
+            def __init__(self, store):
+                self.store = store
+
+            def put(self, envelopes):
+                for envelope in envelopes:
+                    self.store.put(envelope)
+                return defer.succeed(None)
+
+            def receive(self, max_messages, visibility_timeout=None):
+                return defer.succeed([Received(int(f.stem), f.name, Envelope.from_json(f.read_bytes()), 1)
+                                      for f in self.store._files("waiting")[:max_messages]])
+
+            def dead_letter(self, receipt, reason):
+                self.store.bury(receipt, reason)
+                return defer.succeed(None)
+
+            def depth(self):
+                return defer.succeed(self.store.depth())
+
+        @hookimpl
+        def sense_register_queues():
+            return {"files": QueueBackend(
+                open=lambda config, settings, reactor: FileQueue(FileStore(config, settings)),
+                open_store=FileStore, settings=FileSettings)}
+        '''
+
+    def sense(self, gateway, *args, expect=0):
+        done = subprocess.run([str(BIN / "sense"), "--data-dir", gateway.config.data_dir,
+                               "--plugins-dir", gateway.config.plugins_dir, *args],
+                              env={**os.environ, "SENSE_QUEUE_BACKEND": "files",
+                                   "SENSE_QUEUE_FILES_WIDTH": "4"},
+                              capture_output=True, timeout=60, text=True)
+        self.assertEqual(done.returncode, expect, done.stderr)
+        return done.stdout if expect == 0 else done.stderr
+
+    @defer.inlineCallbacks
+    def test_plugin_queue_gets_sense_queue_and_sense_dlq(self):
+        gateway = yield start_gateway(self, **{"queue.backend": "files", "queue.files.width": 4},
+                                      plugins_dir=self.plugins_dir(files_queue=self.FILE_QUEUE))
+        for device in ("f-1", "f-2"):
+            response = yield libcoap_request("post", coap_url("127.0.0.1", gateway.port, "/data"),
+                                             b'{"id": "%s", "data": {"t": 1}}' % device.encode(), 50)
+            self.assertEqual(response.code, "2.04", response)
+        # The plugin's own setting took effect: four-digit file names.
+        self.assertEqual(sorted(p.name for p in gateway.queue.store._files("waiting")),
+                         ["0001.json", "0002.json"])
+        self.assertEqual(json.loads(self.sense(gateway, "queue", "--json")),
+                         {"visible": 2, "in_flight": 0, "dead": 0})
+
+        [first, _] = yield gateway.queue.receive(10)
+        yield gateway.queue.dead_letter(first.receipt, "sink refused: bad field")
+        [letter] = json.loads(self.sense(gateway, "dlq", "list", "--json"))
+        self.assertEqual((letter["id"], letter["device"], letter["reason"]),
+                         (1, "f-1", "sink refused: bad field"))
+        self.assertRegex(self.sense(gateway, "dlq", "list"), r"\n1 +f-1 .* sink refused: bad field\n")
+        self.assertEqual(self.sense(gateway, "dlq", "replay"), "1 message back in the queue\n")
+        self.assertEqual(json.loads(self.sense(gateway, "queue", "--json")),
+                         {"visible": 2, "in_flight": 0, "dead": 0})
+
+    def test_plugin_queue_setting_of_the_wrong_type_fails_startup(self):
+        plugins = self.plugins_dir(files_queue=self.FILE_QUEUE)
+        error = self.assertRaises(ConfigError, start_gateway, self, plugins_dir=plugins,
+                                  **{"queue.backend": "files", "queue.files.width": "wide"})
+        self.assertEqual(str(error), "queue.files.width: expected int, got 'wide'")
+
+    def test_plugin_queue_setting_of_the_wrong_type_fails_the_cli(self):
+        plugins = self.plugins_dir(files_queue=self.FILE_QUEUE)
+        done = subprocess.run([str(BIN / "sense"), "--plugins-dir", plugins, "queue"],
+                              env={**os.environ, "SENSE_QUEUE_BACKEND": "files",
+                                   "SENSE_QUEUE_FILES_WIDTH": "wide"},
+                              capture_output=True, timeout=60, text=True)
+        self.assertEqual((done.returncode, done.stderr),
+                         (2, "sense: queue.files.width: expected int, got 'wide'\n"))
+
+    def test_plugin_queue_without_a_store_says_so_in_the_cli(self):
+        plugins = self.plugins_dir(bare_queue='''
+            from sense_gateway.hookspecs import hookimpl
+
+            @hookimpl
+            def sense_register_queues():
+                return {"bare": lambda config, reactor: None}
+            ''')
+        done = subprocess.run([str(BIN / "sense"), "--plugins-dir", plugins, "dlq", "list"],
+                              env={**os.environ, "SENSE_QUEUE_BACKEND": "bare"},
+                              capture_output=True, timeout=60, text=True)
+        self.assertEqual((done.returncode, done.stderr),
+                         (2, "sense: queue.backend: 'bare' offers no store for this command\n"))
 
     def test_unknown_queue_backend_names_the_key(self):
         error = self.assertRaises(ConfigError, start_gateway, self, **{"queue.backend": "kafka"})

@@ -19,6 +19,7 @@ from sense_gateway.queues.sqlite import (
     make_sqlite_queue,
     sense_register_queues,
 )
+from sense_gateway.queues.sqlite_settings import SQLiteQueueSettings
 from sense_gateway.queues.sqlite_store import MissingJSONFunctions
 
 
@@ -534,13 +535,15 @@ class FactoryTests(SynchronousTestCase):
     """The ``sqlite`` backend as the core finds it: by name, from config."""
 
     def test_registered_as_sqlite(self):
-        self.assertEqual(sense_register_queues(), {"sqlite": make_sqlite_queue})
+        [backend] = sense_register_queues().values()
+        self.assertEqual(list(sense_register_queues()), ["sqlite"])
+        self.assertEqual((backend.open, backend.settings), (make_sqlite_queue, SQLiteQueueSettings))
 
     def test_factory_takes_its_settings_from_config_and_creates_the_directory(self):
         data_dir = Path(self.mktemp()) / "deep" / "var"
         config = Config(data_dir=str(data_dir),
-                        queue=QueueConfig(max_pending=7, max_batch=3, retry_after=9))
-        queue = make_sqlite_queue(config, reactor)
+                        queue=QueueConfig(max_pending=7, retry_after=9))
+        queue = make_sqlite_queue(config, SQLiteQueueSettings(max_batch=3), reactor)
         self.assertEqual(queue.path, data_dir / "queue.sqlite3")
         self.assertTrue(queue.path.exists())
         self.assertEqual((queue.max_pending, queue.max_batch, queue.retry_after), (7, 3, 9))
@@ -549,7 +552,8 @@ class FactoryTests(SynchronousTestCase):
     def test_unopenable_path_is_a_config_error_naming_the_key(self):
         blocker = Path(self.mktemp())
         blocker.write_text("a file where a directory should be")
-        config = Config(queue=QueueConfig(path=str(blocker / "queue.sqlite3")))
         with self.assertRaises(ConfigError) as caught:
-            make_sqlite_queue(config, reactor)
-        self.assertTrue(str(caught.exception).startswith("queue.path: "), str(caught.exception))
+            make_sqlite_queue(Config(), SQLiteQueueSettings(path=str(blocker / "queue.sqlite3")),
+                              reactor)
+        self.assertTrue(str(caught.exception).startswith("queue.sqlite.path: "),
+                        str(caught.exception))

@@ -80,8 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--role", choices=["gateway", "all"],
                       help="the gateway's role under --compare (default gateway) and --soak "
                            "(default all)")
+    cmp_.add_argument("--workers", default="1",
+                      help="the gateway's --workers; a list (1,2) runs it once per count, "
+                           "side by side, the ratio against the last")
     cmp_.add_argument("--synchronous", default="full", choices=["full", "normal"],
-                      help="the gateway's queue.synchronous under --compare")
+                      help="the gateway's queue.sqlite.synchronous under --compare")
     e2e = p.add_argument_group("--end-to-end")
     e2e.add_argument("--readings", type=int, default=100_000)
     e2e.add_argument("--split", action="store_true",

@@ -194,7 +194,7 @@ def run_dtls(args) -> int:
     _provision(data_dir, keys)
     gateway = Gateway(data_dir, role="gateway", host=host, settings={
         # Every device comes from one address here: no per-source limits.
-        "queue.synchronous": args.synchronous, "coaps.max_sessions": devices + 16,
+        "queue.sqlite.synchronous": args.synchronous, "coaps.max_sessions": devices + 16,
         "coaps.handshakes_per_source": 1_000_000,
         "coaps.handshakes_in_progress_per_source": devices + 16})
     rows = []

@@ -45,7 +45,7 @@ def run_end_to_end(args) -> int:
         vm = VictoriaMetrics(workdir)
         processes.append(vm)
         settings = {"sinks.enabled": args.sinks, "influxdb.url": vm.url, "influxdb.api": "v2",
-                    "queue.synchronous": args.synchronous, "processor.poll_interval": 0.2}
+                    "queue.sqlite.synchronous": args.synchronous, "processor.poll_interval": 0.2}
         if args.batch_size:
             settings["processor.batch_size"] = args.batch_size
         data_dir = workdir / "gateway"

@@ -140,10 +140,14 @@ class Gateway(Child):
                    "--data-dir", str(data_dir), "--plugins-dir", str(data_dir / "no-plugins")]
         super().__init__(command, data_dir / f"stdout-{label}.log", env=environment, cwd=data_dir)
         if wait:
-            self.wait_until_logged(b"CoAP listening" if role != "processor" else b"HTTP listening")
+            # Every worker's listener, so the load is spread from the start.
+            self.wait_until_logged(b"CoAP listening" if role != "processor" else b"HTTP listening",
+                                   times=int(settings.get("workers", 1)) if role != "processor"
+                                   else 1)
 
-    def wait_until_logged(self, text: bytes, timeout: float = 30.0) -> None:
-        self.wait_for(lambda: self.log_path.exists() and text in self.log_path.read_bytes(),
+    def wait_until_logged(self, text: bytes, timeout: float = 30.0, times: int = 1) -> None:
+        self.wait_for(lambda: self.log_path.exists()
+                      and self.log_path.read_bytes().count(text) >= times,
                       f"log {text.decode()!r}", timeout)
 
     def output(self) -> str:

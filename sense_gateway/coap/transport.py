@@ -103,15 +103,17 @@ class DTLSTransport(DatagramProtocol):
         self.engine.stop()
 
 
-def bind_udp(reactor, protocol, bind: str, port: int, max_packet: int = MAX_DATAGRAM):
+def bind_udp(reactor, protocol, bind: str, port: int, max_packet: int = MAX_DATAGRAM,
+             reuse_port: bool = False):
     """Listen on UDP *bind*:*port* with *protocol*; ``::`` serves IPv6 and
     IPv4 (as mapped addresses) on one socket, whatever the host's
-    ``bindv6only`` default."""
-    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
+    ``bindv6only`` default. With *reuse_port* (``SO_REUSEPORT``) other
+    processes of the same user may listen on the port too; Linux hands
+    each datagram to one of the sockets by a hash of its 4-tuple, so one
+    peer's datagrams keep reaching the same socket."""
+    sock = udp_socket(bind, reuse_port)
+    family = sock.family
     try:
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         # Bursts from many devices arrive faster than one turn of the
         # reactor: a larger buffer turns them into latency, not loss.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
@@ -127,9 +129,11 @@ class CoapServer(Service):
     """Listens on a UDP port with a transport (plain CoAP on 5683 by default)."""
 
     def __init__(self, transport, bind: str, port: int, reactor, label: str = "CoAP",
-                 ready=None):
+                 ready=None, reuse_port: bool = False):
         """*ready*, if given, returns a Deferred that fires when the
-        gateway can judge requests: the socket opens only then."""
+        gateway can judge requests: the socket opens only then.
+        *reuse_port*: share the port with the other ``--workers``."""
+        self.reuse_port = reuse_port
         self.transport = transport
         self.bind = bind
         self.port_number = port
@@ -146,7 +150,8 @@ class CoapServer(Service):
             self.ready().addCallback(lambda _: self._listen() if self.running else None)
 
     def _listen(self) -> None:
-        self.port = bind_udp(self.reactor, self.transport, self.bind, self.port_number)
+        self.port = bind_udp(self.reactor, self.transport, self.bind, self.port_number,
+                             reuse_port=self.reuse_port)
         log.info("{label} listening on {address}", label=self.label,
                  address=source_text((self.bind, self.address[1])))
 
@@ -160,3 +165,21 @@ class CoapServer(Service):
         if self.port is not None:
             port, self.port = self.port, None
             return port.stopListening()
+
+
+def udp_socket(bind: str, reuse_port: bool = False) -> socket.socket:
+    """A UDP socket for *bind*, not yet bound (dual-stack for IPv6)."""
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    return sock
+
+
+def free_shared_port(bind: str) -> int:
+    """A UDP port free on *bind* now, for workers that will share it."""
+    with udp_socket(bind, reuse_port=True) as sock:
+        sock.bind((bind, 0))
+        return sock.getsockname()[1]

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.python.failure import Failure
 
+from sense_gateway.backends import choose, named_factories
+from sense_gateway.config import backend_settings, check_backend_env
 from sense_gateway.envelope import Envelope
 
 
@@ -139,6 +142,78 @@ class EnvelopeQueue(Service):
         """Move dead letters (all, or those with *ids*) back into the queue
         with their receive count reset; fire with how many moved."""
         raise NotImplementedError
+
+
+class QueueStore(Protocol):
+    """A synchronous handle on a queue for the ``sense queue`` and ``sense
+    dlq`` commands (no reactor runs there): the same answers as the
+    :class:`EnvelopeQueue` methods of the same names, returned directly."""
+
+    def depth(self) -> dict[str, int]: ...
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]: ...
+
+    def replay(self, ids: list | None = None) -> int: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class QueueBackend:
+    """What a queue backend brings, registered by ``sense_register_queues``.
+
+    ``open(config, settings, reactor)`` returns the :class:`EnvelopeQueue`
+    the gateway runs. ``open_store(config, settings)`` returns a
+    :class:`QueueStore` for the ``sense`` commands, or raises
+    :class:`~sense_gateway.errors.ConfigError` (no queue there); ``None``
+    means the backend offers the commands nothing. ``settings`` is a frozen
+    dataclass whose fields (``bool``, ``int``, ``float``, ``str`` or
+    ``tuple[str, ...]``, each with a default) are the keys of the backend's
+    own table ``[queue.NAME]`` (environment: ``SENSE_QUEUE_NAME_KEY``); the
+    core converts and checks them at start-up and hands the instance to
+    both callables. A ``__post_init__`` raising ``ConfigError`` checks
+    values beyond their type. ``None``: the backend has no keys of its own.
+
+    ``shards(config, settings, count)`` returns the settings of each shard
+    of the queue for ``--workers`` (each ingest worker writes one; the
+    processor drains them all): at least *count*, more when more are
+    there from an earlier run, the first one the queue of a single
+    process. ``None``: every worker shares the one queue (SQS).
+    """
+
+    open: Callable[[Any, Any, Any], EnvelopeQueue]
+    open_store: Callable[[Any, Any], QueueStore] | None = None
+    settings: type | None = None
+    shards: Callable[[Any, Any, int], list] | None = None
+
+
+# Choosing one: here, not in sense_gateway.backends, which the Lambda
+# handler imports without Twisted.
+
+def queue_backends(config, pm) -> dict:
+    """Every registered queue backend by name, as a
+    :class:`~sense_gateway.queues.QueueBackend` (a bare ``factory(config,
+    reactor)`` becomes one without settings or commands); fails on a
+    ``[queue.NAME]`` table or ``SENSE_QUEUE_*`` variable none claims."""
+    backends = {}
+    for name, offered in named_factories(pm, "sense_register_queues", "queue backend").items():
+        if not isinstance(offered, QueueBackend):
+            offered = QueueBackend(open=lambda config, settings, reactor, make=offered:
+                                   make(config, reactor))
+        backends[name] = offered
+    check_backend_env(config, {name: b.settings for name, b in backends.items()})
+    return backends
+
+
+def queue_backend(config, pm) -> tuple:
+    """The backend ``queue.backend`` names and its typed settings (every
+    present ``[queue.NAME]`` table is checked, used or not)."""
+    backends = queue_backends(config, pm)
+    backend = choose(backends, config.queue.backend, "queue.backend")
+    for name, other in backends.items():
+        if name != config.queue.backend:
+            backend_settings(config, name, other.settings)
+    return backend, backend_settings(config, config.queue.backend, backend.settings)
 
 
 def _each(release, receipts: list[str], reason: str, delay: float) -> Deferred[None]:

@@ -4,15 +4,20 @@ The default queue backend (``queue.backend = "sqlite"``), for a gateway on
 one machine. Envelopes are committed before the device gets its 2.04; a
 gateway killed the instant after still has them when it restarts.
 
-Configuration (``[queue]``):
+Its own settings (``[queue.sqlite]``, ``SENSE_QUEUE_SQLITE_*``;
+:class:`SQLiteQueueSettings`):
 
 - ``path``: the queue file (default ``<data_dir>/queue.sqlite3``); its
   directory is created if missing. A path that cannot be opened fails
-  start-up with a message naming ``queue.path``.
+  start-up with a message naming ``queue.sqlite.path``.
 - ``synchronous``: ``full`` (default), an acknowledged message survives
   power loss (each commit waits for the write-ahead log's fsync);
   ``normal``, it survives a crashed or killed process, but the last
   commits before a power cut may be lost; faster on slow disks.
+- ``max_batch``: envelopes per transaction at most (default 2000).
+
+The keys of ``[queue]`` every backend reads:
+
 - ``max_pending``: envelopes waiting for a commit (default 20000); beyond
   that a put fails at once with 5.03 Service Unavailable and Max-Age
   ``retry_after`` (default 5 s), so a stalled disk cannot eat the
@@ -25,7 +30,6 @@ Configuration (``[queue]``):
   server. The count is kept as puts and deletes go, and counted again
   from the file at least every second while puts arrive (another
   process may drain the same file).
-- ``max_batch``: envelopes per transaction at most (default 2000).
 - ``max_receives``, ``visibility_timeout``: the processor's side. A
   received message is invisible for ``visibility_timeout`` seconds
   (default 30); one received ``max_receives`` times (default 5) without
@@ -86,12 +90,13 @@ from twisted.python.failure import Failure
 from sense_gateway.envelope import Envelope
 from sense_gateway.errors import ConfigError, Unavailable
 from sense_gateway.hookspecs import hookimpl
-from sense_gateway.queues import DeadLetter, EnvelopeQueue, Received
+from sense_gateway.queues import DeadLetter, EnvelopeQueue, QueueBackend, Received
+from sense_gateway.queues.sqlite_settings import SQLiteQueueSettings, queue_file, sqlite_shards
 from sense_gateway.queues.sqlite_store import (RECOUNT_INTERVAL, MissingJSONFunctions,
                                                SQLiteQueueStore)
 from sense_gateway.threads import BlockingThreads
 
-__all__ = ["SQLiteQueue", "SQLiteQueueStore", "make_sqlite_queue"]
+__all__ = ["SQLiteQueue", "SQLiteQueueSettings", "SQLiteQueueStore", "make_sqlite_queue"]
 
 log = Logger()
 
@@ -361,23 +366,33 @@ class SQLiteQueue(EnvelopeQueue):
         return self.with_store(lambda store: store.replay(ids))
 
 
-def make_sqlite_queue(config, reactor) -> SQLiteQueue:
-    """The ``sqlite`` backend's factory: ``factory(config, reactor)``."""
-    path = config.queue_path
+def make_sqlite_queue(config, settings: SQLiteQueueSettings, reactor) -> SQLiteQueue:
+    """The ``sqlite`` backend's queue: ``open(config, settings, reactor)``."""
+    path = queue_file(config, settings)
     q = config.queue
     try:
         # Fail start-up here, naming the key, rather than on the first put.
         # (Before the reactor runs, so opening on this thread blocks no one.)
-        SQLiteQueueStore(path, synchronous=q.synchronous).close()
+        SQLiteQueueStore(path, synchronous=settings.synchronous).close()
     except MissingJSONFunctions as e:
         raise ConfigError(f"queue.backend \"sqlite\": {e}") from None
     except (sqlite3.Error, OSError) as e:
-        raise ConfigError(f"queue.path: cannot open {path}: {e}") from None
-    return SQLiteQueue(path, reactor, synchronous=q.synchronous, max_receives=q.max_receives,
-                       visibility_timeout=q.visibility_timeout, max_pending=q.max_pending,
-                       max_batch=q.max_batch, retry_after=q.retry_after, max_depth=q.max_depth)
+        raise ConfigError(f"queue.sqlite.path: cannot open {path}: {e}") from None
+    return SQLiteQueue(path, reactor, synchronous=settings.synchronous,
+                       max_receives=q.max_receives, visibility_timeout=q.visibility_timeout,
+                       max_pending=q.max_pending, max_batch=settings.max_batch,
+                       retry_after=q.retry_after, max_depth=q.max_depth)
+
+
+def open_sqlite_store(config, settings: SQLiteQueueSettings) -> SQLiteQueueStore:
+    """The ``sqlite`` backend's store for ``sense queue`` and ``sense dlq``."""
+    path = queue_file(config, settings)
+    if not path.exists():
+        raise ConfigError(f"queue.sqlite.path: no queue at {path}")
+    return SQLiteQueueStore(path, max_receives=config.queue.max_receives)
 
 
 @hookimpl
 def sense_register_queues():
-    return {"sqlite": make_sqlite_queue}
+    return {"sqlite": QueueBackend(make_sqlite_queue, open_sqlite_store, SQLiteQueueSettings,
+                                   shards=sqlite_shards)}

@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 from sense_gateway.envelope import Envelope
 from sense_gateway.errors import ConfigError, Unavailable
 from sense_gateway.hookspecs import hookimpl
-from sense_gateway.queues import EnvelopeQueue, Received
+from sense_gateway.queues import EnvelopeQueue, QueueBackend, Received
 from sense_gateway.queues.sqs_client import (
     MAX_BATCH_BYTES,
     MAX_ENTRIES,
@@ -242,12 +242,25 @@ class SQSQueue(EnvelopeQueue):
         return self._call(self.client.replay, ids)
 
 
-def make_sqs_queue(config, reactor) -> SQSQueue:
+def make_sqs_queue(config, settings, reactor) -> SQSQueue:
+    """The ``sqs`` backend's queue: ``open(config, settings, reactor)``."""
+    _require_url(config)
+    return SQSQueue(config, reactor)
+
+
+def open_sqs_store(config, settings) -> SQSQueueClient:
+    """The ``sqs`` backend's store for ``sense queue`` and ``sense dlq``."""
+    _require_url(config)
+    return SQSQueueClient(config.aws, config.queue.max_receives)
+
+
+def _require_url(config) -> None:
     if not config.aws.queue_url:
         raise ConfigError("aws.queue_url: required for queue.backend = \"sqs\"")
-    return SQSQueue(config, reactor)
 
 
 @hookimpl
 def sense_register_queues():
-    return {"sqs": make_sqs_queue}
+    # Its settings are aws.* (shared with the DynamoDB registry and the
+    # Lambda deployment), so no [queue.sqs] table of its own.
+    return {"sqs": QueueBackend(make_sqs_queue, open_sqs_store)}

@@ -83,6 +83,16 @@ class StatsCollector:
                                                 "Messages whose sink write failed")
             sink_failures.add_metric([], self.stats["processor"].get("failed", 0))
             yield sink_failures
+        if "workers" in self.stats:
+            running = GaugeMetricFamily("sense_workers_running",
+                                        "Ingest workers running (of --workers)")
+            running.add_metric([], self.stats["workers"]["running"])
+            yield running
+            starts = CounterMetricFamily("sense_worker_starts",
+                                         "Times each ingest worker was started", labels=["worker"])
+            for index, count in self.stats["workers"]["starts"].items():
+                starts.add_metric([index], count)
+            yield starts
         depth = GaugeMetricFamily("sense_queue_messages", "Messages in the queue",
                                   labels=["state"])
         for state, count in self.stats.get("queue", {}).items():

@@ -126,6 +126,9 @@ class WebService(Service):
         # What the dashboard shows as the backlog, against its bound.
         out["backlog"] = {"waiting": depth.get("visible", 0) + depth.get("in_flight", 0),
                           "max_depth": getattr(gateway.queue, "max_depth", None)}
+        supervisor = getattr(gateway, "supervisor", None)
+        if supervisor is not None:
+            out["workers"] = supervisor.state()
         refusals = getattr(gateway.queue, "refusals", None)
         if refusals is not None:
             out["queue_refusals"] = dict(refusals)
@@ -140,6 +143,9 @@ class WebService(Service):
         if worker is not None and worker.problem is not None:
             failing["processor"] = worker.problem
         checks = [("queue", self.gateway.queue.check)]
+        supervisor = getattr(self.gateway, "supervisor", None)
+        if supervisor is not None:
+            checks.append(("workers", supervisor.check))
         directory = self.gateway.directory
         if directory is not None:
             checks.append(("directory", lambda: _directory_health(directory)))

@@ -1,0 +1,317 @@
+"""``--workers N``: ingest processes sharing the CoAP ports, each with a
+queue shard of its own, drained by the master's processor."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import orjson
+from twisted.internet import defer
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from txthings import coap
+
+from sense_gateway.coap.transport import free_shared_port, udp_socket
+from sense_gateway.queues.sqlite import SQLiteQueueStore
+from sense_gateway.workers import WorkerSupervisor
+from tests.support import (BIN, GatewayProcess, RawCoapPeer, deferLater, eventually,
+                           libcoap_request, queued, request_datagram)
+
+
+class SharedPortTests(SynchronousTestCase):
+    """What the design rests on: with SO_REUSEPORT, Linux hands all of one
+    peer's datagrams to the same socket (a hash of the 4-tuple)."""
+
+    def test_each_peer_sticks_to_one_socket(self):
+        port = free_shared_port("127.0.0.1")
+        servers = []
+        for _ in range(2):
+            server = udp_socket("127.0.0.1", reuse_port=True)
+            server.bind(("127.0.0.1", port))
+            server.setblocking(False)
+            self.addCleanup(server.close)
+            servers.append(server)
+        peers = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(32)]
+        for peer in peers:
+            self.addCleanup(peer.close)
+            peer.bind(("127.0.0.1", 0))
+        for round_ in range(20):
+            for number, peer in enumerate(peers):
+                peer.sendto(b"%d" % number, ("127.0.0.1", port))
+        time.sleep(0.2)
+        reached: dict[bytes, set[int]] = {}
+        for index, server in enumerate(servers):
+            while True:
+                try:
+                    data, _ = server.recvfrom(100)
+                except BlockingIOError:
+                    break
+                reached.setdefault(data, set()).add(index)
+        self.assertEqual(len(reached), len(peers))
+        self.assertEqual([p for p, sockets in reached.items() if len(sockets) > 1], [])
+        # Both sockets take peers (all 32 on one: a chance of 2**-31).
+        self.assertEqual({i for sockets in reached.values() for i in sockets}, {0, 1})
+
+
+class FakeProcessReactor(Clock):
+    """A clock that records spawned processes and the signals sent to them."""
+
+    def __init__(self):
+        super().__init__()
+        self.spawned = []
+
+    def spawnProcess(self, proto, executable, args, env=None, **kwargs):
+        reactor = self
+
+        class Transport:
+            pid = 1000 + len(reactor.spawned)
+            signals = []
+
+            def signalProcess(self, name):
+                self.signals.append(name)
+
+            def closeStdin(self):
+                pass
+        transport = Transport()
+        proto.makeConnection(transport)
+        self.spawned.append((proto, transport, args))
+        return transport
+
+
+class SupervisorTests(SynchronousTestCase):
+    """Respawn and stop, on a fake reactor."""
+
+    def setUp(self):
+        self.reactor = FakeProcessReactor()
+        self.supervisor = WorkerSupervisor(self.reactor, 2, lambda i: ["--worker", str(i)],
+                                           stop_timeout=15)
+        self.supervisor.startService()
+
+    def end(self, number: int) -> None:
+        proto = self.reactor.spawned[number][0]
+        proto.processEnded(Failure(ProcessTerminated(signal=signal.SIGKILL)))
+
+    def test_a_dead_worker_is_started_again_later_and_later_while_it_dies_young(self):
+        self.assertEqual([a[-1] for _, _, a in self.reactor.spawned], ["0", "1"])
+        latest = 0  # worker 0's process
+        for delay in (1.0, 2.0, 4.0):
+            before = len(self.reactor.spawned)
+            self.end(latest)
+            self.reactor.advance(delay - 0.01)
+            self.assertEqual(len(self.reactor.spawned), before)
+            self.reactor.advance(0.01)
+            self.assertEqual(self.reactor.spawned[-1][2][-1], "0")
+            latest = len(self.reactor.spawned) - 1
+        self.assertEqual(self.supervisor.starts, {0: 4, 1: 1})
+        # One that lived a while is started again after a second.
+        self.reactor.advance(60)
+        self.end(len(self.reactor.spawned) - 1)
+        self.reactor.advance(1.0)
+        self.assertEqual(self.supervisor.starts, {0: 5, 1: 1})
+
+    def test_stop_terminates_every_worker_and_waits_for_them(self):
+        stopped = self.supervisor.stopService()
+        self.assertEqual([t.signals for _, t, _ in self.reactor.spawned], [["TERM"], ["TERM"]])
+        self.assertNoResult(stopped)
+        self.end(0)
+        self.assertNoResult(stopped)
+        self.end(1)
+        self.successResultOf(stopped)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])  # nothing started again
+
+    def test_a_worker_that_does_not_stop_is_killed(self):
+        stopped = self.supervisor.stopService()
+        self.end(0)
+        self.reactor.advance(15)
+        self.assertEqual(self.reactor.spawned[1][1].signals, ["TERM", "KILL"])
+        self.end(1)
+        self.successResultOf(stopped)
+
+
+class ShardCommandTests(SynchronousTestCase):
+    """``sense queue`` and ``sense dlq`` over the shards workers left."""
+
+    def sense(self, data_dir, *args) -> str:
+        return subprocess.run([str(BIN / "sense"), "--data-dir", str(data_dir),
+                               "--plugins-dir", str(data_dir / "none"), *args],
+                              check=True, capture_output=True, timeout=60, text=True).stdout
+
+    def test_dead_letters_of_every_shard_are_listed_and_replayed_by_shard(self):
+        from tests.test_queue_sqlite import envelope
+
+        data_dir = Path(self.mktemp())
+        for name, count, device in (("queue.sqlite3", 2, "s-0"), ("queue-1.sqlite3", 1, "s-1")):
+            store = SQLiteQueueStore(data_dir / name)
+            store.put_many([replace(envelope(seq), device=device).to_json()
+                            for seq in range(1, count + 1)])
+            [first, *_] = store.receive(1)
+            store.dead_letter(first.receipt, f"refused in {name}")
+            store.close()
+        letters = orjson.loads(self.sense(data_dir, "dlq", "list", "--json"))
+        self.assertEqual(sorted((d["id"], d["device"], d["reason"]) for d in letters),
+                         [("0:1", "s-0", "refused in queue.sqlite3"),
+                          ("1:1", "s-1", "refused in queue-1.sqlite3")])
+        self.assertEqual(self.sense(data_dir, "dlq", "replay", "--id", "1:1"),
+                         "1 message back in the queue\n")
+        self.assertEqual(orjson.loads(self.sense(data_dir, "queue", "--json")),
+                         {"visible": 2, "in_flight": 0, "dead": 1})
+
+
+def workers_started(gateway) -> list[tuple[int, int]]:
+    """(index, pid) of every worker start the master logged, in order."""
+    return [(int(i), int(pid)) for i, pid in re.findall(
+        rb"worker (\d+) started, pid (\d+)", gateway.log_path.read_bytes())]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead too: our own child that has not been reaped.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class WorkersTests(TestCase):
+    """A real ``twistd sense-gateway --workers 2``, devices on their own ports."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def start(self, *args, env=None):
+        gateway = GatewayProcess(self, "--workers", "2", *args, env=env)
+        yield eventually(lambda: gateway.log_path.exists() and gateway.log_path.read_bytes()
+                         .count(b"CoAP listening") == 2, timeout=40)
+        return gateway
+
+    @defer.inlineCallbacks
+    def post(self, gateway, peer, device: str, seq: int, mid: int):
+        """Post one reading until it is acknowledged (a request that
+        reached a worker being killed is sent again, as a device would)."""
+        datagram = request_datagram(payload=orjson.dumps(
+            {"id": device, "seq": seq, "data": {"n": seq}}), content_format=50, mid=mid,
+            token=mid.to_bytes(2, "big"))
+        for _ in range(40):
+            try:
+                response = yield peer.request(datagram, gateway.port, timeout=0.5)
+            except TimeoutError:
+                continue
+            if response.code == coap.CHANGED and response.mid == mid:
+                return
+            yield deferLater(0.2)  # 5.03 while a worker stops: try again
+        self.fail(f"{device} seq {seq} never acknowledged")
+
+    def sense(self, gateway, *args) -> str:
+        return subprocess.run([str(BIN / "sense"), "--data-dir", str(gateway.data_dir), *args],
+                              check=True, capture_output=True, timeout=60, text=True).stdout
+
+    @defer.inlineCallbacks
+    def test_peers_stay_on_one_worker_and_every_shard_is_seen(self):
+        gateway = yield self.start("--role", "gateway")
+        peers = {f"w-{n}": RawCoapPeer(self) for n in range(24)}
+        for seq in range(1, 5):
+            for n, (device, peer) in enumerate(peers.items()):
+                yield self.post(gateway, peer, device, seq, 100 * seq + n)
+        shards = {path.name: [e.device for e in queued(path)]
+                  for path in (gateway.data_dir / "queue.sqlite3",
+                               gateway.data_dir / "queue-1.sqlite3")}
+        # Every device's readings in one shard: each one peer, one worker.
+        homes = {d: [name for name, devices in shards.items() if d in devices] for d in peers}
+        self.assertEqual({d: len(h) for d, h in homes.items()}, dict.fromkeys(peers, 1))
+        self.assertTrue(all(shards.values()), shards)  # both workers took some
+        self.assertEqual(orjson.loads(self.sense(gateway, "queue", "--json")),
+                         {"visible": 96, "in_flight": 0, "dead": 0})
+        self.assertEqual(self.sense(gateway, "dlq", "list"), "no dead letters\n")
+        status, health = yield gateway.get_json("/healthz")
+        self.assertEqual(status, 200, health)
+        status, metrics = yield gateway.get("/metrics")
+        self.assertIn(b'sense_queue_messages{state="visible"} 96.0', metrics)
+
+        # SIGTERM: the master stops its workers, then itself.
+        pids = [pid for _, pid in workers_started(gateway)]
+        gateway.process.terminate()
+        # twistd stops cleanly, then reports the signal that stopped it.
+        self.assertIn(gateway.process.wait(30), (0, -signal.SIGTERM))
+        self.assertEqual([pid for pid in pids if alive(pid)], [])
+        log = gateway.log_path.read_bytes()
+        for index in (0, 1):
+            self.assertIn(b"worker %d: [twisted.scripts._twistd_unix.UnixAppLogger#info] "
+                          b"Server Shut Down." % index, log)
+        self.assertTrue(log.rstrip().endswith(b"Server Shut Down."), log[-300:])
+
+    @defer.inlineCallbacks
+    def test_dtls_handshakes_and_requests_complete_on_one_worker(self):
+        # A handshake takes several flights from one source port: every one
+        # must reach the worker holding that peer's DTLS state.
+        gateway = yield self.start("--role", "gateway",
+                                   env={"SENSE_SECURITY_REFRESH_INTERVAL": "0.1"})
+        keys = {f"d-{n}": f"{n:02d}".encode() * 8 for n in range(8)}
+        for device, key in keys.items():
+            self.sense(gateway, "devices", "add", device, "--psk-hex", key.hex())
+        yield deferLater(2.0)  # both workers have the keys by now
+        url = f"coaps://[::1]:{gateway.coaps_port}/data"
+
+        def post(device):
+            return libcoap_request("post", url, b'{"id": "%s", "data": {"t": 1}}' % device.encode(),
+                                   50, extra=("-u", device, "-k", keys[device].decode()),
+                                   client="coap-client-openssl")
+        for device in keys:
+            response = yield post(device)
+            self.assertEqual(response.code, "2.04", (device, response))
+        stored = [e for name in ("queue.sqlite3", "queue-1.sqlite3")
+                  for e in queued(gateway.data_dir / name)]
+        self.assertEqual(sorted((e.transport, e.identity) for e in stored),
+                         [("coaps", d) for d in keys])
+
+    @defer.inlineCallbacks
+    def test_sigkill_of_a_worker_loses_nothing_it_acknowledged(self):
+        gateway = yield self.start()
+        peers = {f"k-{n}": RawCoapPeer(self) for n in range(16)}
+        acknowledged = set()
+        for seq in range(1, 9):
+            if seq == 4:
+                [(index, pid), _] = workers_started(gateway)
+                os.kill(pid, signal.SIGKILL)
+                # Down until the master starts it again (1 s): /healthz says so.
+                for _ in range(50):
+                    status, health = yield gateway.get_json("/healthz")
+                    if status != 200:
+                        break
+                self.assertEqual((status, health["failing"]["workers"]),
+                                 (503, f"WorkersDown: 1 of 2 running; down: {index}"))
+            for n, (device, peer) in enumerate(peers.items()):
+                yield self.post(gateway, peer, device, seq, 100 * seq + n)
+                acknowledged.add((device, float(seq)))
+        # The master starts the killed worker again.
+        yield eventually(lambda: [i for i, _ in workers_started(gateway)].count(index) == 2,
+                         timeout=20)
+        status, metrics = yield gateway.get("/metrics")
+        self.assertIn(b'sense_worker_starts_total{worker="%d"} 2.0' % index, metrics)
+        self.assertIn(b"sense_workers_running 2.0", metrics)
+        status, health = yield gateway.get_json("/healthz")
+        self.assertEqual(status, 200, health)
+
+        def stored():
+            db = sqlite3.connect(f"file:{gateway.data_dir / 'readings.sqlite3'}?mode=ro", uri=True)
+            try:
+                return set(db.execute("SELECT device, value FROM readings WHERE field = 'n'"))
+            finally:
+                db.close()
+        yield eventually(lambda: acknowledged <= stored(), timeout=40)
+        self.assertEqual(stored(), acknowledged)
+        yield eventually(lambda: orjson.loads(self.sense(gateway, "queue", "--json"))
+                         == {"visible": 0, "in_flight": 0, "dead": 0}, timeout=20)
