@@ -90,33 +90,40 @@ def _tags(tags: dict[str, str]) -> str:
     return out
 
 
-_FIELD_NAMES: dict[str, str] = {}
-
 #: line heads (measurement and device tag) an InfluxSink keeps escaped
 HEADS_CACHED = 20_000
+
+#: a point's field names in its own order -> ((name, escaped name), ...)
+#: in line order (sorted); points of one kind share one layout
+_LAYOUTS: dict[tuple, tuple] = {}
+
+
+def _layout(fields: dict) -> tuple:
+    names = tuple(fields)
+    layout = _LAYOUTS.get(names)
+    if layout is None:
+        layout = tuple((key, str(key).translate(_ESCAPE_KEY)) for key in sorted(fields))
+        if len(_LAYOUTS) < 10_000:
+            _LAYOUTS[names] = layout
+    return layout
 
 
 def _fields(fields: dict) -> str:
     parts = []
-    for key in sorted(fields) if len(fields) > 1 else fields:
+    for key, name in _layout(fields):
         value = fields[key]
-        name = _FIELD_NAMES.get(key)
-        if name is None:
-            name = str(key).translate(_ESCAPE_KEY)
-            if len(_FIELD_NAMES) < 10_000:
-                _FIELD_NAMES[key] = name
         kind = type(value)
         if kind is float:
             if not _isfinite(value):
                 continue
             text = repr(value)
-            parts.append(f"{name}={text[:-2] if text.endswith('.0') else text}")
-        elif kind is bool:
-            parts.append(f"{name}={'true' if value else 'false'}")
+            parts.append(f"{name}={text[:-2]}" if text.endswith(".0") else f"{name}={text}")
         elif kind is int:
             parts.append(f"{name}={value}i")
         elif kind is str:
             parts.append(f'{name}="{value.translate(_ESCAPE_STRING)}"')
+        elif kind is bool:
+            parts.append(f"{name}={'true' if value else 'false'}")
         elif value is None:
             continue
         else:
