@@ -93,16 +93,17 @@ def _tags(tags: dict[str, str]) -> str:
 #: line heads (measurement and device tag) an InfluxSink keeps escaped
 HEADS_CACHED = 20_000
 
-#: a point's field names in its own order -> ((name, escaped name), ...)
-#: in line order (sorted); points of one kind share one layout
-_LAYOUTS: dict[tuple, tuple] = {}
+#: a point's field names in its own order (or its one field's name) ->
+#: ((name, "escaped name="), ...) in line order (sorted): points of one
+#: kind share one layout
+_LAYOUTS: dict = {}
 
 
 def _layout(fields: dict) -> tuple:
-    names = tuple(fields)
+    names = tuple(fields) if len(fields) != 1 else next(iter(fields))
     layout = _LAYOUTS.get(names)
     if layout is None:
-        layout = tuple((key, str(key).translate(_ESCAPE_KEY)) for key in sorted(fields))
+        layout = tuple((key, f"{str(key).translate(_ESCAPE_KEY)}=") for key in sorted(fields))
         if len(_LAYOUTS) < 10_000:
             _LAYOUTS[names] = layout
     return layout
@@ -110,23 +111,26 @@ def _layout(fields: dict) -> tuple:
 
 def _fields(fields: dict) -> str:
     parts = []
-    for key, name in _layout(fields):
+    append = parts.append
+    layout = None
+    if len(fields) == 1:
+        # Most points are a reading of one field.
+        for key in fields:
+            layout = _LAYOUTS.get(key)
+    for key, name in layout or _layout(fields):
         value = fields[key]
         kind = type(value)
         if kind is float:
-            if not _isfinite(value):
-                continue
-            text = repr(value)
-            parts.append(f"{name}={text[:-2]}" if text.endswith(".0") else f"{name}={text}")
+            if value - value == 0.0:  # finite: inf - inf and nan are nan
+                text = repr(value)
+                append(name + (text[:-2] if text[-2:] == ".0" else text))
         elif kind is int:
-            parts.append(f"{name}={value}i")
+            append(f"{name}{value}i")
         elif kind is str:
-            parts.append(f'{name}="{value.translate(_ESCAPE_STRING)}"')
+            append(f'{name}"{value.translate(_ESCAPE_STRING)}"')
         elif kind is bool:
-            parts.append(f"{name}={'true' if value else 'false'}")
-        elif value is None:
-            continue
-        else:
+            append(name + ("true" if value else "false"))
+        elif value is not None:
             raise ValueError(f'Type: "{kind}" of field: "{key}" is not supported.')
     return ",".join(parts)
 
@@ -186,6 +190,7 @@ class InfluxSink(MetricSink):
         divisor = self.divisor
         heads = self._heads
         out = []
+        append = out.append
         for point in points:
             units = point.units
             fields = _fields(point.fields if not units else
@@ -195,14 +200,13 @@ class InfluxSink(MetricSink):
                 continue
             tags = point.tags
             # Nearly every point is tagged with its device only.
-            key = ((point.measurement, tags["device"])
-                   if len(tags) == 1 and "device" in tags else None)
+            key = (point.measurement, tags.get("device")) if len(tags) == 1 else None
             head = heads.get(key) if key is not None else None
             if head is None:
                 head = f"{_measurement(point.measurement)}{_tags(tags)} "
-                if key is not None and len(heads) < HEADS_CACHED:
+                if key is not None and key[1] is not None and len(heads) < HEADS_CACHED:
                     heads[key] = head
-            out.append(f"{head}{fields} {point.time_ns // divisor}")
+            append(f"{head}{fields} {point.time_ns // divisor}")
         return out
 
     def write(self, points: list[MetricPoint]) -> None:
