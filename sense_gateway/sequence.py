@@ -144,7 +144,8 @@ def judge(state: SequenceState, seq: int | None, digest: bytes = UNKNOWN,
         if ahead <= WINDOW:
             # Shift the window: the old last becomes bit (ahead - 1).
             window = ((state.window << ahead) | (1 << (ahead - 1))) & WINDOW_MASK
-            digests = (digest + bytes(DIGEST_SIZE * lost) + state.digests)[:DIGESTS_SIZE]
+            digests = (digest + state.digests[:DIGESTS_SIZE - DIGEST_SIZE] if not lost else
+                       (digest + bytes(DIGEST_SIZE * lost) + state.digests)[:DIGESTS_SIZE])
         else:
             window, digests = 0, digest
         counters = DeviceCounters(c.received + 1, c.duplicates, c.lost + lost, c.resets,

@@ -117,4 +117,5 @@ def device_point(record: DeviceRecord, at: float, judged=None) -> MetricPoint:
         fields["silent"] = round(float(judged.silent), 3)
         if judged.interval is not None:
             fields["interval"] = float(judged.interval)
-    return MetricPoint(DEVICE_MEASUREMENT, {"device": record.id}, fields, to_ns(at))
+    return MetricPoint(DEVICE_MEASUREMENT, {"device": record.id}, fields,
+                       round(at * 1_000_000) * 1000)  # to_ns, once per device per batch
