@@ -57,7 +57,7 @@ from influxdb_client.client.write_api import SYNCHRONOUS
 from influxdb_client.rest import ApiException
 
 from sense_gateway.hookspecs import hookimpl
-from sense_gateway.sinks import MetricPoint, MetricSink, SinkError
+from sense_gateway.sinks import DEVICE_MEASUREMENT, MetricPoint, MetricSink, SinkError
 
 _PRECISION = {"ns": (WritePrecision.NS, 1), "ms": (WritePrecision.MS, 1_000_000),
               "s": (WritePrecision.S, 1_000_000_000)}
@@ -122,8 +122,7 @@ def _fields(fields: dict) -> str:
         kind = type(value)
         if kind is float:
             if value - value == 0.0:  # finite: inf - inf and nan are nan
-                text = repr(value)
-                append(name + (text[:-2] if text[-2:] == ".0" else text))
+                append(name + _float(value))
         elif kind is int:
             append(f"{name}{value}i")
         elif kind is str:
@@ -133,6 +132,41 @@ def _fields(fields: dict) -> str:
         elif value is not None:
             raise ValueError(f'Type: "{kind}" of field: "{key}" is not supported.')
     return ",".join(parts)
+
+
+def _float(value: float) -> str:
+    text = repr(value)
+    return text[:-2] if text[-2:] == ".0" else text
+
+
+def _device_fields(fields: dict) -> str | None:
+    """The fields of a ``sense_device`` point as :func:`_fields` writes
+    them, in one format instead of eight type checks (one such line per
+    device per batch); None for any other layout or type, which
+    :func:`_fields` then writes."""
+    count = len(fields)
+    if count != 7 and count != 8:
+        return None
+    try:
+        duplicates, lost, received = fields["duplicates"], fields["lost"], fields["received"]
+        resets, unsequenced = fields["resets"], fields["unsequenced"]
+        state, silent = fields["state"], fields["silent"]
+        interval = fields["interval"] if count == 8 else None
+    except KeyError:
+        return None
+    if not (type(duplicates) is type(lost) is type(received) is type(resets)
+            is type(unsequenced) is int and type(state) is str
+            and type(silent) is float and silent - silent == 0.0):
+        return None
+    if interval is None:
+        between = ""
+    elif type(interval) is float and interval - interval == 0.0:
+        between = f"interval={_float(interval)},"
+    else:
+        return None
+    return (f"duplicates={duplicates}i,{between}lost={lost}i,received={received}i,"
+            f"resets={resets}i,silent={_float(silent)},"
+            f'state="{state.translate(_ESCAPE_STRING)}",unsequenced={unsequenced}i')
 
 
 _CONFLICT = re.compile(r'field type conflict: input field "((?:[^"\\]|\\.)*)" on measurement '
@@ -191,11 +225,27 @@ class InfluxSink(MetricSink):
         heads = self._heads
         out = []
         append = out.append
+        layouts = _LAYOUTS
         for point in points:
             units = point.units
-            fields = _fields(point.fields if not units else
-                             {**point.fields, **{f"{name}_unit": unit for name, unit in units.items()
-                                                 if name in point.fields}})
+            fields = None
+            values = point.fields
+            if not units:
+                if len(values) == 1:
+                    # Most points: a reading of one finite float field
+                    # whose name is escaped already.
+                    for name, value in values.items():
+                        layout = layouts.get(name)
+                        if (layout is not None and type(value) is float
+                                and value - value == 0.0):
+                            fields = layout[0][1] + _float(value)
+                elif point.measurement == DEVICE_MEASUREMENT:
+                    fields = _device_fields(values)
+            if fields is None:
+                fields = _fields(point.fields if not units else
+                                 {**point.fields, **{f"{name}_unit": unit
+                                                     for name, unit in units.items()
+                                                     if name in point.fields}})
             if not fields:
                 continue
             tags = point.tags
