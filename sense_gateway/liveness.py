@@ -27,7 +27,6 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-from statistics import median
 
 #: inter-arrival times kept per device
 INTERVAL_SAMPLES = 9
@@ -61,7 +60,9 @@ class LivenessPolicy:
         return cls(config.devices.late_after, config.devices.offline_after)
 
 
-@dataclass(frozen=True, slots=True)
+# Judged per device for every batch the processor writes: not frozen
+# (see sense_gateway/sequence.py). Treat it as a value.
+@dataclass(slots=True)
 class Liveness:
     state: DeviceState
     #: seconds between messages the device is expected to keep (None: unknown)
@@ -74,9 +75,16 @@ class Liveness:
 
 def learned_interval(intervals) -> float | None:
     """The median of the recent inter-arrival times, once there are enough."""
-    if len(intervals) < MIN_SAMPLES:
+    count = len(intervals)
+    if count < MIN_SAMPLES:
         return None
-    return float(median(intervals))
+    # What statistics.median gives, without its generality: this runs for
+    # every device of every batch the processor writes.
+    ordered = sorted(intervals)
+    middle = count // 2
+    if count % 2:
+        return float(ordered[middle])
+    return (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def add_arrival(intervals: list[float], last_seen: float, received: float) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from sense_gateway.envelope import Envelope
 from sense_gateway.liveness import DeviceState, LivenessPolicy, add_arrival, liveness
 from sense_gateway.registry import RECENT_ENVELOPES, DeviceRecord, DeviceRegistry, RegistryUnavailable
-from sense_gateway.sequence import content_digest, judge
+from sense_gateway.sequence import Verdict, content_digest, judge
 from sense_gateway.sinks import MetricSink, SinkError, device_point, reading_points
 
 
@@ -140,19 +140,22 @@ class BatchProcessor:
         """
         results: list[Result | None] = [None] * len(envelopes)
         redelivered: set[int] = set()
-        points = []
+        points: list = []
+        add_points = points.extend
         # Per device touched: [record as loaded, state, last_seen, last_source,
         # recent ids, inter-arrival times]; the records are rebuilt once per
         # device, not per message.
         touched: dict[str, list] = {}
+        get_work = touched.get
         for i, envelope in enumerate(envelopes):
-            if i in refused:
+            if refused and i in refused:
                 results[i] = Result(Outcome.REFUSED, refused[i], False)
                 continue
-            work = touched.get(envelope.device)
+            device = envelope.device
+            work = get_work(device)
             if work is None:
-                record = records.get(envelope.device) or DeviceRecord(
-                    envelope.device, envelope.received, envelope.received, envelope.source)
+                record = records.get(device) or DeviceRecord(
+                    device, envelope.received, envelope.received, envelope.source)
                 work = [record, record.state, record.last_seen, record.last_source,
                         list(record.recent), list(record.intervals)]
             recent = work[4]
@@ -162,33 +165,34 @@ class BatchProcessor:
                 results[i] = _REDELIVERED
                 redelivered.add(i)
                 continue
-            touched[envelope.device] = work
+            touched[device] = work
             seq = envelope.seq
-            verdict = judge(work[1], seq, content_digest(envelope.readings, envelope.received),
+            received = envelope.received
+            verdict = judge(work[1], seq, content_digest(envelope.readings, received),
                             envelope.boot) if seq is not None else judge(work[1], None)
             work[1] = verdict.state
-            if envelope.received >= work[2]:
+            if received >= work[2]:
                 # Any message shows the device alive, a duplicate too.
-                add_arrival(work[5], work[2], envelope.received)
-                work[2] = envelope.received
+                add_arrival(work[5], work[2], received)
+                work[2] = received
                 work[3] = envelope.source
             recent.append(envelope.id)
             if len(recent) > RECENT_ENVELOPES:
                 del recent[:-RECENT_ENVELOPES]
-            if verdict.verdict.accepted:
-                points.extend(reading_points(envelope))
+            if verdict.verdict is not Verdict.DUPLICATE:
+                add_points(reading_points(envelope))
             else:
                 results[i] = Result(Outcome.DUPLICATE, f"sequence number {seq} seen before")
         # Built field by field: dataclasses.replace costs several times more.
-        updated = {device: DeviceRecord(record.id, record.first_seen, last_seen, last_source,
+        updated = {device: DeviceRecord(device, record.first_seen, last_seen, last_source,
                                         state, tuple(recent), record.version, tuple(intervals),
                                         record.interval)
                    for device, (record, state, last_seen, last_source, recent, intervals)
                    in touched.items()}
         now = self.clock()
         policy = self.policy
-        points.extend(device_point(record, now, liveness(record, now, policy))
-                      for record in updated.values())
+        add_points([device_point(record, now, liveness(record, now, policy))
+                    for record in updated.values()])
         return results, redelivered, points, updated
 
     def _write(self, points) -> SinkError | None:

@@ -17,7 +17,7 @@ doubt: another boot is a reset, the same boot never is.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from zlib import crc32
 
 import orjson
@@ -50,7 +50,14 @@ class Verdict(enum.Enum):
         return self is not Verdict.DUPLICATE
 
 
-@dataclass(frozen=True, slots=True)
+# The processor makes these per message (and the registry per device):
+# plain slotted dataclasses, as the envelope's records are, since a frozen
+# one sets each field through object.__setattr__ at three times the cost.
+# Nothing changes one once built: judge() makes new ones; treat them as
+# values.
+
+
+@dataclass(slots=True)
 class DeviceCounters:
     received: int = 0
     duplicates: int = 0
@@ -59,14 +66,14 @@ class DeviceCounters:
     unsequenced: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SequenceState:
     """What a registry keeps per device to judge the next number."""
 
     last_seq: int | None = None
     #: bit i set: (last_seq - 1 - i) mod 2**32 was accepted
     window: int = 0
-    counters: DeviceCounters = DeviceCounters()
+    counters: DeviceCounters = field(default_factory=DeviceCounters)
     #: DIGEST_SIZE bytes per number, from last_seq down: entry i is the
     #: digest of (last_seq - i) mod 2**32; zeros (or missing) for unknown
     digests: bytes = b""
@@ -74,7 +81,7 @@ class SequenceState:
     boot: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SequenceVerdict:
     verdict: Verdict
     #: how many numbers this message showed (or stopped showing) as lost
@@ -137,7 +144,8 @@ def judge(state: SequenceState, seq: int | None, digest: bytes = UNKNOWN,
         if ahead <= WINDOW:
             # Shift the window: the old last becomes bit (ahead - 1).
             window = ((state.window << ahead) | (1 << (ahead - 1))) & WINDOW_MASK
-            digests = (digest + bytes(DIGEST_SIZE * lost) + state.digests)[:DIGESTS_SIZE]
+            digests = (digest + state.digests[:DIGESTS_SIZE - DIGEST_SIZE] if not lost else
+                       (digest + bytes(DIGEST_SIZE * lost) + state.digests)[:DIGESTS_SIZE])
         else:
             window, digests = 0, digest
         counters = DeviceCounters(c.received + 1, c.duplicates, c.lost + lost, c.resets,

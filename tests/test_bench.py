@@ -292,6 +292,47 @@ class FasterLineProtocol(TestCase):
             self.assertEqual(sink.lines(points), expected, precision)
             self.assertEqual(len(expected), 7)
 
+    def test_device_counter_lines_same_as_influxdb_client(self):
+        from influxdb_client import Point
+
+        from sense_gateway.config import InfluxConfig
+        from sense_gateway.liveness import DeviceState, Liveness
+        from sense_gateway.registry import DeviceRecord
+        from sense_gateway.sequence import DeviceCounters, SequenceState
+        from sense_gateway.sinks import MetricPoint, device_point
+        from sense_gateway.sinks.influxdb import InfluxSink
+
+        record = DeviceRecord("node 7", 1.0, 2.0, "h:1",
+                              SequenceState(9, 1, DeviceCounters(12, 3, 4, 1, 0)))
+        points = [device_point(record, 1764300000.25, Liveness(state, interval, None, silent))
+                  for state, interval, silent in (
+                      (DeviceState.ONLINE, 10.0, 1.5), (DeviceState.NEW, None, 0.0),
+                      (DeviceState.LATE, 0.125, 1e21), (DeviceState.OFFLINE, float("inf"), 7.0),
+                      (DeviceState.ONLINE, 2.5, float("nan")))]
+        # The same names, other types or more fields: written as any point.
+        points += [
+            MetricPoint("sense_device", {"device": "d"},
+                        {**points[0].fields, "received": 5.0}, 1),
+            MetricPoint("sense_device", {"device": "d"},
+                        {**points[0].fields, "state": 'say "hi" \\'}, 1),
+            MetricPoint("sense_device", {"device": "d"}, {**points[0].fields, "x": 1}, 1),
+            MetricPoint("sense_device", {"device": "d"},
+                        {**points[1].fields, "lost": True}, 1),
+        ]
+        sink = InfluxSink(InfluxConfig(url="http://127.0.0.1:9"))
+        self.addCleanup(sink.close)
+        expected = []
+        for point in points:
+            p = Point(point.measurement)
+            for key, value in point.tags.items():
+                p.tag(key, value)
+            for key, value in point.fields.items():
+                p.field(key, value)
+            p.time(point.time_ns, sink.precision)
+            expected.append(p.to_line_protocol())
+        self.assertEqual(sink.lines(points), expected)
+        self.assertIn("interval=0.125,lost=4i,received=12i", expected[2])
+
 
 class RegistryReuseBetweenBatches(TestCase):
     """The SQLite registry keeps records it committed for the next batch

@@ -17,7 +17,9 @@ from sense_gateway.sequence import SequenceState
 RECENT_ENVELOPES = 32
 
 
-@dataclass(frozen=True, slots=True)
+# Rebuilt per device for every batch: not frozen, for the reason given in
+# sense_gateway/sequence.py. Treat it as a value.
+@dataclass(slots=True)
 class DeviceRecord:
     id: str
     first_seen: float

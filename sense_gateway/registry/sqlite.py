@@ -67,14 +67,23 @@ def _record(row) -> DeviceRecord:
                         interval)
 
 
-def _row(record: DeviceRecord) -> tuple:
+_dumps = orjson.dumps
+
+
+def _row(record: DeviceRecord, *key) -> tuple:
+    """The columns of *record* from first_seen to interval, then *key*."""
     state = record.state
     c = state.counters
     # The window is 64 unsigned bits; SQLite integers are signed, so hex.
+    # The intervals are comma-separated: orjson's list without brackets
+    # (the shortest text that reads back as the same float, as repr's).
+    intervals = _dumps(record.intervals)[1:-1].decode()
+    if "n" in intervals:  # orjson's null for a non-finite float
+        intervals = ",".join(map(repr, record.intervals))
     return (record.first_seen, record.last_seen, record.last_source, state.last_seq,
             format(state.window, "x"), state.digests, state.boot, c.received, c.duplicates,
-            c.lost, c.resets, c.unsequenced, orjson.dumps(record.recent).decode(),
-            ",".join(map(repr, record.intervals)), record.interval)
+            c.lost, c.resets, c.unsequenced, _dumps(record.recent).decode(), intervals,
+            record.interval, *key)
 
 
 #: records kept in memory between batches (about 2.5 KB each)
@@ -140,12 +149,10 @@ class SQLiteRegistry(DeviceRegistry):
             # Most batches conflict with nobody: one statement for all, and
             # row by row only if the total says some record lost.
             lost = set()
-            for records_, sql, args in (
-                    (new, _INSERT, lambda r: (r.id, *_row(r))),
-                    (old, _UPDATE, lambda r: (*_row(r), r.id, r.version))):
-                if not records_:
+            for sql, rows in ((_INSERT, [(r.id, *_row(r)) for r in new]),
+                              (_UPDATE, [_row(r, r.id, r.version) for r in old])):
+                if not rows:
                     continue
-                rows = [args(r) for r in records_]
                 if self.db.executemany(sql, rows).rowcount != len(rows):
                     self.db.execute("ROLLBACK")
                     return self._commit_one_by_one(records)
@@ -165,7 +172,7 @@ class SQLiteRegistry(DeviceRegistry):
                 if record.version == 0:
                     cursor = self.db.execute(_INSERT, (record.id, *_row(record)))
                 else:
-                    cursor = self.db.execute(_UPDATE, (*_row(record), record.id, record.version))
+                    cursor = self.db.execute(_UPDATE, _row(record, record.id, record.version))
                 if cursor.rowcount != 1:
                     lost.add(record.id)
             self.db.execute("COMMIT")
@@ -178,15 +185,15 @@ class SQLiteRegistry(DeviceRegistry):
 
     def _remember(self, records: list[DeviceRecord], lost: set[str]) -> None:
         cache = self._cache
+        pop = cache.pop
         for record in records:
-            if record.id in lost:
-                cache.pop(record.id, None)
-            else:
-                cache.pop(record.id, None)  # re-inserted: newest last
-                cache[record.id] = DeviceRecord(record.id, record.first_seen, record.last_seen,
-                                                record.last_source, record.state, record.recent,
-                                                record.version + 1, record.intervals,
-                                                record.interval)
+            device = record.id
+            pop(device, None)  # re-inserted: newest last
+            if device not in lost:
+                cache[device] = DeviceRecord(device, record.first_seen, record.last_seen,
+                                             record.last_source, record.state, record.recent,
+                                             record.version + 1, record.intervals,
+                                             record.interval)
         while len(cache) > self.cache_entries:
             del cache[next(iter(cache))]
 

@@ -57,7 +57,7 @@ from influxdb_client.client.write_api import SYNCHRONOUS
 from influxdb_client.rest import ApiException
 
 from sense_gateway.hookspecs import hookimpl
-from sense_gateway.sinks import MetricPoint, MetricSink, SinkError
+from sense_gateway.sinks import DEVICE_MEASUREMENT, MetricPoint, MetricSink, SinkError
 
 _PRECISION = {"ns": (WritePrecision.NS, 1), "ms": (WritePrecision.MS, 1_000_000),
               "s": (WritePrecision.S, 1_000_000_000)}
@@ -90,38 +90,83 @@ def _tags(tags: dict[str, str]) -> str:
     return out
 
 
-_FIELD_NAMES: dict[str, str] = {}
-
 #: line heads (measurement and device tag) an InfluxSink keeps escaped
 HEADS_CACHED = 20_000
+
+#: a point's field names in its own order (or its one field's name) ->
+#: ((name, "escaped name="), ...) in line order (sorted): points of one
+#: kind share one layout
+_LAYOUTS: dict = {}
+
+
+def _layout(fields: dict) -> tuple:
+    names = tuple(fields) if len(fields) != 1 else next(iter(fields))
+    layout = _LAYOUTS.get(names)
+    if layout is None:
+        layout = tuple((key, f"{str(key).translate(_ESCAPE_KEY)}=") for key in sorted(fields))
+        if len(_LAYOUTS) < 10_000:
+            _LAYOUTS[names] = layout
+    return layout
 
 
 def _fields(fields: dict) -> str:
     parts = []
-    for key in sorted(fields) if len(fields) > 1 else fields:
+    append = parts.append
+    layout = None
+    if len(fields) == 1:
+        # Most points are a reading of one field.
+        for key in fields:
+            layout = _LAYOUTS.get(key)
+    for key, name in layout or _layout(fields):
         value = fields[key]
-        name = _FIELD_NAMES.get(key)
-        if name is None:
-            name = str(key).translate(_ESCAPE_KEY)
-            if len(_FIELD_NAMES) < 10_000:
-                _FIELD_NAMES[key] = name
         kind = type(value)
         if kind is float:
-            if not _isfinite(value):
-                continue
-            text = repr(value)
-            parts.append(f"{name}={text[:-2] if text.endswith('.0') else text}")
-        elif kind is bool:
-            parts.append(f"{name}={'true' if value else 'false'}")
+            if value - value == 0.0:  # finite: inf - inf and nan are nan
+                append(name + _float(value))
         elif kind is int:
-            parts.append(f"{name}={value}i")
+            append(f"{name}{value}i")
         elif kind is str:
-            parts.append(f'{name}="{value.translate(_ESCAPE_STRING)}"')
-        elif value is None:
-            continue
-        else:
+            append(f'{name}"{value.translate(_ESCAPE_STRING)}"')
+        elif kind is bool:
+            append(name + ("true" if value else "false"))
+        elif value is not None:
             raise ValueError(f'Type: "{kind}" of field: "{key}" is not supported.')
     return ",".join(parts)
+
+
+def _float(value: float) -> str:
+    text = repr(value)
+    return text[:-2] if text[-2:] == ".0" else text
+
+
+def _device_fields(fields: dict) -> str | None:
+    """The fields of a ``sense_device`` point as :func:`_fields` writes
+    them, in one format instead of eight type checks (one such line per
+    device per batch); None for any other layout or type, which
+    :func:`_fields` then writes."""
+    count = len(fields)
+    if count != 7 and count != 8:
+        return None
+    try:
+        duplicates, lost, received = fields["duplicates"], fields["lost"], fields["received"]
+        resets, unsequenced = fields["resets"], fields["unsequenced"]
+        state, silent = fields["state"], fields["silent"]
+        interval = fields["interval"] if count == 8 else None
+    except KeyError:
+        return None
+    if not (type(duplicates) is type(lost) is type(received) is type(resets)
+            is type(unsequenced) is int and type(state) is str
+            and type(silent) is float and silent - silent == 0.0):
+        return None
+    if interval is None:
+        between = ""
+    elif type(interval) is float and interval - interval == 0.0:
+        between = f"interval={_float(interval)},"
+    else:
+        return None
+    return (f"duplicates={duplicates}i,{between}lost={lost}i,received={received}i,"
+            f"resets={resets}i,silent={_float(silent)},"
+            f'state="{state.translate(_ESCAPE_STRING)}",unsequenced={unsequenced}i')
 
 
 _CONFLICT = re.compile(r'field type conflict: input field "((?:[^"\\]|\\.)*)" on measurement '
@@ -179,23 +224,39 @@ class InfluxSink(MetricSink):
         divisor = self.divisor
         heads = self._heads
         out = []
+        append = out.append
+        layouts = _LAYOUTS
         for point in points:
             units = point.units
-            fields = _fields(point.fields if not units else
-                             {**point.fields, **{f"{name}_unit": unit for name, unit in units.items()
-                                                 if name in point.fields}})
+            fields = None
+            values = point.fields
+            if not units:
+                if len(values) == 1:
+                    # Most points: a reading of one finite float field
+                    # whose name is escaped already.
+                    for name, value in values.items():
+                        layout = layouts.get(name)
+                        if (layout is not None and type(value) is float
+                                and value - value == 0.0):
+                            fields = layout[0][1] + _float(value)
+                elif point.measurement == DEVICE_MEASUREMENT:
+                    fields = _device_fields(values)
+            if fields is None:
+                fields = _fields(point.fields if not units else
+                                 {**point.fields, **{f"{name}_unit": unit
+                                                     for name, unit in units.items()
+                                                     if name in point.fields}})
             if not fields:
                 continue
             tags = point.tags
             # Nearly every point is tagged with its device only.
-            key = ((point.measurement, tags["device"])
-                   if len(tags) == 1 and "device" in tags else None)
+            key = (point.measurement, tags.get("device")) if len(tags) == 1 else None
             head = heads.get(key) if key is not None else None
             if head is None:
                 head = f"{_measurement(point.measurement)}{_tags(tags)} "
-                if key is not None and len(heads) < HEADS_CACHED:
+                if key is not None and key[1] is not None and len(heads) < HEADS_CACHED:
                     heads[key] = head
-            out.append(f"{head}{fields} {point.time_ns // divisor}")
+            append(f"{head}{fields} {point.time_ns // divisor}")
         return out
 
     def write(self, points: list[MetricPoint]) -> None:

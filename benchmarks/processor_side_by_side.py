@@ -1,0 +1,59 @@
+"""The processor's rate in two checkouts, side by side, alternating.
+
+Runs ``sense bench --end-to-end --split`` (a role-gateway process takes
+the readings, then a role-processor process drains the queue alone into
+VictoriaMetrics) with each checkout's own ``sense`` in turn, RUNS times
+each, and prints every run and the medians as Markdown: on a machine
+others share, only figures measured alternately in one run compare.
+
+    .venv/bin/python benchmarks/processor_side_by_side.py BEFORE_VENV AFTER_VENV [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+from pathlib import Path
+
+
+def run(venv: Path, readings: int, devices: int) -> dict:
+    out = subprocess.run([str(venv / "bin" / "sense"), "bench", "--end-to-end", "--split",
+                          "--readings", str(readings), "--devices", str(devices), "--json",
+                          "--no-progress"], capture_output=True, text=True, check=False)
+    if not out.stdout.strip():
+        raise RuntimeError(f"{venv}: sense bench failed: {out.stderr[-1500:]}")
+    return json.loads(out.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("before", type=Path, help="the venv of the code before")
+    parser.add_argument("after", type=Path, help="the venv of the code after")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--readings", type=int, default=100_000)
+    parser.add_argument("--devices", type=int, default=1000)
+    args = parser.parse_args()
+    rates: dict[str, list[float]] = {"before": [], "after": []}
+    queryable: dict[str, list[bool]] = {"before": [], "after": []}
+    for i in range(args.runs):
+        for name in ("before", "after"):
+            document = run(getattr(args, name), args.readings, args.devices)
+            rate = document["processor"]["readings_per_s"]
+            rates[name].append(rate)
+            queryable[name].append(document["all_queryable"])
+            print(f"<!-- run {i + 1} {name}: {rate:,.0f} readings/s, "
+                  f"queryable {document['queryable']} of {document['expected']} -->", flush=True)
+    print("| code | processor readings/s (runs in order) | median | all queryable |")
+    print("|---|---|---:|---|")
+    for name in ("before", "after"):
+        runs = " / ".join(f"{r:,.0f}" for r in rates[name])
+        print(f"| {name} | {runs} | **{statistics.median(rates[name]):,.0f}** | "
+              f"{'yes' if all(queryable[name]) else 'NO'} |")
+    ratio = statistics.median(rates["after"]) / statistics.median(rates["before"])
+    print(f"\nRatio of the medians, after / before: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
