@@ -32,7 +32,7 @@ from sense_gateway.directory import DeviceDirectory, DirectoryService
 from sense_gateway.limits import TokenBuckets
 from sense_gateway.errors import PluginLoadError, code_text
 from sense_gateway.pipeline import IngestPipeline
-from sense_gateway.plugins import call_collecting, make_plugin_manager
+from sense_gateway.plugins import DirectHook, call_collecting, make_plugin_manager
 from sense_gateway.web import make_web
 from sense_gateway.worker import ProcessorService
 
@@ -209,8 +209,8 @@ def _make_gateway(config, pm, queue, reactor) -> GatewayParts:
     policy = IngestPolicy(directory, config.security.plain_ingest)
 
     formats = [fmt for _, group in call_collecting(pm, "sense_register_formats", config=config) for fmt in group]
-    pipeline = IngestPipeline(formats, pm.hook.sense_validate, queue, config, clock=reactor,
-                              policy=policy)
+    pipeline = IngestPipeline(formats, DirectHook(pm, "sense_validate"), queue, config,
+                              clock=reactor, policy=policy)
 
     extra = {}
     for plugin, resources in call_collecting(pm, "sense_coap_resources", config=config,
