@@ -119,11 +119,6 @@ class TypedSenseDecoder:
             named: set[str] = set()
             for item in document.readings:
                 fields = item.data
-                ts = item.ts
-                if ts is not None:
-                    ts = float(ts)
-                    if not self._min_ts <= ts <= latest:
-                        return None
                 tags = common_tags if item.tags is None else {**common_tags, **item.tags}
                 units = None
                 if common_units:
@@ -134,6 +129,7 @@ class TypedSenseDecoder:
                         if n not in fields:
                             return None
                     units = {**units, **item.units} if units else item.units
+                ts = None if item.ts is None else float(item.ts)
                 readings.append(Reading(fields, ts, "sense", tags, units or None))
             if common_units:
                 for n in common_units:
@@ -141,11 +137,7 @@ class TypedSenseDecoder:
                         return None
         elif document.data is not None:
             fields = document.data
-            ts = document.ts
-            if ts is not None:
-                ts = float(ts)
-                if not self._min_ts <= ts <= latest:
-                    return None
+            ts = None if document.ts is None else float(document.ts)
             units = None
             if common_units:
                 for n in common_units:
@@ -155,4 +147,7 @@ class TypedSenseDecoder:
             readings = [Reading(fields, ts, "sense", common_tags, units)]
         else:
             return None
+        for reading in readings:
+            if reading.ts is not None and not self._min_ts <= reading.ts <= latest:
+                return None
         return Decoded(readings, document.id, document.seq, document.boot, self.limits)
