@@ -92,6 +92,7 @@ class IngestPipeline:
         self._validate = validate
         # The last limits a decoder checked that equal the configured ones.
         self._limits_checked = None
+        self._builtin_alone = getattr(validate, "implemented_only_by", None)
         self.policy = policy
         self.queue = queue
         self.config = config
@@ -114,8 +115,7 @@ class IngestPipeline:
             if limits != self.config.validation:
                 return False
             self._limits_checked = limits
-        only = getattr(self._validate, "implemented_only_by", None)
-        return only is not None and only(BUILTIN_VALIDATION)
+        return self._builtin_alone is not None and self._builtin_alone(BUILTIN_VALIDATION)
 
     def paths(self) -> list[str]:
         return sorted(self._routes)
