@@ -10,7 +10,9 @@
    losses, retransmissions;
 3. ``sense bench --end-to-end`` (one role-all process) and ``--split``
    (role gateway, then role processor alone), 100,000 readings from 1,000
-   devices, RUNS times each.
+   devices, RUNS times each;
+4. ``sense bench --dtls`` RUNS times: plain CoAP, then CoAPS (a session
+   per device) against one gateway, and the median CoAPS / CoAP ratio.
 
 Everything is printed as Markdown on stdout; ``--json FILE`` also keeps
 the raw documents.
@@ -138,13 +140,35 @@ def end_to_end(runs: int, readings: int, devices: int):
     return documents, "\n".join(lines)
 
 
+def dtls(runs: int, duration: float, devices: int):
+    documents = []
+    lines = [
+        "| run | coap 2.xx/s | coap p99 ms | handshakes/s | coaps 2.xx/s | coaps p99 ms | "
+        "lost | CoAPS / CoAP |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for i in range(runs):
+        log(f"dtls run {i + 1}/{runs} ...")
+        d = sense_bench("--dtls", "--duration", str(duration), "--devices", str(devices))
+        documents.append(d)
+        coap, coaps = d["results"]
+        lines.append(
+            f"| {i + 1} | {coap['ok_rate']:,.0f} | {coap['latency_ms']['p99']:.1f} | "
+            f"{coaps['handshakes_per_s'] or 0:,.0f} | {coaps['ok_rate']:,.0f} | "
+            f"{coaps['latency_ms']['p99']:.1f} | {coap['lost'] + coaps['lost']} | "
+            f"{d['coaps_over_coap']:.2f} |")
+    ratios = [d["coaps_over_coap"] for d in documents]
+    lines.append(f"| **median** | | | | | | | **{statistics.median(ratios):.2f}** |")
+    return documents, "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--json", help="also write every raw document to this file")
-    parser.add_argument("--skip", default="", help="comma-separated: compare,rss,e2e")
+    parser.add_argument("--skip", default="", help="comma-separated: compare,rss,e2e,dtls")
     args = parser.parse_args()
     skip = set(args.skip.split(","))
     m = machine()
@@ -164,6 +188,9 @@ def main() -> int:
         raw["e2e"], text = end_to_end(args.runs, 100_000, 1_000)
         print("### End to end: 100,000 readings from 1,000 devices into VictoriaMetrics\n\n"
               + text + "\n")
+    if "dtls" not in skip:
+        raw["dtls"], text = dtls(args.runs, args.duration, args.devices)
+        print("### CoAPS beside plain CoAP (`sense bench --dtls`)\n\n" + text + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=2))
     return 0

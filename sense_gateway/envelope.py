@@ -49,6 +49,9 @@ class Decoded:
     seq: int | None = None
     #: the device's boot counter, if it sends one (see sense_gateway.sequence)
     boot: int | None = None
+    #: the ValidationConfig the decoder already checked every rule of the
+    #: built-in validation against (at the request's receive time), if it did
+    checked: object = field(default=None, compare=False, repr=False)
 
 
 @dataclass(slots=True)

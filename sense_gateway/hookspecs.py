@@ -59,7 +59,10 @@ def sense_validate(envelope, config):
     :class:`sense_gateway.config.Config`. Every implementation is called.
     Return ``None`` (or an empty list) when it is fine, or a list of short
     problem strings; the device gets 4.00 Bad Request with the first
-    problem as diagnostic payload. Do not raise.
+    problem as diagnostic payload. Do not raise. (While the built-in
+    validation is the only implementation, a request that its decoder
+    already checked against the configured limits, as the built-in SENSE
+    formats do in one pass, is not checked a second time.)
 
     Example::
 

@@ -31,6 +31,9 @@ from sense_gateway.queues import EnvelopeQueue
 
 log = Logger()
 
+#: the plugin of the built-in checks (sense_gateway.validation)
+BUILTIN_VALIDATION = "sense_gateway.validation"
+
 
 def _describe_format(cf: int | None) -> str:
     return "none" if cf is None else str(cf)
@@ -68,7 +71,11 @@ class IngestPipeline:
                  policy=None):
         """
         *validate* is the ``sense_validate`` hook caller: called with
-        ``envelope`` and ``config``, it returns one result per plugin.
+        ``envelope`` and ``config``, it returns one result per plugin. If
+        it has ``implemented_only_by(plugin)`` (a
+        :class:`~sense_gateway.plugins.DirectHook`) and says the built-in
+        validation is alone, a request its decoder already checked
+        against the configured limits is not validated twice.
         *policy* (an :class:`~sense_gateway.admission.IngestPolicy`), if
         given, decides who may write as which device.
         """
@@ -83,6 +90,9 @@ class IngestPipeline:
                             f"Content-Format {_describe_format(cf)} on {path}")
                     route[cf] = fmt
         self._validate = validate
+        # The last limits a decoder checked that equal the configured ones.
+        self._limits_checked = None
+        self._builtin_alone = getattr(validate, "implemented_only_by", None)
         self.policy = policy
         self.queue = queue
         self.config = config
@@ -95,6 +105,17 @@ class IngestPipeline:
             "sense_enqueue_latency_seconds", "Time from a request's arrival to its envelope "
             "being stored",
             (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0))
+
+    def _checked_enough(self, limits) -> bool:
+        """Whether a decoder's own checks against *limits* make the
+        validators redundant: the limits are the configured ones and the
+        built-in validation is the only validator (another one sees every
+        envelope, and may change what the built-in one would then check)."""
+        if limits is not self._limits_checked:
+            if limits != self.config.validation:
+                return False
+            self._limits_checked = limits
+        return self._builtin_alone is not None and self._builtin_alone(BUILTIN_VALIDATION)
 
     def paths(self) -> list[str]:
         return sorted(self._routes)
@@ -176,9 +197,10 @@ class IngestPipeline:
             payload if self._keep_raw else None,
             decoded.boot,
         )
-        for problems in self._validate(envelope=envelope, config=self.config):
-            if problems:
-                raise ValidationError(problems[0])
+        if decoded.checked is None or not self._checked_enough(decoded.checked):
+            for problems in self._validate(envelope=envelope, config=self.config):
+                if problems:
+                    raise ValidationError(problems[0])
         if self.policy is not None:
             # The device as it stands after the validators: what is stored.
             self.policy.check(envelope.device, context)

@@ -34,7 +34,7 @@ from sense_gateway.errors import PluginLoadError, code_text
 from sense_gateway.pipeline import IngestPipeline
 from sense_gateway.queues import queue_backend
 from sense_gateway.queues.shards import ShardedQueue
-from sense_gateway.plugins import call_collecting, make_plugin_manager
+from sense_gateway.plugins import DirectHook, call_collecting, make_plugin_manager
 from sense_gateway.web import make_web
 from sense_gateway.worker import ProcessorService
 from sense_gateway.workers import OrphanWatch, WorkerSupervisor
@@ -237,8 +237,8 @@ def _make_gateway(config, pm, queue, reactor, reuse_port: bool = False) -> Gatew
     policy = IngestPolicy(directory, config.security.plain_ingest)
 
     formats = [fmt for _, group in call_collecting(pm, "sense_register_formats", config=config) for fmt in group]
-    pipeline = IngestPipeline(formats, pm.hook.sense_validate, queue, config, clock=reactor,
-                              policy=policy)
+    pipeline = IngestPipeline(formats, DirectHook(pm, "sense_validate"), queue, config,
+                              clock=reactor, policy=policy)
 
     extra = {}
     for plugin, resources in call_collecting(pm, "sense_coap_resources", config=config,

@@ -204,7 +204,9 @@ class DTLSServer(Timing):
                 current = None
         if current is not None and not current.closed and (
                 current.established or acceptable_during_handshake(data, records)):
-            self._drive(current, data)
+            only_data = current.established and all(
+                r.content_type == APPLICATION_DATA for r in records)
+            self._drive(current, data, len(records) if only_data else 0)
             delivered = True
         if not delivered:
             self.counters["records_dropped"] += len(records)
@@ -284,8 +286,15 @@ class DTLSServer(Timing):
 
     # -- one session -------------------------------------------------------------
 
-    def _drive(self, session: Session, data: bytes | None = None) -> None:
-        """Give OpenSSL the datagram, then act on what it made of it."""
+    def _drive(self, session: Session, data: bytes | None = None,
+               application_records: int = 0) -> None:
+        """Give OpenSSL the datagram, then act on what it made of it.
+
+        *application_records*: the datagram holds only that many records of
+        application data for an established session. Each read takes one
+        record at least, so no more reads are tried (the last would only
+        raise WantRead); reading data makes OpenSSL write nothing (a failure
+        raises, and is flushed), so no output is looked for."""
         try:
             if not session.established:
                 if not session.handshake(data):
@@ -295,11 +304,13 @@ class DTLSServer(Timing):
                 self._established(session)
             elif data is not None:
                 session.write(data)
-            while not session.closed:
+            reads = application_records or -1  # -1: until there is none
+            while reads and not session.closed:
                 plaintext = session.read()
                 if plaintext is None:
                     break
                 self._deliver(session, plaintext)
+                reads -= 1
         except SSL.ZeroReturnError:
             self._flush(session)
             self._end(session, "sessions_closed_by_peer")
@@ -312,7 +323,8 @@ class DTLSServer(Timing):
             else:
                 self._refuse(session.refusal or "failed", session.addr, session)
             return
-        self._flush(session)
+        if not application_records:
+            self._flush(session)
 
     def _deliver(self, session: Session, plaintext: bytes) -> None:
         self.counters["records_delivered"] += 1

@@ -57,9 +57,11 @@ from typing import Any, NoReturn
 import cbor2
 import orjson
 
+from sense_gateway.config import ValidationConfig
 from sense_gateway.envelope import Decoded, FieldValue, Reading, RequestContext
 from sense_gateway.errors import DecodeError
 from sense_gateway.formats import CBOR, JSON, Format
+from sense_gateway.formats.sense_typed import TypedSenseDecoder
 from sense_gateway.hookspecs import hookimpl
 
 _DOCUMENT_KEYS = frozenset({"id", "seq", "boot", "ts", "data", "tags", "units", "readings"})
@@ -262,6 +264,7 @@ def decode_document(document: Any) -> Decoded:
 
 
 def decode_json(payload: bytes, context: RequestContext) -> Decoded:
+    """The strict road: a diagnostic for every mistake."""
     return decode_document(load_json(payload))
 
 
@@ -269,9 +272,26 @@ def decode_cbor(payload: bytes, context: RequestContext) -> Decoded:
     return decode_document(load_cbor(payload))
 
 
+# Checked against the default [validation] limits: a gateway configured
+# with others validates as before (the pipeline compares the limits).
+_TYPED = TypedSenseDecoder(ValidationConfig())
+
+
+def decode_json_typed(payload: bytes, context: RequestContext) -> Decoded:
+    """Decoded and validated in one pass, or the strict road for the diagnostic."""
+    return _TYPED.decode_json(payload, context.received) or decode_json(payload, context)
+
+
+def decode_cbor_typed(payload: bytes, context: RequestContext) -> Decoded:
+    item = load_cbor(payload)
+    return _TYPED.decode_object(item, context.received) or decode_document(item)
+
+
 @hookimpl
 def sense_register_formats() -> list[Format]:
     return [
-        Format("sense-json", (JSON,), ("/data",), decode_json, "SENSE v1 readings as JSON"),
-        Format("sense-cbor", (CBOR,), ("/data",), decode_cbor, "SENSE v1 readings as CBOR"),
+        Format("sense-json", (JSON,), ("/data",), decode_json_typed,
+               "SENSE v1 readings as JSON"),
+        Format("sense-cbor", (CBOR,), ("/data",), decode_cbor_typed,
+               "SENSE v1 readings as CBOR"),
     ]
