@@ -290,11 +290,9 @@ class DTLSServer(Timing):
                application_records: int = 0) -> None:
         """Give OpenSSL the datagram, then act on what it made of it.
 
-        *application_records*: the datagram holds only that many records of
-        application data for an established session. Each read takes one
-        record at least, so no more reads are tried (the last would only
-        raise WantRead); reading data makes OpenSSL write nothing (a failure
-        raises, and is flushed), so no output is looked for."""
+        *application_records*: an established session's datagram of only
+        that many data records: that many reads at most, and reading data
+        writes nothing (a failure raises and is flushed)."""
         try:
             if not session.established:
                 if not session.handshake(data):
