@@ -251,14 +251,28 @@ class AgainstTheGateway(TestCase):
         self.assertGreater(doc["processor"]["readings_per_s"], 0)
 
 
+def client_lines(points, precision: str, divisor: int = 1) -> list[str]:
+    """*points* in line protocol as influxdb-client's own Point writes them."""
+    from influxdb_client import Point
+
+    lines = []
+    for point in points:
+        p = Point(point.measurement)
+        for key, value in point.tags.items():
+            p.tag(key, value)
+        for key, value in point.fields.items():
+            p.field(key, value)
+        p.time(point.time_ns // divisor, precision)
+        lines.append(p.to_line_protocol())
+    return lines
+
+
 class FasterLineProtocol(TestCase):
     """The InfluxDB sink encodes line protocol itself for speed (the
     processor's share of ``--end-to-end``); it must write exactly what
     influxdb-client's ``Point`` would."""
 
     def test_same_lines_as_influxdb_client(self):
-        from influxdb_client import Point
-
         from sense_gateway.config import InfluxConfig
         from sense_gateway.sinks import MetricPoint
         from sense_gateway.sinks.influxdb import InfluxSink
@@ -279,22 +293,11 @@ class FasterLineProtocol(TestCase):
         for precision, divisor in (("ns", 1), ("ms", 10**6), ("s", 10**9)):
             sink = InfluxSink(InfluxConfig(url="http://127.0.0.1:9", precision=precision))
             self.addCleanup(sink.close)
-            expected = []
-            for point in points:
-                p = Point(point.measurement)
-                for key, value in point.tags.items():
-                    p.tag(key, value)
-                for key, value in point.fields.items():
-                    p.field(key, value)
-                p.time(point.time_ns // divisor, sink.precision)
-                if line := p.to_line_protocol():
-                    expected.append(line)
+            expected = [line for line in client_lines(points, sink.precision, divisor) if line]
             self.assertEqual(sink.lines(points), expected, precision)
             self.assertEqual(len(expected), 7)
 
     def test_device_counter_lines_same_as_influxdb_client(self):
-        from influxdb_client import Point
-
         from sense_gateway.config import InfluxConfig
         from sense_gateway.liveness import DeviceState, Liveness
         from sense_gateway.registry import DeviceRecord
@@ -321,15 +324,7 @@ class FasterLineProtocol(TestCase):
         ]
         sink = InfluxSink(InfluxConfig(url="http://127.0.0.1:9"))
         self.addCleanup(sink.close)
-        expected = []
-        for point in points:
-            p = Point(point.measurement)
-            for key, value in point.tags.items():
-                p.tag(key, value)
-            for key, value in point.fields.items():
-                p.field(key, value)
-            p.time(point.time_ns, sink.precision)
-            expected.append(p.to_line_protocol())
+        expected = client_lines(points, sink.precision)
         self.assertEqual(sink.lines(points), expected)
         self.assertIn("interval=0.125,lost=4i,received=12i", expected[2])
 
