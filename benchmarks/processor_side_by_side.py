@@ -74,18 +74,22 @@ def main() -> None:
     print("| code | processor readings/s (runs in order) | median | all queryable |")
     print("|---|---|---:|---|")
     for name in ("before", "after"):
-        runs = " / ".join(f"{r:,.0f}" for r in rates[name])
-        print(f"| {name} | {runs} | **{statistics.median(rates[name]):,.0f}** | "
+        print(f"| {name} | {runs_text(rates[name])} | **{statistics.median(rates[name]):,.0f}** | "
               f"{'yes' if all(queryable[name]) else 'NO'} |")
-    ratio = statistics.median(rates["after"]) / statistics.median(rates["before"])
-    print(f"\nRatio of the medians, after / before: {ratio:.2f}x")
+    print(f"\nRatio of the medians, after / before: {ratio_text(rates)}")
     if args.drain:
         for name in ("before", "after"):
-            runs = " / ".join(f"{r:,.0f}" for r in cpu[name])
-            print(f"{name}: readings per CPU-second {runs}, median "
+            print(f"{name}: readings per CPU-second {runs_text(cpu[name])}, median "
                   f"{statistics.median(cpu[name]):,.0f}")
-        ratio = statistics.median(cpu["after"]) / statistics.median(cpu["before"])
-        print(f"Per CPU-second, after / before: {ratio:.2f}x")
+        print(f"Per CPU-second, after / before: {ratio_text(cpu)}")
+
+
+def runs_text(rates: list[float]) -> str:
+    return " / ".join(f"{r:,.0f}" for r in rates)
+
+
+def ratio_text(rates: dict[str, list[float]]) -> str:
+    return f"{statistics.median(rates['after']) / statistics.median(rates['before']):.2f}x"
 
 
 if __name__ == "__main__":

@@ -240,14 +240,29 @@ class AgainstTheGateway(TestCase):
         self.assertGreater(doc["processor"]["readings_per_s"], 0)
 
 
+def client_lines(points, divisor, precision):
+    """The lines influxdb-client's ``Point`` makes of *points*."""
+    from influxdb_client import Point
+
+    lines = []
+    for point in points:
+        p = Point(point.measurement)
+        for key, value in point.tags.items():
+            p.tag(key, value)
+        for key, value in point.fields.items():
+            p.field(key, value)
+        p.time(point.time_ns // divisor, precision)
+        if line := p.to_line_protocol():
+            lines.append(line)
+    return lines
+
+
 class FasterLineProtocol(TestCase):
     """The InfluxDB sink encodes line protocol itself for speed (the
     processor's share of ``--end-to-end``); it must write exactly what
     influxdb-client's ``Point`` would."""
 
     def test_same_lines_as_influxdb_client(self):
-        from influxdb_client import Point
-
         from sense_gateway.config import InfluxConfig
         from sense_gateway.sinks import MetricPoint
         from sense_gateway.sinks.influxdb import InfluxSink
@@ -268,22 +283,11 @@ class FasterLineProtocol(TestCase):
         for precision, divisor in (("ns", 1), ("ms", 10**6), ("s", 10**9)):
             sink = InfluxSink(InfluxConfig(url="http://127.0.0.1:9", precision=precision))
             self.addCleanup(sink.close)
-            expected = []
-            for point in points:
-                p = Point(point.measurement)
-                for key, value in point.tags.items():
-                    p.tag(key, value)
-                for key, value in point.fields.items():
-                    p.field(key, value)
-                p.time(point.time_ns // divisor, sink.precision)
-                if line := p.to_line_protocol():
-                    expected.append(line)
+            expected = client_lines(points, divisor, sink.precision)
             self.assertEqual(sink.lines(points), expected, precision)
             self.assertEqual(len(expected), 7)
 
     def test_device_counter_lines_same_as_influxdb_client(self):
-        from influxdb_client import Point
-
         from sense_gateway.config import InfluxConfig
         from sense_gateway.liveness import DeviceState, Liveness
         from sense_gateway.registry import DeviceRecord
@@ -310,15 +314,8 @@ class FasterLineProtocol(TestCase):
         ]
         sink = InfluxSink(InfluxConfig(url="http://127.0.0.1:9"))
         self.addCleanup(sink.close)
-        expected = []
-        for point in points:
-            p = Point(point.measurement)
-            for key, value in point.tags.items():
-                p.tag(key, value)
-            for key, value in point.fields.items():
-                p.field(key, value)
-            p.time(point.time_ns, sink.precision)
-            expected.append(p.to_line_protocol())
+        expected = client_lines(points, 1, sink.precision)
+        self.assertEqual(len(expected), len(points))
         self.assertEqual(sink.lines(points), expected)
         self.assertIn("interval=0.125,lost=4i,received=12i", expected[2])
 
