@@ -147,6 +147,9 @@ class BatchProcessor:
         # device, not per message.
         touched: dict[str, list] = {}
         get_work = touched.get
+        # Looked up once, not per message.
+        duplicate, digest_of, judged, arrival, points_of = (
+            Verdict.DUPLICATE, content_digest, judge, add_arrival, reading_points)
         for i, envelope in enumerate(envelopes):
             if refused and i in refused:
                 results[i] = Result(Outcome.REFUSED, refused[i], False)
@@ -168,19 +171,19 @@ class BatchProcessor:
             touched[device] = work
             seq = envelope.seq
             received = envelope.received
-            verdict = judge(work[1], seq, content_digest(envelope.readings, received),
-                            envelope.boot) if seq is not None else judge(work[1], None)
+            verdict = judged(work[1], seq, digest_of(envelope.readings, received),
+                             envelope.boot) if seq is not None else judged(work[1], None)
             work[1] = verdict.state
             if received >= work[2]:
                 # Any message shows the device alive, a duplicate too.
-                add_arrival(work[5], work[2], received)
+                arrival(work[5], work[2], received)
                 work[2] = received
                 work[3] = envelope.source
             recent.append(envelope.id)
             if len(recent) > RECENT_ENVELOPES:
                 del recent[:-RECENT_ENVELOPES]
-            if verdict.verdict is not Verdict.DUPLICATE:
-                add_points(reading_points(envelope))
+            if verdict.verdict is not duplicate:
+                add_points(points_of(envelope))
             else:
                 results[i] = Result(Outcome.DUPLICATE, f"sequence number {seq} seen before")
         # Built field by field: dataclasses.replace costs several times more.

@@ -57,6 +57,7 @@ from influxdb_client.client.write_api import SYNCHRONOUS
 from influxdb_client.rest import ApiException
 
 from sense_gateway.hookspecs import hookimpl
+from sense_gateway.liveness import DeviceState
 from sense_gateway.sinks import DEVICE_MEASUREMENT, MetricPoint, MetricSink, SinkError
 
 _PRECISION = {"ns": (WritePrecision.NS, 1), "ms": (WritePrecision.MS, 1_000_000),
@@ -139,6 +140,10 @@ def _float(value: float) -> str:
     return text[:-2] if text[-2:] == ".0" else text
 
 
+#: the liveness states: nothing in them to escape
+_STATES = frozenset(state.value for state in DeviceState)
+
+
 def _device_fields(fields: dict) -> str | None:
     """The fields of a ``sense_device`` point as :func:`_fields` writes
     them, in one format instead of eight type checks (one such line per
@@ -166,7 +171,8 @@ def _device_fields(fields: dict) -> str | None:
         return None
     return (f"duplicates={duplicates}i,{between}lost={lost}i,received={received}i,"
             f"resets={resets}i,silent={_float(silent)},"
-            f'state="{state.translate(_ESCAPE_STRING)}",unsequenced={unsequenced}i')
+            f'state="{state if state in _STATES else state.translate(_ESCAPE_STRING)}",'
+            f"unsequenced={unsequenced}i")
 
 
 _CONFLICT = re.compile(r'field type conflict: input field "((?:[^"\\]|\\.)*)" on measurement '
