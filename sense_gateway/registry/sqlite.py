@@ -15,7 +15,7 @@ kept to recognise redeliveries.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import orjson
@@ -144,30 +144,18 @@ class SQLiteRegistry(DeviceRegistry):
     def commit(self, records: list[DeviceRecord]) -> set[str]:
         new = [r for r in records if r.version == 0]
         old = [r for r in records if r.version != 0]
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+
+        def all_at_once() -> set[str] | None:
             # Most batches conflict with nobody: one statement for all, and
             # row by row only if the total says some record lost.
-            lost = set()
             for sql, rows in ((_INSERT, [(r.id, *_row(r)) for r in new]),
                               (_UPDATE, [_row(r, r.id, r.version) for r in old])):
-                if not rows:
-                    continue
-                if self.db.executemany(sql, rows).rowcount != len(rows):
-                    self.db.execute("ROLLBACK")
-                    return self._commit_one_by_one(records)
-            self.db.execute("COMMIT")
-        except BaseException:
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
-            raise
-        self._remember(records, lost)
-        return lost
+                if rows and self.db.executemany(sql, rows).rowcount != len(rows):
+                    return None
+            return set()
 
-    def _commit_one_by_one(self, records: list[DeviceRecord]) -> set[str]:
-        lost = set()
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        def one_by_one() -> set[str]:
+            lost = set()
             for record in records:
                 if record.version == 0:
                     cursor = self.db.execute(_INSERT, (record.id, *_row(record)))
@@ -175,12 +163,24 @@ class SQLiteRegistry(DeviceRegistry):
                     cursor = self.db.execute(_UPDATE, _row(record, record.id, record.version))
                 if cursor.rowcount != 1:
                     lost.add(record.id)
-            self.db.execute("COMMIT")
+            return lost
+
+        lost = self._in_transaction(all_at_once)
+        if lost is None:
+            lost = self._in_transaction(one_by_one)
+        self._remember(records, lost)
+        return lost
+
+    def _in_transaction(self, write: Callable[[], set[str] | None]) -> set[str] | None:
+        """*write* in one immediate transaction, committed unless it returns None."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            lost = write()
+            self.db.execute("ROLLBACK" if lost is None else "COMMIT")
         except BaseException:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
             raise
-        self._remember(records, lost)
         return lost
 
     def _remember(self, records: list[DeviceRecord], lost: set[str]) -> None:
