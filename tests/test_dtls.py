@@ -215,7 +215,7 @@ class CookieExchangeTests(SynchronousTestCase):
         sent = [d for addr in addresses for d in f.wire.take(addr)]
         self.assertEqual(len(sent), 5000)
         self.assertTrue(all(is_hello_verify_request(d) for d in sent))
-        self.assertEqual(len(f.server._rate), 0)
+        self.assertEqual(len(f.server._limits.rate), 0)
         self.assertEqual(f.clock.getDelayedCalls(), [])
 
     def test_hello_verify_request_echoes_the_record_and_message_sequence(self):
@@ -494,8 +494,8 @@ class LimitTests(SynchronousTestCase):
     def test_the_source_table_is_bounded(self):
         f = Fixture(max_sessions=2)
         for i in range(6000):
-            f.server._rate.take(f"2001:db8::{i:x}")
-        self.assertEqual(len(f.server._rate), 4096)
+            f.server._limits.rate.take(f"2001:db8::{i:x}")
+        self.assertEqual(len(f.server._limits.rate), 4096)
 
     def test_quiet_handshakes_cannot_lock_new_devices_out(self):
         # Peers past the cookie exchange that never finish: at most 4 from

@@ -5,9 +5,10 @@ layer: the transport hands it every datagram, it hands back one decrypted
 CoAP message at a time with the PSK identity that authenticated it, and it
 encrypts what the message layer sends. OpenSSL does the cryptography over
 memory BIOs (:mod:`~sense_gateway.coap.dtls_openssl`); this module decides
-which datagram goes where, when state may be created (after the stateless
-cookie exchange, :mod:`~sense_gateway.coap.dtls_admission`), the limits,
-and keeps one timer for every session. References: RFC 6347 (DTLS 1.2),
+which datagram goes where and when state may be created (after the
+stateless cookie exchange, :mod:`~sense_gateway.coap.dtls_admission`, and
+within the limits of :mod:`~sense_gateway.coap.dtls_limits`), and keeps
+one timer for every session (:mod:`~sense_gateway.coap.dtls_timing`). References: RFC 6347 (DTLS 1.2),
 RFC 7925 (its IoT profile), RFC 7252 section 9 (CoAP over DTLS).
 """
 
@@ -20,7 +21,8 @@ from typing import Callable
 from OpenSSL import SSL
 from twisted.logger import Logger
 
-from sense_gateway.coap.dtls_admission import CookieJar, source_keys
+from sense_gateway.coap.dtls_admission import CookieJar
+from sense_gateway.coap.dtls_limits import HandshakeLimits
 from sense_gateway.coap.dtls_timing import Timing
 from sense_gateway.coap.dtls_openssl import CIPHERS, DATAGRAM_MTU, MAX_PLAINTEXT, ServerContext, Session
 from sense_gateway.limits import TokenBuckets
@@ -74,13 +76,13 @@ class DTLSServer(Timing):
             raise ValueError("handshakes_per_source must be positive")
         self._clock = clock
         self.max_sessions = max_sessions
-        self.max_handshakes = max_handshakes or max(1, max_sessions // 2)
-        self.in_progress_per_source = handshakes_in_progress_per_source
         self.max_sessions_per_identity = max_sessions_per_identity
-        # Handshakes in progress by source address and IPv6 /64, and all
-        # of them oldest first.
-        self._in_progress: Counter[str] = Counter()
-        self._handshaking: OrderedDict[int, Session] = OrderedDict()
+        # New handshakes per source host and slots for them, asked after the
+        # cookie (so a spoofer cannot fill the tables with addresses it does
+        # not hold).
+        self._limits = HandshakeLimits(clock, max_sessions,
+                                       max_handshakes or max(1, max_sessions // 2),
+                                       handshakes_per_source, handshakes_in_progress_per_source)
         # Established sessions of each identity, oldest first.
         self._by_identity: dict[str, OrderedDict] = {}
         self._numbers = itertools.count(1)
@@ -90,10 +92,6 @@ class DTLSServer(Timing):
         self.counters: Counter = Counter()
         self._openssl = ServerContext(psk_for, identity_hint)
         self._cookies = CookieJar(clock)
-        # New handshakes per source host, after the cookie (so a spoofer
-        # cannot fill the table with addresses it does not hold).
-        self._rate = TokenBuckets(handshakes_per_source, max(1.0, handshakes_per_source),
-                                  clock.seconds, max_keys=max(4096, 4 * max_sessions))
         # By peer address. A primary session is established or in handshake;
         # a successor is a handshake from the address of an established
         # session, which replaces it only once it completes (RFC 6347 4.2.8),
@@ -235,30 +233,16 @@ class DTLSServer(Timing):
         if pending is not None:
             self._end(pending, "handshakes_abandoned")
             current = self._sessions.get(addr)
-        if self._rate.take(addr[0]):
-            self._refuse("rate", addr)
+        refusal, gives_way = self._limits.admit(
+            addr[0], len(self._sessions) + len(self._successors), self.handshake_count())
+        if refusal is not None:
+            self._refuse(refusal, addr)
             return
-        keys = source_keys(addr[0])
-        limits = (self.in_progress_per_source, 8 * self.in_progress_per_source)
-        if any(self._in_progress[key] >= limit for key, limit in zip(keys, limits)):
-            self._refuse("source_busy", addr)
-            return
-        # Slots for handshakes: the oldest in progress gives way to the new
-        # one (a real handshake is done in a few round trips; one that
-        # stalls is most likely not a device), so peers that pass the
-        # cookie exchange and go quiet cannot lock new devices out.
-        full = len(self._sessions) + len(self._successors) >= self.max_sessions
-        if (full or self.handshake_count() >= self.max_handshakes) and self._handshaking:
-            _, oldest = next(iter(self._handshaking.items()))
-            self._end(oldest, "handshakes_evicted")
-        elif full:
-            self._refuse("full", addr)
-            return
+        if gives_way is not None:
+            self._end(gives_way, "handshakes_evicted")
         session = Session(self._openssl, addr, hello, self._clock.seconds() + self.handshake_timeout)
         session.number = next(self._numbers)
-        session.in_progress = keys
-        self._in_progress.update(keys)
-        self._handshaking[session.number] = session
+        self._limits.started(session)
         try:
             session.listen(data)
         except SSL.Error:
@@ -341,7 +325,7 @@ class DTLSServer(Timing):
             if old is not None:
                 self._end(old, "sessions_replaced")
         session.established = True
-        self._not_in_progress(session)
+        self._limits.finished(session)
         self._sessions[addr] = session
         self._idle[addr] = session
         session.last_active = self._clock.seconds()
@@ -370,14 +354,6 @@ class DTLSServer(Timing):
         self.counters[counter] += 1
         self._remove(session)
 
-    def _not_in_progress(self, session: Session) -> None:
-        self._handshaking.pop(session.number, None)
-        keys, session.in_progress = session.in_progress, ()
-        for key in keys:
-            self._in_progress[key] -= 1
-            if not self._in_progress[key]:
-                del self._in_progress[key]
-
     def session_number(self, addr: tuple) -> int | None:
         """The established session at *addr*, as a number no other session
         of this server gets (the message layer keys exchanges by it)."""
@@ -386,7 +362,7 @@ class DTLSServer(Timing):
 
     def _remove(self, session: Session) -> None:
         session.closed = True
-        self._not_in_progress(session)
+        self._limits.finished(session)
         mine = self._by_identity.get(session.identity)
         if mine is not None and mine.get(session.addr) is session:
             del mine[session.addr]

@@ -1,17 +1,17 @@
-"""Who may start a DTLS handshake: stateless cookies and a per-source rate.
+"""Who may start a DTLS handshake, without the server keeping state: stateless cookies.
 
 The cookie proves that a client can receive at the address it sends from
 (RFC 6347 4.2.1) without the server remembering anything about it; only a
 ClientHello that echoes a valid cookie can create state, and even then the
-per-source token bucket decides whether that source may start another
-handshake now.
+limits of :mod:`~sense_gateway.coap.dtls_limits` (a per-source rate,
+handshakes in progress per source, slots) decide whether that source may
+start another handshake now.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import os
 
 from sense_gateway.coap.dtls_records import COOKIE_LENGTH, ClientHello
@@ -74,14 +74,3 @@ class CookieJar:
         return (self._previous is not None and now < self._previous_until
                 and hmac.compare_digest(hello.cookie, self._mac(self._previous, addr, hello)))
 
-
-def source_keys(host: str) -> tuple[str, ...]:
-    """What a handshake from *host* counts against: the address, and for
-    IPv6 its /64 too (one subscriber is easily given a whole /64)."""
-    if ":" not in host or host.startswith("::ffff:"):
-        return (host,)
-    try:
-        prefix = ipaddress.IPv6Network(f"{host.split('%')[0]}/64", strict=False)
-    except ValueError:
-        return (host,)
-    return (host, str(prefix))
