@@ -1,5 +1,5 @@
-"""``--workers N``: ingest processes sharing the CoAP ports, each with a
-queue shard of its own, drained by the master's processor."""
+"""``--workers N``: processes each with a queue shard of its own,
+ingesting on shared CoAP ports and processing their own shards."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from txthings import coap
 
 from sense_gateway.coap.transport import free_shared_port, udp_socket
+from sense_gateway.envelope import Envelope, Reading, new_envelope_id
 from sense_gateway.queues.sqlite import SQLiteQueueStore
 from sense_gateway.workers import WorkerSupervisor
 from tests.support import (BIN, GatewayProcess, RawCoapPeer, deferLater, eventually,
@@ -315,3 +316,66 @@ class WorkersTests(TestCase):
         self.assertEqual(stored(), acknowledged)
         yield eventually(lambda: orjson.loads(self.sense(gateway, "queue", "--json"))
                          == {"visible": 0, "in_flight": 0, "dead": 0}, timeout=20)
+
+
+def fill_shard(path: Path, devices: list[str], readings: int) -> set[tuple[str, float]]:
+    """*readings* numbered readings of each device into the queue file
+    *path*; the (device, value) pairs the store should end up with."""
+    store = SQLiteQueueStore(path)
+    try:
+        now = time.time()
+        store.put_many([Envelope(new_envelope_id(), device, seq, now, "[::1]:1", "coap", None,
+                                 "/data", 50, [Reading({"n": float(seq)}, now - 100 + seq)]
+                                 ).to_json()
+                        for device in devices for seq in range(1, readings + 1)])
+    finally:
+        store.close()
+    return {(device, float(seq)) for device in devices for seq in range(1, readings + 1)}
+
+
+class ProcessorWorkersTests(TestCase):
+    """``--role processor --workers 2``: each worker drains its own shards."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_each_worker_processes_its_own_shards(self):
+        expected = {}
+
+        def prepare(data_dir):
+            # Shard 2 is left from a run with three workers: worker 0's now.
+            for shard, name in enumerate(("queue.sqlite3", "queue-1.sqlite3", "queue-2.sqlite3")):
+                expected[name] = fill_shard(data_dir / name, [f"s{shard}-{n}" for n in range(5)],
+                                            40)
+        gateway = GatewayProcess(self, "--role", "processor", "--workers", "2", prepare=prepare)
+        yield eventually(lambda: gateway.log_path.exists() and gateway.log_path.read_bytes()
+                         .count(b"processor started") == 2, timeout=40)
+
+        def stored():
+            path = gateway.data_dir / "readings.sqlite3"
+            if not path.exists():
+                return set()
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                return set(db.execute("SELECT device, value FROM readings WHERE field = 'n'"))
+            except sqlite3.OperationalError:  # not created yet
+                return set()
+            finally:
+                db.close()
+        everything = set().union(*expected.values())
+        yield eventually(lambda: stored() == everything, timeout=60)
+        yield eventually(lambda: orjson.loads(self.sense(gateway, "queue", "--json"))
+                         == {"visible": 0, "in_flight": 0, "dead": 0}, timeout=20)
+        log = gateway.log_path.read_bytes()
+        # The workers started processors; the master, none of its own.
+        self.assertEqual(sorted(re.findall(rb"worker (\d): \S+ processor started", log)),
+                         [b"0", b"1"])
+        self.assertEqual(len(re.findall(rb"processor started", log)), 2)
+        # Every device judged once in order: nothing lost, nothing twice.
+        devices = orjson.loads(self.sense(gateway, "devices", "--json"))
+        self.assertEqual({d["id"]: (d["received"], d["duplicates"], d["lost"]) for d in devices},
+                         {device: (40, 0, 0) for device, _ in everything})
+
+    def sense(self, gateway, *args) -> str:
+        return subprocess.run([str(BIN / "sense"), "--data-dir", str(gateway.data_dir), *args],
+                              check=True, capture_output=True, timeout=60, text=True).stdout
