@@ -37,6 +37,7 @@ from sense_gateway.queues.shards import ShardedQueue
 from sense_gateway.plugins import DirectHook, call_collecting, make_plugin_manager
 from sense_gateway.web import make_web
 from sense_gateway.worker import ProcessorService
+from sense_gateway.worker_reports import CounterReporter, worker_report
 from sense_gateway.workers import OrphanWatch, WorkerSupervisor
 
 log = Logger()
@@ -194,6 +195,9 @@ def make_service(config: Config, reactor=None, worker: int | None = None,
     stats.setServiceParent(service)
     if worker is not None:
         OrphanWatch(reactor).setServiceParent(service)
+        if CounterReporter.available():
+            # Added last, so stopped first: after the drain, the last report.
+            CounterReporter(reactor, lambda: worker_report(service)).setServiceParent(service)
     elif workers > 1 and config.role in ("all", "gateway"):
         # Added last, so stopped first: the workers drain into the queue
         # while the processor still runs.

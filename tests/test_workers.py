@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
@@ -167,6 +168,14 @@ class ShardCommandTests(SynchronousTestCase):
                          {"visible": 2, "in_flight": 0, "dead": 1})
 
 
+def per_worker(metrics: bytes, name: str, **labels: str) -> dict[str, float]:
+    """{worker: value} of the samples *name* with *labels* in a /metrics page."""
+    return {s.labels["worker"]: s.value
+            for family in text_string_to_metric_families(metrics.decode())
+            for s in family.samples
+            if s.name == name and {k: s.labels.get(k) for k in labels} == labels}
+
+
 def workers_started(gateway) -> list[tuple[int, int]]:
     """(index, pid) of every worker start the master logged, in order."""
     return [(int(i), int(pid)) for i, pid in re.findall(
@@ -315,3 +324,50 @@ class WorkersTests(TestCase):
         self.assertEqual(stored(), acknowledged)
         yield eventually(lambda: orjson.loads(self.sense(gateway, "queue", "--json"))
                          == {"visible": 0, "in_flight": 0, "dead": 0}, timeout=20)
+
+    @defer.inlineCallbacks
+    def metrics_once(self, gateway, name: str, total: float, **labels: str):
+        """The master's /metrics, once the workers' *name* series sum to *total*."""
+        deadline = time.monotonic() + 10
+        while True:
+            status, metrics = yield gateway.get("/metrics")
+            found = per_worker(metrics, name, **labels)
+            if sum(found.values()) == total:
+                return metrics
+            if time.monotonic() > deadline:
+                self.fail(f"{name} {labels} never summed to {total}: {found}")
+            yield deferLater(0.2)
+
+    @defer.inlineCallbacks
+    def test_masters_metrics_count_every_workers_requests_and_never_go_back(self):
+        gateway = yield self.start("--role", "gateway")
+        peers = {f"m-{n}": RawCoapPeer(self) for n in range(12)}
+        for seq in range(1, 4):
+            for n, (device, peer) in enumerate(peers.items()):
+                yield self.post(gateway, peer, device, seq, 100 * seq + n)
+        peers["m-0"].send(b"\x00", gateway.port)  # not CoAP: counted as malformed
+        metrics = yield self.metrics_once(gateway, "sense_coap_requests_total", 36)
+        requests = per_worker(metrics, "sense_coap_requests_total")
+        self.assertEqual(sorted(requests), ["0", "1"])
+        self.assertTrue(all(requests.values()), requests)  # both workers took some
+        self.assertEqual(per_worker(metrics, "sense_coap_responses_total", code="2.04"), requests)
+        self.assertEqual(sum(per_worker(metrics, "sense_coap_malformed_total").values()), 1)
+        self.assertEqual(sum(per_worker(metrics, "sense_enqueue_latency_seconds_count").values()),
+                         36)
+        status, stats = yield gateway.get_json("/api/stats")
+        self.assertEqual((stats["coap"]["requests"], stats["coap"]["responses"]),
+                         (36, {"2.04": 36}))
+        self.assertEqual({i: c["coap"]["requests"] for i, c in stats["workers"]["counters"].items()},
+                         requests)
+
+        # A worker stopped and started again: its counts stay and grow.
+        [(index, pid), _] = workers_started(gateway)
+        os.kill(pid, signal.SIGTERM)
+        yield eventually(lambda: [i for i, _ in workers_started(gateway)].count(index) == 2,
+                         timeout=20)
+        for n, (device, peer) in enumerate(peers.items()):
+            yield self.post(gateway, peer, device, 4, 400 + n)
+        metrics = yield self.metrics_once(gateway, "sense_coap_responses_total", 48, code="2.04")
+        again = per_worker(metrics, "sense_coap_requests_total")
+        self.assertTrue(all(again[i] >= requests[i] for i in requests), (requests, again))
+        self.assertEqual(sum(again.values()), 48)
