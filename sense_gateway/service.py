@@ -171,11 +171,12 @@ def make_service(config: Config, reactor=None, worker: int | None = None,
         config = dataclasses.replace(config, role="gateway", web=dataclasses.replace(
             config.web, enabled=False))
     processor = processor_factory(config, pm) if config.role in ("all", "processor") else None
-    shards = backend.shards(config, settings, workers) if backend.shards and (
-        workers > 1 or worker is not None) else None
+    # Every shard there is, also with one process: an earlier run with
+    # more workers may have left some that must still be drained.
+    shards = backend.shards(config, settings, workers) if backend.shards else None
     if worker is not None:
         queue = backend.open(config, shards[worker] if shards else settings, reactor)
-    elif shards is not None:
+    elif shards is not None and len(shards) > 1:
         queue = ShardedQueue([backend.open(config, shard, reactor) for shard in shards])
     else:
         queue = backend.open(config, settings, reactor)

@@ -168,6 +168,55 @@ class ShardCommandTests(SynchronousTestCase):
                          {"visible": 2, "in_flight": 0, "dead": 1})
 
 
+class LeftShardTests(TestCase):
+    """A shard left by an earlier run with more workers is drained, and
+    seen by ``sense queue``, whatever ``--workers`` says now."""
+
+    timeout = 120
+
+    @staticmethod
+    def leave_shards(data_dir: Path) -> None:
+        """What ``--workers 3`` left: three readings in shard 2, none elsewhere."""
+        from sense_gateway.envelope import Reading
+        from tests.test_queue_sqlite import envelope
+
+        store = SQLiteQueueStore(data_dir / "queue-2.sqlite3")
+        now = time.time()  # within the store's retention
+        store.put_many([replace(envelope(seq), device="left-2", readings=[
+            Reading({"t": float(seq)}, now + seq)]).to_json() for seq in (1, 2, 3)])
+        store.close()
+
+    @defer.inlineCallbacks
+    def drained_by(self, *args):
+        gateway = GatewayProcess(self, *args, prepare=self.leave_shards)
+        gateway.start()
+        sense = [str(BIN / "sense"), "--data-dir", str(gateway.data_dir), "--plugins-dir",
+                 str(gateway.data_dir / "plugins")]
+
+        def stored():
+            path = gateway.data_dir / "readings.sqlite3"
+            if not path.exists():
+                return set()
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                return set(db.execute("SELECT device, value FROM readings WHERE field = 't'"))
+            except sqlite3.OperationalError:  # not created yet
+                return set()
+            finally:
+                db.close()
+        yield eventually(lambda: stored() == {("left-2", 1.0), ("left-2", 2.0), ("left-2", 3.0)},
+                         timeout=40)
+        depth = subprocess.run([*sense, "queue", "--json"], check=True, capture_output=True,
+                               timeout=60).stdout
+        self.assertEqual(orjson.loads(depth), {"visible": 0, "in_flight": 0, "dead": 0})
+
+    def test_one_process_drains_a_shard_left_by_more_workers(self):
+        return self.drained_by()
+
+    def test_fewer_workers_drain_a_shard_left_by_more_workers(self):
+        return self.drained_by("--workers", "2")
+
+
 def per_worker(metrics: bytes, name: str, **labels: str) -> dict[str, float]:
     """{worker: value} of the samples *name* with *labels* in a /metrics page."""
     return {s.labels["worker"]: s.value
