@@ -116,13 +116,19 @@ class WorkerSupervisor(Service):
         if not self.running:
             return
         worker = _WorkerProtocol(self, index)
-        self.reactor.spawnProcess(worker, sys.executable,
-                                  [sys.executable, "-c", TWISTD, *self.args(index)],
-                                  env=dict(os.environ),
-                                  childFDs={0: "w", 1: "r", 2: "r", REPORT_FD: "r"})
+        self._born[index] = self.reactor.seconds()
+        try:
+            self.reactor.spawnProcess(worker, sys.executable,
+                                      [sys.executable, "-c", TWISTD, *self.args(index)],
+                                      env=dict(os.environ),
+                                      childFDs={0: "w", 1: "r", 2: "r", REPORT_FD: "r"})
+        except OSError as e:
+            # No process at all (out of file descriptors, of processes):
+            # nothing will end, so nothing would start it again.
+            self._again(index, f"not started: {e}")
+            return
         self.workers[index] = worker
         self.starts[index] += 1
-        self._born[index] = self.reactor.seconds()
         log.info("worker {index} started, pid {pid}", index=index, pid=worker.pid)
 
     def state(self) -> dict:
@@ -148,12 +154,16 @@ class WorkerSupervisor(Service):
             if not self.workers and self._all_ended is not None:
                 self._all_ended.callback(None)
             return
-        lived = self.reactor.seconds() - self._born[worker.index]
-        delay = RESPAWN_FIRST if lived >= YOUNG else self._delay[worker.index]
-        self._delay[worker.index] = min(RESPAWN_MAX, delay * 2)
-        log.warn("worker {index} (pid {pid}) ended: {reason}; starting it again in {delay} s",
-                 index=worker.index, pid=worker.pid, reason=reason, delay=delay)
-        self._respawns[worker.index] = self.reactor.callLater(delay, self._spawn, worker.index)
+        self._again(worker.index, f"(pid {worker.pid}) ended: {reason}")
+
+    def _again(self, index: int, what: str) -> None:
+        """Start worker *index* again, later and later while it dies young."""
+        lived = self.reactor.seconds() - self._born[index]
+        delay = RESPAWN_FIRST if lived >= YOUNG else self._delay[index]
+        self._delay[index] = min(RESPAWN_MAX, delay * 2)
+        log.warn("worker {index} {what}; starting it again in {delay} s",
+                 index=index, what=what, delay=delay)
+        self._respawns[index] = self.reactor.callLater(delay, self._spawn, index)
 
     def stopService(self):
         super().stopService()

@@ -70,9 +70,14 @@ class FakeProcessReactor(Clock):
     def __init__(self):
         super().__init__()
         self.spawned = []
+        #: how many spawns fail next, as without file descriptors
+        self.refuse = 0
 
     def spawnProcess(self, proto, executable, args, env=None, **kwargs):
         reactor = self
+        if self.refuse:
+            self.refuse -= 1
+            raise OSError(24, "Too many open files")
 
         class Transport:
             pid = 1000 + len(reactor.spawned)
@@ -119,6 +124,57 @@ class SupervisorTests(SynchronousTestCase):
         self.end(len(self.reactor.spawned) - 1)
         self.reactor.advance(1.0)
         self.assertEqual(self.supervisor.starts, {0: 5, 1: 1})
+
+    def test_a_worker_that_could_not_be_spawned_is_tried_again(self):
+        self.reactor.refuse = 2
+        self.end(0)
+        self.reactor.advance(1.0)  # first try fails: no process
+        self.reactor.advance(2.0)  # second too
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.assertIsNotNone(self.failureResultOf(self.supervisor.check()))
+        self.reactor.advance(4.0)
+        self.assertEqual(self.reactor.spawned[-1][2][-1], "0")
+        self.assertEqual(self.supervisor.starts, {0: 2, 1: 1})
+        self.successResultOf(self.supervisor.check())
+
+    def test_worker_output_is_logged_by_line_and_its_reports_are_kept(self):
+        from twisted.logger import capturedLogs, formatEvent
+
+        proto = self.reactor.spawned[0][0]
+        with capturedLogs() as events:
+            proto.childDataReceived(1, b"2026-12-01T10:00:00+0000 [x#info] half of ")
+            proto.childDataReceived(2, b"Traceback (most recent call last):\n")
+            proto.childDataReceived(3, b'{"coap": {"requests": 4, "resp')
+            proto.childDataReceived(1, b"a line\n")
+            proto.childDataReceived(3, b'onses": {"2.04": 4}}}\n')
+            proto.childDataReceived(2, b"SystemExit: no port")
+            self.end(0)
+        lines = [formatEvent(e) for e in events]
+        self.assertEqual(lines[:3], ["worker 0: Traceback (most recent call last):",
+                                     "worker 0: [x#info] half of a line",
+                                     "worker 0: SystemExit: no port"])
+        self.assertEqual(self.supervisor.reports.by_worker(),
+                         {"0": {"coap": {"requests": 4, "responses": {"2.04": 4}}}})
+
+    def test_a_restarted_workers_counts_add_to_its_last_ones_but_not_its_states(self):
+        def report(number, sessions, completed):
+            self.reactor.spawned[number][0].childDataReceived(3, orjson.dumps({"security": {
+                "credentialed_devices": 7, "refused": {"identity": completed},
+                "dtls": {"sessions": sessions, "handshakes_completed": completed}}}) + b"\n")
+        report(0, sessions=3, completed=5)
+        report(1, sessions=1, completed=2)
+        self.end(0)
+        self.assertEqual(self.supervisor.reports.by_worker()["0"]["security"],
+                         {"refused": {"identity": 5}, "dtls": {"handshakes_completed": 5}})
+        self.reactor.advance(1.0)
+        report(2, sessions=1, completed=1)  # worker 0 again
+        self.assertEqual(self.supervisor.reports.by_worker()["0"]["security"], {
+            "credentialed_devices": 7, "refused": {"identity": 6},
+            "dtls": {"sessions": 1, "handshakes_completed": 6}})
+        # Summed: counts and sessions add up, the devices known stay 7.
+        self.assertEqual(self.supervisor.reports.summed()["security"], {
+            "credentialed_devices": 7, "refused": {"identity": 8},
+            "dtls": {"sessions": 2, "handshakes_completed": 8}})
 
     def test_stop_terminates_every_worker_and_waits_for_them(self):
         stopped = self.supervisor.stopService()
