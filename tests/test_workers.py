@@ -222,6 +222,15 @@ class ShardCommandTests(SynchronousTestCase):
                          "1 message back in the queue\n")
         self.assertEqual(orjson.loads(self.sense(data_dir, "queue", "--json")),
                          {"visible": 2, "in_flight": 0, "dead": 1})
+        # An id without its shard replays nothing, and says why.
+        for bare in ("1", "2:1", "x:1"):
+            refused = subprocess.run([str(BIN / "sense"), "--data-dir", str(data_dir),
+                                      "--plugins-dir", str(data_dir / "none"), "dlq", "replay",
+                                      "--id", bare], capture_output=True, timeout=60, text=True)
+            self.assertEqual((refused.returncode, refused.stderr),
+                             (2, f"sense: --id {bare}: a dead letter's id names its shard, "
+                                 "0 to 1 (SHARD:ID, as `sense dlq list` shows it)\n"))
+        self.assertEqual(orjson.loads(self.sense(data_dir, "queue", "--json"))["dead"], 1)
 
 
 class LeftShardTests(TestCase):
