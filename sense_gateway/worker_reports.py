@@ -12,7 +12,6 @@ last line, at most a second's worth, is not counted). See docs/workers.md.
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 
@@ -134,9 +133,15 @@ class CounterReporter(Service):
             self._pending = self._pending[written:]
         except BlockingIOError:
             pass
-        except OSError as e:
-            if e.errno != errno.EPIPE:
-                log.failure("counter report failed")
+        except BrokenPipeError:
+            self._pending = b""
+            # The master is gone. OrphanWatch misses it when it was gone
+            # before this worker looked at its parent: it stops here.
+            if self.running:
+                log.warn("master process gone: stopping")
+                self.reactor.stop()
+        except OSError:
+            log.failure("counter report failed")
             self._pending = b""
         except Exception:
             # Called from callLater: one failure must not end the reports.

@@ -24,6 +24,7 @@ from txthings import coap
 
 from sense_gateway.coap.transport import free_shared_port, udp_socket
 from sense_gateway.queues.sqlite import SQLiteQueueStore
+from sense_gateway.worker_reports import CounterReporter
 from sense_gateway.workers import WorkerSupervisor
 from tests.support import (BIN, GatewayProcess, RawCoapPeer, deferLater, eventually,
                            libcoap_request, queued, request_datagram)
@@ -193,6 +194,43 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(self.reactor.spawned[1][1].signals, ["TERM", "KILL"])
         self.end(1)
         self.successResultOf(stopped)
+
+
+class StoppableClock(Clock):
+    stopped = 0
+
+    def stop(self):
+        self.stopped += 1
+
+
+class CounterReporterTests(SynchronousTestCase):
+    """A worker's side of the report pipe."""
+
+    def setUp(self):
+        self.read_end, write_end = os.pipe()
+        self.addCleanup(os.close, write_end)
+        self.reactor = StoppableClock()
+        self.counts = {"coap": {"requests": 0}}
+        self.reporter = CounterReporter(self.reactor, lambda: self.counts, fd=write_end)
+        self.reporter.startService()
+
+    def test_a_line_a_second_and_a_last_one_on_stop(self):
+        self.addCleanup(os.close, self.read_end)
+        self.reactor.advance(1.0)
+        self.counts = {"coap": {"requests": 3}}
+        self.reactor.advance(1.0)
+        self.counts = {"coap": {"requests": 5}}
+        self.reporter.stopService()
+        lines = os.read(self.read_end, 1000).splitlines()
+        self.assertEqual([orjson.loads(line)["coap"]["requests"] for line in lines], [0, 3, 5])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_a_worker_whose_master_is_gone_stops(self):
+        os.close(self.read_end)
+        self.reactor.advance(1.0)
+        self.assertEqual(self.reactor.stopped, 1)
+        self.reporter.stopService()
+        self.assertEqual(self.reactor.stopped, 1)
 
 
 class ShardCommandTests(SynchronousTestCase):
