@@ -37,6 +37,7 @@ from sense_gateway.queues.shards import ShardedQueue
 from sense_gateway.plugins import DirectHook, call_collecting, make_plugin_manager
 from sense_gateway.web import make_web
 from sense_gateway.worker import ProcessorService
+from sense_gateway.worker_reports import CounterReporter, worker_report
 from sense_gateway.workers import OrphanWatch, WorkerSupervisor
 
 log = Logger()
@@ -173,8 +174,9 @@ def make_service(config: Config, reactor=None, worker: int | None = None,
     # process judging and writing for every shard would be one core again.
     processor = processor_factory(config, pm) if config.role in ("all", "processor") and (
         workers == 1 or worker is not None) else None
-    shards = backend.shards(config, settings, workers) if backend.shards and (
-        workers > 1 or worker is not None) else None
+    # Every shard there is, also with one process: an earlier run with
+    # more workers may have left some that must still be drained.
+    shards = backend.shards(config, settings, workers) if backend.shards else None
     if worker is not None and shards:
         queue = _open_shards(backend, config, [shards[i] for i in _assigned(worker, workers,
                                                                             len(shards))], reactor)
@@ -200,6 +202,9 @@ def make_service(config: Config, reactor=None, worker: int | None = None,
     stats.setServiceParent(service)
     if worker is not None:
         OrphanWatch(reactor).setServiceParent(service)
+        if CounterReporter.available():
+            # Added last, so stopped first: after the drain, the last report.
+            CounterReporter(reactor, lambda: worker_report(service)).setServiceParent(service)
     elif workers > 1:
         # Added last, so stopped first: each worker drains its requests
         # into its shard and finishes its processor's round.
