@@ -1,9 +1,10 @@
-"""The ingest workers' CoAP counters, carried to the master.
+"""The workers' counters, carried to the master.
 
 Each worker writes one JSON line a second (and a last one once it has
 drained) to file descriptor :data:`REPORT_FD`, a pipe the master opened
 when it spawned it: its message layers' counters, its refusals and DTLS
-counters, its enqueue latency histogram. The master keeps the latest line
+counters, its enqueue latency histogram, its processor's outcomes and
+state. The master keeps the latest line
 of each worker and, when a worker's process ends, adds its counters to
 what earlier processes of that worker counted, so a worker's totals never
 go backwards across restarts (what a SIGKILLed worker counted after its
@@ -29,7 +30,8 @@ MAX_LINE = 64 * 1024
 #: values that are a state, not a count: of the running process only,
 #: never carried over from a worker's earlier processes
 GAUGES = {("coap", "exchanges"), ("security", "plain_ingest"),
-          ("security", "credentialed_devices"), ("dtls", "sessions"), ("dtls", "handshakes")}
+          ("security", "credentialed_devices"), ("dtls", "sessions"), ("dtls", "handshakes"),
+          ("processing", "problem"), ("processing", "running")}
 #: never added up: the same in every worker (policy, credentials loaded,
 #: the histogram's bucket bounds), the later value stands
 SAME = {"plain_ingest", "credentialed_devices", "bounds"}
@@ -157,12 +159,21 @@ class CounterReporter(Service):
 
 def worker_report(gateway) -> dict:
     """What a worker reports: its CoAP counters (responses by code text),
-    refusals and DTLS counters, and its enqueue latency histogram."""
+    refusals and DTLS counters, its enqueue latency histogram, and its
+    processor's outcomes and state (each as the worker has them)."""
     from sense_gateway.errors import code_text
 
-    coap = gateway.coap_counters() or {"responses": {}}
-    report = {"coap": {**coap, "responses": {code_text(c): n
-                                             for c, n in coap["responses"].items()}}}
+    report = {}
+    coap = gateway.coap_counters()
+    if coap is not None:
+        report["coap"] = {**coap, "responses": {code_text(c): n
+                                                for c, n in coap["responses"].items()}}
+    processor = gateway.worker
+    if processor is not None:
+        report["processor"] = {o.value: n for o, n in processor.counts.items()}
+        report["processing"] = {"problem": processor.problem,
+                                "running": 1 if processor.problem is None else 0,
+                                "settle_failures": processor.settle_failures}
     security = gateway.security_counters()
     if security is not None:
         report["security"] = security

@@ -583,6 +583,50 @@ class ProcessorWorkersTests(TestCase):
         self.assertEqual({d["id"]: (d["received"], d["duplicates"], d["lost"]) for d in devices},
                          {device: (40, 0, 0) for device, _ in everything})
 
+        # The master tells of its workers' processors (each reports every second).
+        @defer.inlineCallbacks
+        def written():
+            status, stats = yield gateway.get_json("/api/stats")
+            return stats.get("processor", {}).get("written")
+        for _ in range(100):
+            if (yield written()) == 600:
+                break
+            yield deferLater(0.1)
+        status, stats = yield gateway.get_json("/api/stats")
+        self.assertEqual(stats["processor"], {"written": 600, "duplicate": 0, "failed": 0,
+                                              "refused": 0})
+        self.assertEqual({i: c["processor"]["written"] > 0
+                          for i, c in stats["workers"]["counters"].items()},
+                         {"0": True, "1": True})
+        status, metrics = yield gateway.get("/metrics")
+        self.assertIn(b'sense_processed_messages_total{outcome="written"} 600.0', metrics)
+        for index in (0, 1):
+            self.assertIn(b'sense_processor_running{worker="%d"} 1.0' % index, metrics)
+        status, health = yield gateway.get_json("/healthz")
+        self.assertEqual(status, 200, health)
+
+    @defer.inlineCallbacks
+    def test_the_masters_healthz_names_a_worker_whose_sink_is_down(self):
+        def prepare(data_dir):
+            for shard, name in enumerate(("queue.sqlite3", "queue-1.sqlite3")):
+                fill_shard(data_dir / name, [f"h{shard}"], 3)
+        # Nothing listens on port 1: every write fails, the readings wait.
+        gateway = GatewayProcess(self, "--role", "processor", "--workers", "2", prepare=prepare,
+                                 env={"SENSE_SINKS_ENABLED": "influxdb",
+                                      "SENSE_INFLUXDB_URL": "http://127.0.0.1:1",
+                                      "SENSE_INFLUXDB_RETRIES": "0"})
+        for _ in range(200):
+            status, health = yield gateway.get_json("/healthz")
+            if status != 200 and "worker 1:" in health["failing"].get("processor", ""):
+                break
+            yield deferLater(0.1)
+        self.assertEqual(status, 503, health)
+        self.assertRegex(health["failing"]["processor"],
+                         r"^worker 0: unavailable: .*; worker 1: unavailable: ")
+        status, metrics = yield gateway.get("/metrics")
+        self.assertIn(b'sense_processor_running{worker="1"} 0.0', metrics)
+        self.assertEqual(orjson.loads(self.sense(gateway, "queue", "--json"))["dead"], 0)
+
     def sense(self, gateway, *args) -> str:
         return subprocess.run([str(BIN / "sense"), "--data-dir", str(gateway.data_dir), *args],
                               check=True, capture_output=True, timeout=60, text=True).stdout

@@ -155,13 +155,23 @@ class StatsCollector:
             yield refusals
         worker = getattr(self.gateway, "worker", None)
         if worker is not None:
-            settle = CounterMetricFamily("sense_settle_failures",
-                                         "Deletes, releases and dead letters the queue failed")
-            settle.add_metric([], worker.settle_failures)
+            processing = [([], {"settle_failures": worker.settle_failures,
+                                "running": 1 if worker.problem is None else 0})]
+            labels = []
+        else:  # the master: each worker's processor, labelled
+            processing = [([i], r["processing"]) for i, r in (by_worker or {}).items()
+                          if "processing" in r]
+            labels = ["worker"]
+        if processing:
+            settle = CounterMetricFamily("sense_settle_failures", "Deletes, releases and "
+                                         "dead letters the queue failed", labels=labels)
+            running = GaugeMetricFamily("sense_processor_running", "1 while the processor "
+                                        "processes, 0 while it waits", labels=labels)
+            for values, state in processing:
+                settle.add_metric(values, state.get("settle_failures", 0))
+                if "running" in state:  # a gone worker's processor runs nowhere
+                    running.add_metric(values, state["running"])
             yield settle
-            running = GaugeMetricFamily("sense_processor_running",
-                                        "1 while the processor processes, 0 while it waits")
-            running.add_metric([], 1 if worker.problem is None else 0)
             yield running
         if "devices" in self.stats:
             devices = GaugeMetricFamily("sense_devices", "Devices in the registry")

@@ -124,7 +124,8 @@ class WebService(Service):
         if supervisor is not None:
             # The master: its workers' CoAP sides, summed as one gateway's.
             summed = supervisor.reports.summed()
-            out.update((part, summed[part]) for part in ("coap", "security") if part in summed)
+            out.update((part, summed[part]) for part in ("coap", "security", "processor")
+                       if part in summed)
         if gateway.worker is not None:
             out["processor"] = {o.value: n for o, n in gateway.worker.counts.items()}
         out["queue"] = depth = yield gateway.queue.depth()
@@ -146,8 +147,15 @@ class WebService(Service):
         worker = self.gateway.worker
         if worker is not None and worker.problem is not None:
             failing["processor"] = worker.problem
-        checks = [("queue", self.gateway.queue.check)]
         supervisor = getattr(self.gateway, "supervisor", None)
+        if supervisor is not None:
+            # The master: its workers' processors, as they last reported.
+            problems = [f"worker {index}: {problem}" for index, report
+                        in supervisor.reports.by_worker().items()
+                        if (problem := report.get("processing", {}).get("problem"))]
+            if problems:
+                failing["processor"] = "; ".join(problems)
+        checks = [("queue", self.gateway.queue.check)]
         if supervisor is not None:
             checks.append(("workers", supervisor.check))
         directory = self.gateway.directory
