@@ -8,9 +8,10 @@
 2. a ``--role gateway`` gateway at full rate for 60 s with 10,000 devices,
    its peak RSS; then at half that rate (open loop) for 30 s: p99 latency,
    losses, retransmissions;
-3. ``sense bench --end-to-end`` (one role-all process) and ``--split``
-   (role gateway, then role processor alone), 100,000 readings from 1,000
-   devices, RUNS times each;
+3. ``sense bench --end-to-end`` (one role-all process), ``--split``
+   (role gateway, then role processor alone) and ``--split --workers 2``
+   (two shards, two processor processes), 100,000 readings from 1,000
+   devices, RUNS times each, with the median processor rate;
 4. ``sense bench --dtls`` RUNS times: plain CoAP, then CoAPS (a session
    per device) against one gateway, and the median CoAPS / CoAP ratio.
 
@@ -120,23 +121,28 @@ def rss_and_half_rate(devices: int, full_duration: float, half_duration: float):
 def end_to_end(runs: int, readings: int, devices: int):
     documents = []
     lines = [
-        "| roles | readings acknowledged/s | all queryable | time to queryable s | "
+        "| roles | workers | readings acknowledged/s | all queryable | time to queryable s | "
         "after last ACK s | processor readings/s | peak RSS MB |",
-        "|---|---:|---|---:|---:|---:|---:|",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
     ]
-    for split in (False, True):
+    for split, workers in ((False, 1), (True, 1), (True, 2)):
+        rates = []
         for i in range(runs):
-            log(f"end to end {'split' if split else 'role all'} {i + 1}/{runs} ...")
-            args = ["--end-to-end", "--readings", str(readings), "--devices", str(devices)]
+            log(f"end to end {'split' if split else 'role all'}, --workers {workers}, "
+                f"{i + 1}/{runs} ...")
+            args = ["--end-to-end", "--readings", str(readings), "--devices", str(devices),
+                    "--workers", str(workers)]
             d = sense_bench(*args, *(["--split"] if split else []))
             documents.append(d)
             proc = d["processor"]
+            rates.append(proc["readings_per_s"])
             lines.append(
-                f"| {d['load']['roles']} | {d['ingest']['ok_rate']:,.0f} | "
+                f"| {d['load']['roles']} | {workers} | {d['ingest']['ok_rate']:,.0f} | "
                 f"{'yes' if d['all_queryable'] else 'NO'} ({d['queryable']:,}) | "
                 f"{d['time_to_queryable_s']:.2f} | {d['after_last_ack_s']:.2f} | "
                 f"{proc['readings_per_s']:,.0f}{' (kept pace)' if proc.get('kept_pace') else ''}"
                 f" | {d['server_rss_mb']} |")
+        lines.append(f"| **median** | {workers} | | | | | **{statistics.median(rates):,.0f}** | |")
     return documents, "\n".join(lines)
 
 

@@ -244,7 +244,7 @@ def check_backend_env(config: Config, declared: Mapping[str, type | None]) -> No
 
 
 def worker_count(config: Config) -> int:
-    """How many ingest processes ``workers`` asks for."""
+    """How many worker processes ``workers`` asks for."""
     if config.workers == "auto":
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
             else os.cpu_count() or 1
@@ -258,9 +258,6 @@ def validate(config: Config) -> None:
     if config.workers != "auto" and not (config.workers.isdigit() and int(config.workers) >= 1):
         raise ConfigError(f"workers: must be a count of at least 1 or 'auto', "
                           f"got {config.workers!r}")
-    if config.role == "processor" and config.workers != "1":
-        raise ConfigError("workers: ingest workers need role 'all' or 'gateway', "
-                          "not 'processor'")
     for key, bind in (("coap.bind", config.coap.bind), ("coaps.bind", config.coaps.bind)):
         try:
             ipaddress.ip_address(bind)

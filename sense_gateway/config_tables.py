@@ -175,7 +175,7 @@ class AwsConfig:
 @dataclass(frozen=True)
 class Config:
     role: str = "all"
-    #: ingest processes on the CoAP ports: a count, or "auto" (one per core)
+    #: processes doing the role's work, each on its own queue shard: a count, or "auto" (one per core)
     workers: str = "1"
     data_dir: str = "./var"
     plugins_dir: str = "plugins"

@@ -37,6 +37,7 @@ from sense_gateway.queues.shards import ShardedQueue
 from sense_gateway.plugins import DirectHook, call_collecting, make_plugin_manager
 from sense_gateway.web import make_web
 from sense_gateway.worker import ProcessorService
+from sense_gateway.worker_reports import CounterReporter, worker_report
 from sense_gateway.workers import OrphanWatch, WorkerSupervisor
 
 log = Logger()
@@ -159,23 +160,28 @@ class GatewayService(MultiService):
 def make_service(config: Config, reactor=None, worker: int | None = None,
                  worker_args=None) -> GatewayService:
     """The gateway's tree. With ``workers`` above 1 this is the master
-    (queue shards, processor, web, and a :class:`WorkerSupervisor` running
-    ``worker_args(index)``); *worker* makes it ingest worker *worker*."""
+    (the queue's shards for the web side, and a :class:`WorkerSupervisor`
+    running ``worker_args(index)``); *worker* makes it worker *worker*,
+    doing the role's work (ingest, processing or both) on its own shards."""
     if reactor is None:
         from twisted.internet import reactor
     pm = make_plugin_manager(config.disable_plugins, plugins_dir=config.plugins_dir)
     backend, settings = queue_backend(config, pm)
     workers = worker_count(config)
-    if worker is not None:  # an ingest worker: its own shard, no processor, no web
-        config = dataclasses.replace(config, role="gateway", web=dataclasses.replace(
-            config.web, enabled=False))
-    processor = processor_factory(config, pm) if config.role in ("all", "processor") else None
-    shards = backend.shards(config, settings, workers) if backend.shards and (
-        workers > 1 or worker is not None) else None
-    if worker is not None:
-        queue = backend.open(config, shards[worker] if shards else settings, reactor)
+    if worker is not None:  # a worker: the role's work on its own shards, no web
+        config = dataclasses.replace(config, web=dataclasses.replace(config.web, enabled=False))
+    # With workers, each processes its own shards and the master none: one
+    # process judging and writing for every shard would be one core again.
+    processor = processor_factory(config, pm) if config.role in ("all", "processor") and (
+        workers == 1 or worker is not None) else None
+    # Every shard there is, also with one process: an earlier run with
+    # more workers may have left some that must still be drained.
+    shards = backend.shards(config, settings, workers) if backend.shards else None
+    if worker is not None and shards:
+        queue = _open_shards(backend, config, [shards[i] for i in _assigned(worker, workers,
+                                                                            len(shards))], reactor)
     elif shards is not None:
-        queue = ShardedQueue([backend.open(config, shard, reactor) for shard in shards])
+        queue = _open_shards(backend, config, shards, reactor)
     else:
         queue = backend.open(config, settings, reactor)
     service = GatewayService(config, pm, queue, reactor)
@@ -184,7 +190,9 @@ def make_service(config: Config, reactor=None, worker: int | None = None,
         service.add_gateway(_make_gateway(config, pm, queue, reactor,
                                           reuse_port=worker is not None))
     if processor is not None:
-        service.worker = ProcessorService(queue, processor, config, reactor)
+        # One liveness sweep over the registry is enough: the first worker's.
+        service.worker = ProcessorService(queue, processor, config, reactor,
+                                          sweep=worker is None or worker == 0)
         service.worker.setServiceParent(service)
     if config.web.enabled:
         service.web = make_web(service, config, pm, reactor)
@@ -194,13 +202,28 @@ def make_service(config: Config, reactor=None, worker: int | None = None,
     stats.setServiceParent(service)
     if worker is not None:
         OrphanWatch(reactor).setServiceParent(service)
-    elif workers > 1 and config.role in ("all", "gateway"):
-        # Added last, so stopped first: the workers drain into the queue
-        # while the processor still runs.
+        if CounterReporter.available():
+            # Added last, so stopped first: after the drain, the last report.
+            CounterReporter(reactor, lambda: worker_report(service)).setServiceParent(service)
+    elif workers > 1:
+        # Added last, so stopped first: each worker drains its requests
+        # into its shard and finishes its processor's round.
         service.supervisor = WorkerSupervisor(reactor, workers, worker_args,
                                               stop_timeout=config.shutdown_timeout + 5)
         service.supervisor.setServiceParent(service)
     return service
+
+
+def _assigned(worker: int, workers: int, shards: int) -> list[int]:
+    """The shards worker *worker* of *workers* puts into (its own, first)
+    and processes: its own, and those an earlier run with more workers
+    left behind, dealt out in turn."""
+    return [worker, *range(workers + worker, shards, workers)]
+
+
+def _open_shards(backend, config, shards: list, reactor):
+    opened = [backend.open(config, shard, reactor) for shard in shards]
+    return opened[0] if len(opened) == 1 else ShardedQueue(opened)
 
 
 @dataclass

@@ -68,9 +68,9 @@ class Options(usage.Options):
         ["plugins-dir", None, None, "Directory of drop-in plugin modules [default: plugins]."],
         ["web-port", None, None, "HTTP port of the API, /healthz and /metrics [default: 8080].", int],
         ["role", None, None, f"What this process runs: {'|'.join(ROLES)} [default: all]."],
-        ["workers", None, None, "Ingest processes on the CoAP ports, a count or 'auto' "
-                                "(one per core) [default: 1]."],
-        ["worker", None, None, "Set by the master for its workers: run as ingest worker "
+        ["workers", None, None, "Processes doing the role's work, each on a queue shard "
+                                "of its own: a count or 'auto' (one per core) [default: 1]."],
+        ["worker", None, None, "Set by the master for its workers: run as worker "
                                "INDEX.", int],
     ]
 

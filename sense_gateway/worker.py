@@ -49,16 +49,17 @@ _WRITTEN = Outcome.WRITTEN
 
 
 class ProcessorService(Service):
-    def __init__(self, queue, make_processor, config, reactor):
+    def __init__(self, queue, make_processor, config, reactor, sweep: bool = True):
         """*make_processor* builds the :class:`BatchProcessor` on the worker
-        thread, so its connections belong to that thread."""
+        thread, so its connections belong to that thread. With *sweep*
+        false it leaves the liveness sweeps to another process."""
         self.queue = queue
         self.make_processor = make_processor
         self.batch_size = config.processor.batch_size
         self.poll_interval = config.processor.poll_interval
         self.retry_base = config.processor.retry_base
         self.retry_max = config.processor.retry_max
-        self.sweep_interval = config.devices.sweep_interval
+        self.sweep_interval = config.devices.sweep_interval if sweep else None
         self._sweeper: task.LoopingCall | None = None
         #: devices the last liveness sweep wrote as late or offline
         self.swept = 0
@@ -83,6 +84,8 @@ class ProcessorService(Service):
         self.threads.startService()
         self._round = self._start()
         self._round.addErrback(lambda f: log.failure("processor stopped", f))
+        if self.sweep_interval is None:
+            return
         self._sweeper = task.LoopingCall(self._sweep)
         self._sweeper.clock = self.reactor
         self._sweeper.start(self.sweep_interval, now=False).addErrback(
@@ -133,6 +136,7 @@ class ProcessorService(Service):
                 continue
             self._failures = 0
             self.problem = None
+            log.info("processor started: batches of {size}", size=self.batch_size)
             yield self._run()
             return
 

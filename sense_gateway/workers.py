@@ -25,6 +25,8 @@ from twisted.application.service import Service
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
+from sense_gateway.worker_reports import MAX_LINE, REPORT_FD, WorkerReports
+
 log = Logger()
 
 #: runs twistd in a child with this interpreter, whatever the install
@@ -45,24 +47,42 @@ class _WorkerProtocol(protocol.ProcessProtocol):
         self.supervisor = supervisor
         self.index = index
         self.pid = None
-        self._partial = b""
+        #: the unfinished last line of each of the child's pipes
+        self._partial: dict[int, bytes] = {}
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
         self.transport.closeStdin()
 
-    def outReceived(self, data: bytes) -> None:
-        *lines, self._partial = (self._partial + data).split(b"\n")
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        *lines, partial = (self._partial.get(fd, b"") + data).split(b"\n")
+        # A line without end in sight is cut (bounded memory): a log line
+        # is logged in pieces, a report is dropped.
+        if len(partial) > MAX_LINE:
+            if fd != REPORT_FD:
+                lines.append(partial)
+            partial = b""
+        self._partial[fd] = partial
         for line in lines:
-            stamp, _, rest = line.partition(b" ")
-            # Our own log line has a time stamp: the worker's goes.
-            text = rest if stamp[:2] == b"20" and rest else line
-            log.info("worker {index}: {line}", index=self.index,
-                     line=text.decode(errors="replace").rstrip())
+            self._line(fd, line)
 
-    errReceived = outReceived
+    def _line(self, fd: int, line: bytes) -> None:
+        if fd == REPORT_FD:
+            if len(line) <= MAX_LINE:
+                self.supervisor.reports.reported(self.index, line)
+            return
+        stamp, _, rest = line.partition(b" ")
+        # Our own log line has a time stamp: the worker's goes.
+        text = rest if stamp[:2] == b"20" and rest else line
+        log.info("worker {index}: {line}", index=self.index,
+                 line=text.decode(errors="replace").rstrip())
 
     def processEnded(self, reason) -> None:
+        # Its last words (a traceback's last line, say) end without a newline.
+        for fd, partial in sorted(self._partial.items()):
+            if partial and fd != REPORT_FD:
+                self._line(fd, partial)
+        self._partial.clear()
         self.supervisor.ended(self, reason.value)
 
 
@@ -83,6 +103,8 @@ class WorkerSupervisor(Service):
         self._born: dict[int, float] = {}
         self._respawns: dict[int, object] = {}
         self._all_ended: defer.Deferred | None = None
+        #: the workers' CoAP counters, from their report pipes
+        self.reports = WorkerReports()
 
     def startService(self) -> None:
         super().startService()
@@ -94,12 +116,19 @@ class WorkerSupervisor(Service):
         if not self.running:
             return
         worker = _WorkerProtocol(self, index)
-        self.reactor.spawnProcess(worker, sys.executable,
-                                  [sys.executable, "-c", TWISTD, *self.args(index)],
-                                  env=dict(os.environ))
+        self._born[index] = self.reactor.seconds()
+        try:
+            self.reactor.spawnProcess(worker, sys.executable,
+                                      [sys.executable, "-c", TWISTD, *self.args(index)],
+                                      env=dict(os.environ),
+                                      childFDs={0: "w", 1: "r", 2: "r", REPORT_FD: "r"})
+        except OSError as e:
+            # No process at all (out of file descriptors, of processes):
+            # nothing will end, so nothing would start it again.
+            self._again(index, f"not started: {e}")
+            return
         self.workers[index] = worker
         self.starts[index] += 1
-        self._born[index] = self.reactor.seconds()
         log.info("worker {index} started, pid {pid}", index=index, pid=worker.pid)
 
     def state(self) -> dict:
@@ -120,16 +149,21 @@ class WorkerSupervisor(Service):
     def ended(self, worker: _WorkerProtocol, reason) -> None:
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
+        self.reports.ended(worker.index)
         if not self.running:
             if not self.workers and self._all_ended is not None:
                 self._all_ended.callback(None)
             return
-        lived = self.reactor.seconds() - self._born[worker.index]
-        delay = RESPAWN_FIRST if lived >= YOUNG else self._delay[worker.index]
-        self._delay[worker.index] = min(RESPAWN_MAX, delay * 2)
-        log.warn("worker {index} (pid {pid}) ended: {reason}; starting it again in {delay} s",
-                 index=worker.index, pid=worker.pid, reason=reason, delay=delay)
-        self._respawns[worker.index] = self.reactor.callLater(delay, self._spawn, worker.index)
+        self._again(worker.index, f"(pid {worker.pid}) ended: {reason}")
+
+    def _again(self, index: int, what: str) -> None:
+        """Start worker *index* again, later and later while it dies young."""
+        lived = self.reactor.seconds() - self._born[index]
+        delay = RESPAWN_FIRST if lived >= YOUNG else self._delay[index]
+        self._delay[index] = min(RESPAWN_MAX, delay * 2)
+        log.warn("worker {index} {what}; starting it again in {delay} s",
+                 index=index, what=what, delay=delay)
+        self._respawns[index] = self.reactor.callLater(delay, self._spawn, index)
 
     def stopService(self):
         super().stopService()

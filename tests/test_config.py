@@ -136,10 +136,10 @@ class WorkersConfigTests(SynchronousTestCase):
         error = self.assertRaises(ConfigError, load_config, environ={"SENSE_WORKERS": "0"})
         self.assertEqual(str(error), "workers: must be a count of at least 1 or 'auto', got '0'")
 
-    def test_a_processor_has_no_ingest_workers(self):
-        error = self.assertRaises(ConfigError, load_config,
-                                  environ={"SENSE_WORKERS": "2", "SENSE_ROLE": "processor"})
-        self.assertIn("workers: ingest workers need role 'all' or 'gateway'", str(error))
+    def test_a_processor_has_workers_too(self):
+        # Each processes its own shards (tests/test_workers.py).
+        config = load_config(environ={"SENSE_WORKERS": "2", "SENSE_ROLE": "processor"})
+        self.assertEqual((config.role, worker_count(config)), ("processor", 2))
 
 
 class QueueBackendSettingsTests(SynchronousTestCase):

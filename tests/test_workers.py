@@ -1,5 +1,5 @@
-"""``--workers N``: ingest processes sharing the CoAP ports, each with a
-queue shard of its own, drained by the master's processor."""
+"""``--workers N``: processes each with a queue shard of its own,
+ingesting on shared CoAP ports and processing their own shards."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
@@ -22,7 +23,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from txthings import coap
 
 from sense_gateway.coap.transport import free_shared_port, udp_socket
+from sense_gateway.envelope import Envelope, Reading, new_envelope_id
 from sense_gateway.queues.sqlite import SQLiteQueueStore
+from sense_gateway.worker_reports import CounterReporter
 from sense_gateway.workers import WorkerSupervisor
 from tests.support import (BIN, GatewayProcess, RawCoapPeer, deferLater, eventually,
                            libcoap_request, queued, request_datagram)
@@ -69,9 +72,14 @@ class FakeProcessReactor(Clock):
     def __init__(self):
         super().__init__()
         self.spawned = []
+        #: how many spawns fail next, as without file descriptors
+        self.refuse = 0
 
     def spawnProcess(self, proto, executable, args, env=None, **kwargs):
         reactor = self
+        if self.refuse:
+            self.refuse -= 1
+            raise OSError(24, "Too many open files")
 
         class Transport:
             pid = 1000 + len(reactor.spawned)
@@ -119,6 +127,57 @@ class SupervisorTests(SynchronousTestCase):
         self.reactor.advance(1.0)
         self.assertEqual(self.supervisor.starts, {0: 5, 1: 1})
 
+    def test_a_worker_that_could_not_be_spawned_is_tried_again(self):
+        self.reactor.refuse = 2
+        self.end(0)
+        self.reactor.advance(1.0)  # first try fails: no process
+        self.reactor.advance(2.0)  # second too
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.assertIsNotNone(self.failureResultOf(self.supervisor.check()))
+        self.reactor.advance(4.0)
+        self.assertEqual(self.reactor.spawned[-1][2][-1], "0")
+        self.assertEqual(self.supervisor.starts, {0: 2, 1: 1})
+        self.successResultOf(self.supervisor.check())
+
+    def test_worker_output_is_logged_by_line_and_its_reports_are_kept(self):
+        from twisted.logger import capturedLogs, formatEvent
+
+        proto = self.reactor.spawned[0][0]
+        with capturedLogs() as events:
+            proto.childDataReceived(1, b"2026-12-01T10:00:00+0000 [x#info] half of ")
+            proto.childDataReceived(2, b"Traceback (most recent call last):\n")
+            proto.childDataReceived(3, b'{"coap": {"requests": 4, "resp')
+            proto.childDataReceived(1, b"a line\n")
+            proto.childDataReceived(3, b'onses": {"2.04": 4}}}\n')
+            proto.childDataReceived(2, b"SystemExit: no port")
+            self.end(0)
+        lines = [formatEvent(e) for e in events]
+        self.assertEqual(lines[:3], ["worker 0: Traceback (most recent call last):",
+                                     "worker 0: [x#info] half of a line",
+                                     "worker 0: SystemExit: no port"])
+        self.assertEqual(self.supervisor.reports.by_worker(),
+                         {"0": {"coap": {"requests": 4, "responses": {"2.04": 4}}}})
+
+    def test_a_restarted_workers_counts_add_to_its_last_ones_but_not_its_states(self):
+        def report(number, sessions, completed):
+            self.reactor.spawned[number][0].childDataReceived(3, orjson.dumps({"security": {
+                "credentialed_devices": 7, "refused": {"identity": completed},
+                "dtls": {"sessions": sessions, "handshakes_completed": completed}}}) + b"\n")
+        report(0, sessions=3, completed=5)
+        report(1, sessions=1, completed=2)
+        self.end(0)
+        self.assertEqual(self.supervisor.reports.by_worker()["0"]["security"],
+                         {"refused": {"identity": 5}, "dtls": {"handshakes_completed": 5}})
+        self.reactor.advance(1.0)
+        report(2, sessions=1, completed=1)  # worker 0 again
+        self.assertEqual(self.supervisor.reports.by_worker()["0"]["security"], {
+            "credentialed_devices": 7, "refused": {"identity": 6},
+            "dtls": {"sessions": 1, "handshakes_completed": 6}})
+        # Summed: counts and sessions add up, the devices known stay 7.
+        self.assertEqual(self.supervisor.reports.summed()["security"], {
+            "credentialed_devices": 7, "refused": {"identity": 8},
+            "dtls": {"sessions": 2, "handshakes_completed": 8}})
+
     def test_stop_terminates_every_worker_and_waits_for_them(self):
         stopped = self.supervisor.stopService()
         self.assertEqual([t.signals for _, t, _ in self.reactor.spawned], [["TERM"], ["TERM"]])
@@ -136,6 +195,43 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(self.reactor.spawned[1][1].signals, ["TERM", "KILL"])
         self.end(1)
         self.successResultOf(stopped)
+
+
+class StoppableClock(Clock):
+    stopped = 0
+
+    def stop(self):
+        self.stopped += 1
+
+
+class CounterReporterTests(SynchronousTestCase):
+    """A worker's side of the report pipe."""
+
+    def setUp(self):
+        self.read_end, write_end = os.pipe()
+        self.addCleanup(os.close, write_end)
+        self.reactor = StoppableClock()
+        self.counts = {"coap": {"requests": 0}}
+        self.reporter = CounterReporter(self.reactor, lambda: self.counts, fd=write_end)
+        self.reporter.startService()
+
+    def test_a_line_a_second_and_a_last_one_on_stop(self):
+        self.addCleanup(os.close, self.read_end)
+        self.reactor.advance(1.0)
+        self.counts = {"coap": {"requests": 3}}
+        self.reactor.advance(1.0)
+        self.counts = {"coap": {"requests": 5}}
+        self.reporter.stopService()
+        lines = os.read(self.read_end, 1000).splitlines()
+        self.assertEqual([orjson.loads(line)["coap"]["requests"] for line in lines], [0, 3, 5])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_a_worker_whose_master_is_gone_stops(self):
+        os.close(self.read_end)
+        self.reactor.advance(1.0)
+        self.assertEqual(self.reactor.stopped, 1)
+        self.reporter.stopService()
+        self.assertEqual(self.reactor.stopped, 1)
 
 
 class ShardCommandTests(SynchronousTestCase):
@@ -165,6 +261,72 @@ class ShardCommandTests(SynchronousTestCase):
                          "1 message back in the queue\n")
         self.assertEqual(orjson.loads(self.sense(data_dir, "queue", "--json")),
                          {"visible": 2, "in_flight": 0, "dead": 1})
+        # An id without its shard replays nothing, and says why.
+        for bare in ("1", "2:1", "x:1"):
+            refused = subprocess.run([str(BIN / "sense"), "--data-dir", str(data_dir),
+                                      "--plugins-dir", str(data_dir / "none"), "dlq", "replay",
+                                      "--id", bare], capture_output=True, timeout=60, text=True)
+            self.assertEqual((refused.returncode, refused.stderr),
+                             (2, f"sense: --id {bare}: a dead letter's id names its shard, "
+                                 "0 to 1 (SHARD:ID, as `sense dlq list` shows it)\n"))
+        self.assertEqual(orjson.loads(self.sense(data_dir, "queue", "--json"))["dead"], 1)
+
+
+class LeftShardTests(TestCase):
+    """A shard left by an earlier run with more workers is drained, and
+    seen by ``sense queue``, whatever ``--workers`` says now."""
+
+    timeout = 120
+
+    @staticmethod
+    def leave_shards(data_dir: Path) -> None:
+        """What ``--workers 3`` left: three readings in shard 2, none elsewhere."""
+        from sense_gateway.envelope import Reading
+        from tests.test_queue_sqlite import envelope
+
+        store = SQLiteQueueStore(data_dir / "queue-2.sqlite3")
+        now = time.time()  # within the store's retention
+        store.put_many([replace(envelope(seq), device="left-2", readings=[
+            Reading({"t": float(seq)}, now + seq)]).to_json() for seq in (1, 2, 3)])
+        store.close()
+
+    @defer.inlineCallbacks
+    def drained_by(self, *args):
+        gateway = GatewayProcess(self, *args, prepare=self.leave_shards)
+        gateway.start()
+        sense = [str(BIN / "sense"), "--data-dir", str(gateway.data_dir), "--plugins-dir",
+                 str(gateway.data_dir / "plugins")]
+
+        def stored():
+            path = gateway.data_dir / "readings.sqlite3"
+            if not path.exists():
+                return set()
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                return set(db.execute("SELECT device, value FROM readings WHERE field = 't'"))
+            except sqlite3.OperationalError:  # not created yet
+                return set()
+            finally:
+                db.close()
+        yield eventually(lambda: stored() == {("left-2", 1.0), ("left-2", 2.0), ("left-2", 3.0)},
+                         timeout=40)
+        depth = subprocess.run([*sense, "queue", "--json"], check=True, capture_output=True,
+                               timeout=60).stdout
+        self.assertEqual(orjson.loads(depth), {"visible": 0, "in_flight": 0, "dead": 0})
+
+    def test_one_process_drains_a_shard_left_by_more_workers(self):
+        return self.drained_by()
+
+    def test_fewer_workers_drain_a_shard_left_by_more_workers(self):
+        return self.drained_by("--workers", "2")
+
+
+def per_worker(metrics: bytes, name: str, **labels: str) -> dict[str, float]:
+    """{worker: value} of the samples *name* with *labels* in a /metrics page."""
+    return {s.labels["worker"]: s.value
+            for family in text_string_to_metric_families(metrics.decode())
+            for s in family.samples
+            if s.name == name and {k: s.labels.get(k) for k in labels} == labels}
 
 
 def workers_started(gateway) -> list[tuple[int, int]]:
@@ -315,3 +477,156 @@ class WorkersTests(TestCase):
         self.assertEqual(stored(), acknowledged)
         yield eventually(lambda: orjson.loads(self.sense(gateway, "queue", "--json"))
                          == {"visible": 0, "in_flight": 0, "dead": 0}, timeout=20)
+
+    @defer.inlineCallbacks
+    def metrics_once(self, gateway, name: str, total: float, **labels: str):
+        """The master's /metrics, once the workers' *name* series sum to *total*."""
+        deadline = time.monotonic() + 10
+        while True:
+            status, metrics = yield gateway.get("/metrics")
+            found = per_worker(metrics, name, **labels)
+            if sum(found.values()) == total:
+                return metrics
+            if time.monotonic() > deadline:
+                self.fail(f"{name} {labels} never summed to {total}: {found}")
+            yield deferLater(0.2)
+
+    @defer.inlineCallbacks
+    def test_masters_metrics_count_every_workers_requests_and_never_go_back(self):
+        gateway = yield self.start("--role", "gateway")
+        peers = {f"m-{n}": RawCoapPeer(self) for n in range(12)}
+        for seq in range(1, 4):
+            for n, (device, peer) in enumerate(peers.items()):
+                yield self.post(gateway, peer, device, seq, 100 * seq + n)
+        peers["m-0"].send(b"\x00", gateway.port)  # not CoAP: counted as malformed
+        metrics = yield self.metrics_once(gateway, "sense_coap_requests_total", 36)
+        requests = per_worker(metrics, "sense_coap_requests_total")
+        self.assertEqual(sorted(requests), ["0", "1"])
+        self.assertTrue(all(requests.values()), requests)  # both workers took some
+        self.assertEqual(per_worker(metrics, "sense_coap_responses_total", code="2.04"), requests)
+        self.assertEqual(sum(per_worker(metrics, "sense_coap_malformed_total").values()), 1)
+        self.assertEqual(sum(per_worker(metrics, "sense_enqueue_latency_seconds_count").values()),
+                         36)
+        status, stats = yield gateway.get_json("/api/stats")
+        self.assertEqual((stats["coap"]["requests"], stats["coap"]["responses"]),
+                         (36, {"2.04": 36}))
+        self.assertEqual({i: c["coap"]["requests"] for i, c in stats["workers"]["counters"].items()},
+                         requests)
+
+        # A worker stopped and started again: its counts stay and grow.
+        [(index, pid), _] = workers_started(gateway)
+        os.kill(pid, signal.SIGTERM)
+        yield eventually(lambda: [i for i, _ in workers_started(gateway)].count(index) == 2,
+                         timeout=20)
+        for n, (device, peer) in enumerate(peers.items()):
+            yield self.post(gateway, peer, device, 4, 400 + n)
+        metrics = yield self.metrics_once(gateway, "sense_coap_responses_total", 48, code="2.04")
+        again = per_worker(metrics, "sense_coap_requests_total")
+        self.assertTrue(all(again[i] >= requests[i] for i in requests), (requests, again))
+        self.assertEqual(sum(again.values()), 48)
+
+def fill_shard(path: Path, devices: list[str], readings: int) -> set[tuple[str, float]]:
+    """*readings* numbered readings of each device into the queue file
+    *path*; the (device, value) pairs the store should end up with."""
+    store = SQLiteQueueStore(path)
+    try:
+        now = time.time()
+        store.put_many([Envelope(new_envelope_id(), device, seq, now, "[::1]:1", "coap", None,
+                                 "/data", 50, [Reading({"n": float(seq)}, now - 100 + seq)]
+                                 ).to_json()
+                        for device in devices for seq in range(1, readings + 1)])
+    finally:
+        store.close()
+    return {(device, float(seq)) for device in devices for seq in range(1, readings + 1)}
+
+
+class ProcessorWorkersTests(TestCase):
+    """``--role processor --workers 2``: each worker drains its own shards."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_each_worker_processes_its_own_shards(self):
+        expected = {}
+
+        def prepare(data_dir):
+            # Shard 2 is left from a run with three workers: worker 0's now.
+            for shard, name in enumerate(("queue.sqlite3", "queue-1.sqlite3", "queue-2.sqlite3")):
+                expected[name] = fill_shard(data_dir / name, [f"s{shard}-{n}" for n in range(5)],
+                                            40)
+        gateway = GatewayProcess(self, "--role", "processor", "--workers", "2", prepare=prepare)
+        yield eventually(lambda: gateway.log_path.exists() and gateway.log_path.read_bytes()
+                         .count(b"processor started") == 2, timeout=40)
+
+        def stored():
+            path = gateway.data_dir / "readings.sqlite3"
+            if not path.exists():
+                return set()
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                return set(db.execute("SELECT device, value FROM readings WHERE field = 'n'"))
+            except sqlite3.OperationalError:  # not created yet
+                return set()
+            finally:
+                db.close()
+        everything = set().union(*expected.values())
+        yield eventually(lambda: stored() == everything, timeout=60)
+        yield eventually(lambda: orjson.loads(self.sense(gateway, "queue", "--json"))
+                         == {"visible": 0, "in_flight": 0, "dead": 0}, timeout=20)
+        log = gateway.log_path.read_bytes()
+        # The workers started processors; the master, none of its own.
+        self.assertEqual(sorted(re.findall(rb"worker (\d): \S+ processor started", log)),
+                         [b"0", b"1"])
+        self.assertEqual(len(re.findall(rb"processor started", log)), 2)
+        # Every device judged once in order: nothing lost, nothing twice.
+        devices = orjson.loads(self.sense(gateway, "devices", "--json"))
+        self.assertEqual({d["id"]: (d["received"], d["duplicates"], d["lost"]) for d in devices},
+                         {device: (40, 0, 0) for device, _ in everything})
+
+        # The master tells of its workers' processors (each reports every second).
+        @defer.inlineCallbacks
+        def written():
+            status, stats = yield gateway.get_json("/api/stats")
+            return stats.get("processor", {}).get("written")
+        for _ in range(100):
+            if (yield written()) == 600:
+                break
+            yield deferLater(0.1)
+        status, stats = yield gateway.get_json("/api/stats")
+        self.assertEqual(stats["processor"], {"written": 600, "duplicate": 0, "failed": 0,
+                                              "refused": 0})
+        self.assertEqual({i: c["processor"]["written"] > 0
+                          for i, c in stats["workers"]["counters"].items()},
+                         {"0": True, "1": True})
+        status, metrics = yield gateway.get("/metrics")
+        self.assertIn(b'sense_processed_messages_total{outcome="written"} 600.0', metrics)
+        for index in (0, 1):
+            self.assertIn(b'sense_processor_running{worker="%d"} 1.0' % index, metrics)
+        status, health = yield gateway.get_json("/healthz")
+        self.assertEqual(status, 200, health)
+
+    @defer.inlineCallbacks
+    def test_the_masters_healthz_names_a_worker_whose_sink_is_down(self):
+        def prepare(data_dir):
+            for shard, name in enumerate(("queue.sqlite3", "queue-1.sqlite3")):
+                fill_shard(data_dir / name, [f"h{shard}"], 3)
+        # Nothing listens on port 1: every write fails, the readings wait.
+        gateway = GatewayProcess(self, "--role", "processor", "--workers", "2", prepare=prepare,
+                                 env={"SENSE_SINKS_ENABLED": "influxdb",
+                                      "SENSE_INFLUXDB_URL": "http://127.0.0.1:1",
+                                      "SENSE_INFLUXDB_RETRIES": "0"})
+        for _ in range(200):
+            status, health = yield gateway.get_json("/healthz")
+            if status != 200 and "worker 1:" in health["failing"].get("processor", ""):
+                break
+            yield deferLater(0.1)
+        self.assertEqual(status, 503, health)
+        self.assertRegex(health["failing"]["processor"],
+                         r"^worker 0: unavailable: .*; worker 1: unavailable: ")
+        status, metrics = yield gateway.get("/metrics")
+        self.assertIn(b'sense_processor_running{worker="1"} 0.0', metrics)
+        self.assertEqual(orjson.loads(self.sense(gateway, "queue", "--json"))["dead"], 0)
+
+    def sense(self, gateway, *args) -> str:
+        return subprocess.run([str(BIN / "sense"), "--data-dir", str(gateway.data_dir), *args],
+                              check=True, capture_output=True, timeout=60, text=True).stdout

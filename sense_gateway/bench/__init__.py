@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default all)")
     cmp_.add_argument("--workers", default="1",
                       help="the gateway's --workers; a list (1,2) runs it once per count, "
-                           "side by side, the ratio against the last")
+                           "side by side, the ratio against the last (--end-to-end: one "
+                           "count, for the ingest and the processor alike)")
     cmp_.add_argument("--synchronous", default="full", choices=["full", "normal"],
                       help="the gateway's queue.sqlite.synchronous under --compare")
     e2e = p.add_argument_group("--end-to-end")

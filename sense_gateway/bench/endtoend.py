@@ -48,6 +48,11 @@ def run_end_to_end(args) -> int:
                     "queue.sqlite.synchronous": args.synchronous, "processor.poll_interval": 0.2}
         if args.batch_size:
             settings["processor.batch_size"] = args.batch_size
+        workers = str(args.workers or "1")
+        if not workers.isdigit() and workers != "auto":
+            print("sense bench: --end-to-end takes one --workers count", file=sys.stderr)
+            return 2
+        settings["workers"] = workers
         data_dir = workdir / "gateway"
         gateway = Gateway(data_dir, role="gateway" if args.split else "all", settings=settings)
         processes.append(gateway)
@@ -108,7 +113,8 @@ def run_end_to_end(args) -> int:
             "machine": machine(),
             "load": {**describe_load(load), "readings": readings,
                      "roles": "gateway, then processor" if args.split else "all",
-                     "sinks": args.sinks, "batch_size": args.batch_size or "default"},
+                     "sinks": args.sinks, "batch_size": args.batch_size or "default",
+                     "workers": workers},
             "ingest": ingest,
             "queryable": queryable,
             "expected": readings,

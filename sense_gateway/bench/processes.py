@@ -141,9 +141,9 @@ class Gateway(Child):
         super().__init__(command, data_dir / f"stdout-{label}.log", env=environment, cwd=data_dir)
         if wait:
             # Every worker's listener, so the load is spread from the start.
-            self.wait_until_logged(b"CoAP listening" if role != "processor" else b"HTTP listening",
-                                   times=int(settings.get("workers", 1)) if role != "processor"
-                                   else 1)
+            self.wait_until_logged(b"CoAP listening" if role != "processor"
+                                   else b"processor started",
+                                   times=_count(settings.get("workers", 1)))
 
     def wait_until_logged(self, text: bytes, timeout: float = 30.0, times: int = 1) -> None:
         self.wait_for(lambda: self.log_path.exists()
@@ -207,3 +207,8 @@ class VictoriaMetrics(Child):
             if line.strip():
                 total += len(orjson.loads(line)["timestamps"])
         return total
+
+
+def _count(workers) -> int:
+    """A ``workers`` setting as a number of processes."""
+    return os.cpu_count() or 1 if str(workers) == "auto" else int(workers)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from twisted.internet import defer
 
+from sense_gateway.errors import ConfigError
 from sense_gateway.queues import DeadLetter, EnvelopeQueue, Received
 
 
@@ -37,6 +38,18 @@ def _by_shard(tagged_ids, count: int) -> dict[int, list]:
         if 0 <= shard < count:
             grouped.setdefault(shard, []).append(inner)
     return grouped
+
+
+def _replay_ids(ids, count: int) -> dict[int, list]:
+    """Dead letter ids by shard; one that names no shard is an error (a
+    bare ``42`` would else replay nothing and say so as if all were well)."""
+    for tagged in ids:
+        shard, sep, inner = str(tagged).partition(":")
+        if not (sep and inner and shard.isdigit() and int(shard) < count):
+            raise ConfigError(f"--id {tagged}: a dead letter's id names its shard, "
+                              f"0 to {count - 1} (SHARD:ID, as `sense dlq list` shows it)")
+    return {shard: [_inner_id(x) for x in inner]
+            for shard, inner in _by_shard(ids, count).items()}
 
 
 def _sum_depths(depths) -> dict[str, int]:
@@ -132,8 +145,8 @@ class ShardedQueue(EnvelopeQueue):
         if ids is None:
             calls = [s.replay(None) for s in self.shards]
         else:
-            calls = [self.shards[i].replay([_inner_id(x) for x in inner])
-                     for i, inner in _by_shard(ids, len(self.shards)).items()]
+            calls = [self.shards[i].replay(inner)
+                     for i, inner in _replay_ids(ids, len(self.shards)).items()]
         return defer.gatherResults(calls, consumeErrors=True).addCallback(sum)
 
 
@@ -154,8 +167,8 @@ class ShardedStore:
     def replay(self, ids: list | None = None) -> int:
         if ids is None:
             return sum(s.replay(None) for s in self.stores)
-        return sum(self.stores[i].replay([_inner_id(x) for x in inner])
-                   for i, inner in _by_shard(ids, len(self.stores)).items())
+        return sum(self.stores[i].replay(inner)
+                   for i, inner in _replay_ids(ids, len(self.stores)).items())
 
     def close(self) -> None:
         for store in self.stores:

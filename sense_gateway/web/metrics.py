@@ -4,8 +4,9 @@ families, from the same statistics ``/api/stats`` serves."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.utils import floatToGoString
 from twisted.internet import defer
 
 from sense_gateway.web.api import AsyncResource
@@ -19,36 +20,79 @@ COAP_COUNTERS = {
 }
 
 
-def _security_metrics(security):
-    if security is None:
-        return
+def _coap_metrics(sources, labels: list[str]):
+    """The CoAP side's families, one series per source: *sources* are
+    (label values, statistics with ``coap`` and ``security``)."""
+    responses = CounterMetricFamily("sense_coap_responses", "CoAP responses sent, by code",
+                                    labels=[*labels, "code"])
+    for values, stats in sources:
+        for code, count in stats.get("coap", {}).get("responses", {}).items():
+            responses.add_metric([*values, code], count)
+    yield responses
+    for name, documentation in COAP_COUNTERS.items():
+        counted = [(values, stats["coap"][name]) for values, stats in sources
+                   if name in stats.get("coap", {})]
+        if counted:
+            counter = CounterMetricFamily(f"sense_coap_{name}", documentation, labels=labels)
+            for values, count in counted:
+                counter.add_metric(values, count)
+            yield counter
+    secured = [(values, stats["security"]) for values, stats in sources if "security" in stats]
+    if secured:
+        yield from _security_metrics(secured, labels)
+
+
+def _security_metrics(sources, labels: list[str]):
     refused = CounterMetricFamily("sense_refused_requests", "Requests refused before storing, "
                                   "by reason (rate limit, identity, plain CoAP policy, device "
-                                  "limits)", labels=["reason"])
-    for reason, count in sorted(security["refused"].items()):
-        refused.add_metric([reason], count)
+                                  "limits)", labels=[*labels, "reason"])
+    for values, security in sources:
+        for reason, count in sorted(security.get("refused", {}).items()):
+            refused.add_metric([*values, reason], count)
     yield refused
-    dtls = security.get("dtls")
-    if dtls is None:
+    dtls = [(values, security["dtls"]) for values, security in sources if "dtls" in security]
+    if not dtls:
         return
     for name, documentation in (("sessions", "Established DTLS sessions"),
                                 ("handshakes", "DTLS handshakes in progress")):
-        gauge = GaugeMetricFamily(f"sense_dtls_{name}", documentation)
-        gauge.add_metric([], dtls[name])
+        gauge = GaugeMetricFamily(f"sense_dtls_{name}", documentation, labels=labels)
+        for values, counters in dtls:
+            if name in counters:  # a gone worker has no sessions to tell of
+                gauge.add_metric(values, counters[name])
         yield gauge
     handshakes = CounterMetricFamily("sense_dtls_handshakes_refused", "DTLS handshakes "
-                                     "refused, by reason", labels=["reason"])
-    for key, count in sorted(dtls.items()):
-        if key.startswith("refused_"):
-            handshakes.add_metric([key[len("refused_"):]], count)
-    yield handshakes
+                                     "refused, by reason", labels=[*labels, "reason"])
     events = CounterMetricFamily("sense_dtls_events", "DTLS engine events (handshakes "
                                  "started and completed, cookies sent, sessions ended...)",
-                                 labels=["event"])
-    for key, count in sorted(dtls.items()):
-        if not key.startswith("refused_") and key not in ("sessions", "handshakes"):
-            events.add_metric([key], count)
+                                 labels=[*labels, "event"])
+    for values, counters in dtls:
+        for key, count in sorted(counters.items()):
+            if key.startswith("refused_"):
+                handshakes.add_metric([*values, key[len("refused_"):]], count)
+            elif key not in ("sessions", "handshakes"):
+                events.add_metric([*values, key], count)
+    yield handshakes
     yield events
+
+
+def _latency_metrics(by_worker: dict):
+    """The workers' enqueue latency histograms, labelled by worker."""
+    family = None
+    for index, report in by_worker.items():
+        latency = report.get("latency")
+        if latency is None:
+            continue
+        if family is None:
+            family = HistogramMetricFamily(
+                "sense_enqueue_latency_seconds", "Time from a request's arrival to its "
+                "envelope being stored", labels=["worker"])
+        cumulative, buckets = 0, []
+        for bound, count in zip([*latency["bounds"], float("inf")], latency["counts"]):
+            cumulative += count
+            buckets.append((floatToGoString(bound), cumulative))
+        family.add_metric([index], buckets, latency["sum"])
+    if family is not None:
+        yield family
 
 
 class StatsCollector:
@@ -58,18 +102,14 @@ class StatsCollector:
         self.stats, self.gateway = stats, gateway
 
     def collect(self):
-        responses = CounterMetricFamily("sense_coap_responses", "CoAP responses sent, by code",
-                                        labels=["code"])
-        coap = self.stats.get("coap", {})
-        for code, count in coap.get("responses", {}).items():
-            responses.add_metric([code], count)
-        yield responses
-        for name, documentation in COAP_COUNTERS.items():
-            if name in coap:
-                counter = CounterMetricFamily(f"sense_coap_{name}", documentation)
-                counter.add_metric([], coap[name])
-                yield counter
-        yield from _security_metrics(self.stats.get("security"))
+        by_worker = self.stats.get("workers", {}).get("counters")
+        if by_worker is not None:
+            # The master: each worker's counters, labelled (sum them with
+            # ``sum without (worker)``); its own CoAP side is none.
+            yield from _coap_metrics([([i], c) for i, c in by_worker.items()], ["worker"])
+            yield from _latency_metrics(by_worker)
+        else:
+            yield from _coap_metrics([([], self.stats)], [])
         pipeline = getattr(self.gateway, "pipeline", None)
         if pipeline is not None:
             yield from pipeline.enqueue_latency.collect()
@@ -115,13 +155,23 @@ class StatsCollector:
             yield refusals
         worker = getattr(self.gateway, "worker", None)
         if worker is not None:
-            settle = CounterMetricFamily("sense_settle_failures",
-                                         "Deletes, releases and dead letters the queue failed")
-            settle.add_metric([], worker.settle_failures)
+            processing = [([], {"settle_failures": worker.settle_failures,
+                                "running": 1 if worker.problem is None else 0})]
+            labels = []
+        else:  # the master: each worker's processor, labelled
+            processing = [([i], r["processing"]) for i, r in (by_worker or {}).items()
+                          if "processing" in r]
+            labels = ["worker"]
+        if processing:
+            settle = CounterMetricFamily("sense_settle_failures", "Deletes, releases and "
+                                         "dead letters the queue failed", labels=labels)
+            running = GaugeMetricFamily("sense_processor_running", "1 while the processor "
+                                        "processes, 0 while it waits", labels=labels)
+            for values, state in processing:
+                settle.add_metric(values, state.get("settle_failures", 0))
+                if "running" in state:  # a gone worker's processor runs nowhere
+                    running.add_metric(values, state["running"])
             yield settle
-            running = GaugeMetricFamily("sense_processor_running",
-                                        "1 while the processor processes, 0 while it waits")
-            running.add_metric([], 1 if worker.problem is None else 0)
             yield running
         if "devices" in self.stats:
             devices = GaugeMetricFamily("sense_devices", "Devices in the registry")

@@ -120,15 +120,20 @@ class WebService(Service):
         security = gateway.security_counters()
         if security is not None:
             out["security"] = security
+        supervisor = getattr(gateway, "supervisor", None)
+        if supervisor is not None:
+            # The master: its workers' CoAP sides, summed as one gateway's.
+            summed = supervisor.reports.summed()
+            out.update((part, summed[part]) for part in ("coap", "security", "processor")
+                       if part in summed)
         if gateway.worker is not None:
             out["processor"] = {o.value: n for o, n in gateway.worker.counts.items()}
         out["queue"] = depth = yield gateway.queue.depth()
         # What the dashboard shows as the backlog, against its bound.
         out["backlog"] = {"waiting": depth.get("visible", 0) + depth.get("in_flight", 0),
                           "max_depth": getattr(gateway.queue, "max_depth", None)}
-        supervisor = getattr(gateway, "supervisor", None)
         if supervisor is not None:
-            out["workers"] = supervisor.state()
+            out["workers"] = {**supervisor.state(), "counters": supervisor.reports.by_worker()}
         refusals = getattr(gateway.queue, "refusals", None)
         if refusals is not None:
             out["queue_refusals"] = dict(refusals)
@@ -142,8 +147,15 @@ class WebService(Service):
         worker = self.gateway.worker
         if worker is not None and worker.problem is not None:
             failing["processor"] = worker.problem
-        checks = [("queue", self.gateway.queue.check)]
         supervisor = getattr(self.gateway, "supervisor", None)
+        if supervisor is not None:
+            # The master: its workers' processors, as they last reported.
+            problems = [f"worker {index}: {problem}" for index, report
+                        in supervisor.reports.by_worker().items()
+                        if (problem := report.get("processing", {}).get("problem"))]
+            if problems:
+                failing["processor"] = "; ".join(problems)
+        checks = [("queue", self.gateway.queue.check)]
         if supervisor is not None:
             checks.append(("workers", supervisor.check))
         directory = self.gateway.directory
