@@ -1,14 +1,15 @@
 """The workers' counters, carried to the master.
 
-Each worker writes one JSON line a second (and a last one once it has
-drained) to file descriptor :data:`REPORT_FD`, a pipe the master opened
-when it spawned it: its message layers' counters, its refusals and DTLS
-counters, its enqueue latency histogram, its processor's outcomes and
-state. The master keeps the latest line
-of each worker and, when a worker's process ends, adds its counters to
-what earlier processes of that worker counted, so a worker's totals never
-go backwards across restarts (what a SIGKILLed worker counted after its
-last line, at most a second's worth, is not counted). See docs/workers.md.
+Each worker writes a JSON line every :data:`REPORT_INTERVAL` seconds (and
+a last one once it has drained) to file descriptor :data:`REPORT_FD`, a
+pipe the master opened when it spawned it: its message layers' counters,
+its refusals and DTLS counters, its enqueue latency histogram, its
+processor's outcomes and state. The master keeps the latest line of each
+worker and, when a worker's process ends, adds its counters to what
+earlier processes of that worker counted, so a worker's totals never go
+backwards across restarts (what a SIGKILLed worker counted after its last
+line, at most a quarter of a second's worth, is not counted). See
+docs/workers.md.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ log = Logger()
 
 #: the worker's end of the master's report pipe
 REPORT_FD = 3
+#: seconds between a worker's reports: often enough for a dashboard or a
+#: benchmark timing the workers' processors, a few small lines a second
+REPORT_INTERVAL = 0.25
 #: a longer report line is garbage (a real one is a few hundred bytes)
 MAX_LINE = 64 * 1024
 
@@ -105,7 +109,8 @@ class CounterReporter(Service):
     rest of a line waits and newer reports are skipped (each one holds
     totals, so the next one says everything)."""
 
-    def __init__(self, reactor, counters, fd: int = REPORT_FD, interval: float = 1.0):
+    def __init__(self, reactor, counters, fd: int = REPORT_FD,
+                 interval: float = REPORT_INTERVAL):
         self.reactor, self.counters, self.fd, self.interval = reactor, counters, fd, interval
         self._pending = b""
         self._call = None

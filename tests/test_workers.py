@@ -215,11 +215,11 @@ class CounterReporterTests(SynchronousTestCase):
         self.reporter = CounterReporter(self.reactor, lambda: self.counts, fd=write_end)
         self.reporter.startService()
 
-    def test_a_line_a_second_and_a_last_one_on_stop(self):
+    def test_a_line_four_times_a_second_and_a_last_one_on_stop(self):
         self.addCleanup(os.close, self.read_end)
-        self.reactor.advance(1.0)
+        self.reactor.advance(0.25)
         self.counts = {"coap": {"requests": 3}}
-        self.reactor.advance(1.0)
+        self.reactor.advance(0.25)
         self.counts = {"coap": {"requests": 5}}
         self.reporter.stopService()
         lines = os.read(self.read_end, 1000).splitlines()
@@ -228,7 +228,7 @@ class CounterReporterTests(SynchronousTestCase):
 
     def test_a_worker_whose_master_is_gone_stops(self):
         os.close(self.read_end)
-        self.reactor.advance(1.0)
+        self.reactor.advance(0.25)
         self.assertEqual(self.reactor.stopped, 1)
         self.reporter.stopService()
         self.assertEqual(self.reactor.stopped, 1)
@@ -583,7 +583,7 @@ class ProcessorWorkersTests(TestCase):
         self.assertEqual({d["id"]: (d["received"], d["duplicates"], d["lost"]) for d in devices},
                          {device: (40, 0, 0) for device, _ in everything})
 
-        # The master tells of its workers' processors (each reports every second).
+        # The master tells of its workers' processors (each reports four times a second).
         @defer.inlineCallbacks
         def written():
             status, stats = yield gateway.get_json("/api/stats")
