@@ -293,7 +293,6 @@ class LeftShardTests(TestCase):
     @defer.inlineCallbacks
     def drained_by(self, *args):
         gateway = GatewayProcess(self, *args, prepare=self.leave_shards)
-        gateway.start()
         sense = [str(BIN / "sense"), "--data-dir", str(gateway.data_dir), "--plugins-dir",
                  str(gateway.data_dir / "plugins")]
 
