@@ -86,6 +86,9 @@ class ServerProcess:
         self.start()
 
     def start(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            # A second process would leave the first running past the test.
+            raise RuntimeError(f"{self.name} is running already: stop or kill it first")
         # Each run logs to a file of its own, so what a run waits for or
         # reports is its own output.
         self.log = Path(self._mktemp() + ".log").resolve()
