@@ -491,6 +491,29 @@ class LimitTests(SynchronousTestCase):
         f.clock.advance(1.0)
         self.assertTrue(f.connect(("192.0.2.1", 5003)).established)
 
+    def test_client_hellos_openssl_cannot_read_do_not_keep_the_source_busy(self):
+        from OpenSSL import SSL
+
+        from sense_gateway.coap import dtls_openssl
+        f = Fixture()
+        listen = dtls_openssl.Session.listen
+        failures = []
+
+        def unreadable(session, data):
+            # What OpenSSL does with a ClientHello our parser passed and it
+            # does not (a fault injected: no client sends one on demand).
+            failures.append(session.addr)
+            raise SSL.Error([("SSL routines", "", "unexpected message")])
+        self.patch(dtls_openssl.Session, "listen", unreadable)
+        for port in range(5000, 5006):  # more than the 4 in progress one source may hold
+            self.assertFalse(f.connect(("192.0.2.1", port)).established)
+            f.clock.advance(1.0)  # within the handshake rate
+        self.assertEqual((len(failures), f.server.counters["refused_failed"]), (6, 6))
+        self.assertEqual(f.server.handshake_count(), 0)
+        self.patch(dtls_openssl.Session, "listen", listen)
+        self.assertTrue(f.connect(("192.0.2.1", 5006)).established)
+        self.assertEqual(f.server.counters["refused_source_busy"], 0)
+
     def test_the_source_table_is_bounded(self):
         f = Fixture(max_sessions=2)
         for i in range(6000):

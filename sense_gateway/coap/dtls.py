@@ -246,9 +246,10 @@ class DTLSServer(Timing):
         try:
             session.listen(data)
         except SSL.Error:
-            # OpenSSL read the ClientHello differently from us.
+            # OpenSSL read the ClientHello differently from us: refused,
+            # and no longer in progress for its source.
             self._flush(session)
-            self._refuse("failed", addr)
+            self._refuse("failed", addr, session)
             return
         if current is not None and current.established:
             self._successors[addr] = session
