@@ -296,18 +296,8 @@ class LeftShardTests(TestCase):
         sense = [str(BIN / "sense"), "--data-dir", str(gateway.data_dir), "--plugins-dir",
                  str(gateway.data_dir / "plugins")]
 
-        def stored():
-            path = gateway.data_dir / "readings.sqlite3"
-            if not path.exists():
-                return set()
-            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-            try:
-                return set(db.execute("SELECT device, value FROM readings WHERE field = 't'"))
-            except sqlite3.OperationalError:  # not created yet
-                return set()
-            finally:
-                db.close()
-        yield eventually(lambda: stored() == {("left-2", 1.0), ("left-2", 2.0), ("left-2", 3.0)},
+        yield eventually(lambda: stored(gateway, "t")
+                         == {("left-2", 1.0), ("left-2", 2.0), ("left-2", 3.0)},
                          timeout=40)
         depth = subprocess.run([*sense, "queue", "--json"], check=True, capture_output=True,
                                timeout=60).stdout
@@ -318,6 +308,21 @@ class LeftShardTests(TestCase):
 
     def test_fewer_workers_drain_a_shard_left_by_more_workers(self):
         return self.drained_by("--workers", "2")
+
+
+def stored(gateway, field: str) -> set[tuple[str, float]]:
+    """(device, value) of every reading of *field* in the gateway's
+    embedded store, read by a second connection (none before it exists)."""
+    path = gateway.data_dir / "readings.sqlite3"
+    if not path.exists():
+        return set()
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return set(db.execute("SELECT device, value FROM readings WHERE field = ?", (field,)))
+    except sqlite3.OperationalError:  # its table not created yet
+        return set()
+    finally:
+        db.close()
 
 
 def per_worker(metrics: bytes, name: str, **labels: str) -> dict[str, float]:
@@ -466,14 +471,8 @@ class WorkersTests(TestCase):
         status, health = yield gateway.get_json("/healthz")
         self.assertEqual(status, 200, health)
 
-        def stored():
-            db = sqlite3.connect(f"file:{gateway.data_dir / 'readings.sqlite3'}?mode=ro", uri=True)
-            try:
-                return set(db.execute("SELECT device, value FROM readings WHERE field = 'n'"))
-            finally:
-                db.close()
-        yield eventually(lambda: acknowledged <= stored(), timeout=40)
-        self.assertEqual(stored(), acknowledged)
+        yield eventually(lambda: acknowledged <= stored(gateway, "n"), timeout=40)
+        self.assertEqual(stored(gateway, "n"), acknowledged)
         yield eventually(lambda: orjson.loads(self.sense(gateway, "queue", "--json"))
                          == {"visible": 0, "in_flight": 0, "dead": 0}, timeout=20)
 
@@ -557,19 +556,8 @@ class ProcessorWorkersTests(TestCase):
         yield eventually(lambda: gateway.log_path.exists() and gateway.log_path.read_bytes()
                          .count(b"processor started") == 2, timeout=40)
 
-        def stored():
-            path = gateway.data_dir / "readings.sqlite3"
-            if not path.exists():
-                return set()
-            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-            try:
-                return set(db.execute("SELECT device, value FROM readings WHERE field = 'n'"))
-            except sqlite3.OperationalError:  # not created yet
-                return set()
-            finally:
-                db.close()
         everything = set().union(*expected.values())
-        yield eventually(lambda: stored() == everything, timeout=60)
+        yield eventually(lambda: stored(gateway, "n") == everything, timeout=60)
         yield eventually(lambda: orjson.loads(self.sense(gateway, "queue", "--json"))
                          == {"visible": 0, "in_flight": 0, "dead": 0}, timeout=20)
         log = gateway.log_path.read_bytes()
