@@ -25,7 +25,7 @@ from sense_gateway.coap.request import MonotonicClock
 from sense_gateway.coap.resources import build_tree
 from sense_gateway.coap.transport import CoapServer, DTLSTransport, UDPTransport
 from sense_gateway.coap.tree import ResourceTree
-from sense_gateway.config import Config, worker_count
+from sense_gateway.config import Config, ConfigError, worker_count
 from sense_gateway.admission import IngestPolicy
 from sense_gateway.backends import credential_store_factory, processor_factory, registry_factory
 from sense_gateway.directory import DeviceDirectory, DirectoryService
@@ -170,10 +170,18 @@ def make_service(config: Config, reactor=None, worker: int | None = None,
     workers = worker_count(config)
     if worker is not None:  # a worker: the role's work on its own shards, no web
         config = dataclasses.replace(config, web=dataclasses.replace(config.web, enabled=False))
-    # With workers, each processes its own shards and the master none: one
-    # process judging and writing for every shard would be one core again.
-    processor = processor_factory(config, pm) if config.role in ("all", "processor") and (
-        workers == 1 or worker is not None) else None
+    # With workers and shards, each worker processes its own shards and the
+    # master none: one process judging and writing for every shard would
+    # be one core again. A queue without shards (SQS) has one processor,
+    # the master's, as several would race for each device's messages.
+    in_workers = workers > 1 and backend.shards is not None
+    processing = config.role in ("all", "processor") and (
+        worker is not None if in_workers else worker is None)
+    if config.role == "processor" and workers > 1 and not in_workers:
+        raise ConfigError(f"workers: queue.backend {config.queue.backend!r} has no shards for "
+                          "processor workers to share out; run one processor (or several "
+                          "processor processes of their own)")
+    processor = processor_factory(config, pm) if processing else None
     # Every shard there is, also with one process: an earlier run with
     # more workers may have left some that must still be drained.
     shards = backend.shards(config, settings, workers) if backend.shards else None

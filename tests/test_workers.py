@@ -618,3 +618,30 @@ class ProcessorWorkersTests(TestCase):
     def sense(self, gateway, *args) -> str:
         return subprocess.run([str(BIN / "sense"), "--data-dir", str(gateway.data_dir), *args],
                               check=True, capture_output=True, timeout=60, text=True).stdout
+
+
+class QueueWithoutShardsTests(SynchronousTestCase):
+    """SQS has no shards: the master keeps the one processor."""
+
+    def config(self, role: str):
+        from sense_gateway.config import load_config
+        return load_config(environ={"SENSE_WORKERS": "2", "SENSE_ROLE": role,
+                                    "SENSE_QUEUE_BACKEND": "sqs",
+                                    "SENSE_AWS_QUEUE_URL": "http://127.0.0.1:1/000000000000/q",
+                                    "SENSE_DATA_DIR": self.mktemp()})
+
+    def test_the_master_processes_and_the_workers_ingest(self):
+        from sense_gateway.service import make_service
+        master = make_service(self.config("all"), Clock(), worker_args=lambda i: [])
+        worker = make_service(self.config("all"), Clock(), worker=0)
+        self.assertIsNotNone(master.worker)
+        self.assertIsNone(master.coap_server)
+        self.assertIsNone(worker.worker)
+        self.assertIsNotNone(worker.coap_server)
+
+    def test_processor_workers_are_refused_with_why(self):
+        from sense_gateway.errors import ConfigError
+        from sense_gateway.service import make_service
+        error = self.assertRaises(ConfigError, make_service, self.config("processor"), Clock(),
+                                  worker_args=lambda i: [])
+        self.assertIn("queue.backend 'sqs' has no shards", str(error))
