@@ -111,6 +111,16 @@ class GatewayProcessTests(TestCase):
         self.assertEqual(lines, [f"sense-gateway: {plugins / 'broken.py'}:1: syntax error: "
                                  "invalid syntax"])
 
+    def test_a_queue_file_that_is_not_a_database_stops_startup_naming_it(self):
+        def prepare(data_dir):
+            # A shard left by a run with two workers, then overwritten.
+            (data_dir / "queue-1.sqlite3").write_bytes(b"not SQLite " * 500)
+        gateway = GatewayProcess(self, prepare=prepare)
+        self.assertNotEqual(gateway.process.wait(60), 0)
+        output = gateway.printed().strip()
+        self.assertEqual(output, f'sense-gateway: queue.sqlite.path: cannot open '
+                                 f'{gateway.data_dir / "queue-1.sqlite3"}: file is not a database')
+
     def test_bad_configuration_stops_startup_naming_the_key(self):
         gateway = GatewayProcess(self, env={"SENSE_QUEUE_MAX_RECEIVES": "often"})
         self.assertNotEqual(gateway.process.wait(60), 0)

@@ -102,6 +102,10 @@ class SQLiteQueueStore:
             # Set before anything else: busy_timeout covers the WAL switch too,
             # which another open connection (the CLI) can make wait.
             self.db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+            # Reads the file's header: a file that is no database (or is
+            # damaged) fails here as such, not as a SQLite without JSON
+            # functions below.
+            self.db.execute("PRAGMA schema_version").fetchone()
             # Before the file gets a schema: nothing is made that cannot be used.
             require_json_functions(self.db)
             mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
