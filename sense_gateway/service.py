@@ -194,6 +194,10 @@ def make_service(config: Config, reactor=None, worker: int | None = None,
         queue = backend.open(config, settings, reactor)
     service = GatewayService(config, pm, queue, reactor)
     queue.setServiceParent(service)
+    if worker is not None and CounterReporter.available():
+        # Stopped last but for the queue: its last report comes after the
+        # drain and after the processor's last round.
+        CounterReporter(reactor, lambda: worker_report(service)).setServiceParent(service)
     if config.role in ("all", "gateway") and (workers == 1 or worker is not None):
         service.add_gateway(_make_gateway(config, pm, queue, reactor,
                                           reuse_port=worker is not None))
@@ -210,9 +214,6 @@ def make_service(config: Config, reactor=None, worker: int | None = None,
     stats.setServiceParent(service)
     if worker is not None:
         OrphanWatch(reactor).setServiceParent(service)
-        if CounterReporter.available():
-            # Added last, so stopped first: after the drain, the last report.
-            CounterReporter(reactor, lambda: worker_report(service)).setServiceParent(service)
     elif workers > 1:
         # Added last, so stopped first: each worker drains its requests
         # into its shard and finishes its processor's round.
