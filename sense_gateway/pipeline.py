@@ -39,6 +39,16 @@ def _describe_format(cf: int | None) -> str:
     return "none" if cf is None else str(cf)
 
 
+def cumulative_buckets(bounds, counts) -> list[tuple[str, int]]:
+    """Prometheus histogram buckets from per-bucket *counts* (the last one
+    above every bound)."""
+    cumulative, buckets = 0, []
+    for bound, count in zip([*bounds, float("inf")], counts):
+        cumulative += count
+        buckets.append((floatToGoString(bound), cumulative))
+    return buckets
+
+
 class LatencyHistogram:
     """A Prometheus histogram for the reactor thread alone: ``observe`` is a
     bisection and an increment (prometheus_client's takes a lock and walks
@@ -55,12 +65,13 @@ class LatencyHistogram:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
 
+    def snapshot(self) -> dict:
+        """Its bounds, per-bucket counts and sum, as plain data."""
+        return {"bounds": self.bounds, "counts": self.counts, "sum": self.sum}
+
     def collect(self):
-        cumulative, buckets = 0, []
-        for bound, count in zip([*self.bounds, float("inf")], self.counts):
-            cumulative += count
-            buckets.append((floatToGoString(bound), cumulative))
-        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets,
+        yield HistogramMetricFamily(self.name, self.documentation,
+                                    buckets=cumulative_buckets(self.bounds, self.counts),
                                     sum_value=self.sum)
 
 

@@ -141,7 +141,7 @@ class GatewayService(MultiService):
         try:
             if self.worker is not None:
                 log.info("processor: {counts}",
-                         counts={o.value: n for o, n in self.worker.counts.items()})
+                         counts=self.worker.outcomes())
             counters = self.coap_counters()
             if counters is None:
                 return

@@ -102,6 +102,15 @@ class ProcessorService(Service):
             # LoopingCall stops for good after one exception.
             log.warn("liveness sweep failed: {reason}", reason=f"{type(e).__name__}: {e}")
 
+    def outcomes(self) -> dict[str, int]:
+        """Messages processed so far, by outcome (``written``, ...)."""
+        return {outcome.value: count for outcome, count in self.counts.items()}
+
+    def state(self) -> dict:
+        """Whether it processes (and why not), and its settle failures."""
+        return {"problem": self.problem, "running": 1 if self.problem is None else 0,
+                "settle_failures": self.settle_failures}
+
     def _in_thread(self, function, *args):
         return self.threads.run(function, *args)
 

@@ -175,15 +175,11 @@ def worker_report(gateway) -> dict:
                                                 for c, n in coap["responses"].items()}}
     processor = gateway.worker
     if processor is not None:
-        report["processor"] = {o.value: n for o, n in processor.counts.items()}
-        report["processing"] = {"problem": processor.problem,
-                                "running": 1 if processor.problem is None else 0,
-                                "settle_failures": processor.settle_failures}
+        report["processor"] = processor.outcomes()
+        report["processing"] = processor.state()
     security = gateway.security_counters()
     if security is not None:
         report["security"] = security
     if gateway.pipeline is not None:
-        latency = gateway.pipeline.enqueue_latency
-        report["latency"] = {"bounds": latency.bounds, "counts": latency.counts,
-                             "sum": latency.sum}
+        report["latency"] = gateway.pipeline.enqueue_latency.snapshot()
     return report

@@ -6,9 +6,9 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.utils import floatToGoString
 from twisted.internet import defer
 
+from sense_gateway.pipeline import cumulative_buckets
 from sense_gateway.web.api import AsyncResource
 
 
@@ -86,11 +86,8 @@ def _latency_metrics(by_worker: dict):
             family = HistogramMetricFamily(
                 "sense_enqueue_latency_seconds", "Time from a request's arrival to its "
                 "envelope being stored", labels=["worker"])
-        cumulative, buckets = 0, []
-        for bound, count in zip([*latency["bounds"], float("inf")], latency["counts"]):
-            cumulative += count
-            buckets.append((floatToGoString(bound), cumulative))
-        family.add_metric([index], buckets, latency["sum"])
+        family.add_metric([index], cumulative_buckets(latency["bounds"], latency["counts"]),
+                          latency["sum"])
     if family is not None:
         yield family
 
@@ -155,8 +152,7 @@ class StatsCollector:
             yield refusals
         worker = getattr(self.gateway, "worker", None)
         if worker is not None:
-            processing = [([], {"settle_failures": worker.settle_failures,
-                                "running": 1 if worker.problem is None else 0})]
+            processing = [([], worker.state())]
             labels = []
         else:  # the master: each worker's processor, labelled
             processing = [([i], r["processing"]) for i, r in (by_worker or {}).items()

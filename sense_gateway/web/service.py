@@ -127,7 +127,7 @@ class WebService(Service):
             out.update((part, summed[part]) for part in ("coap", "security", "processor")
                        if part in summed)
         if gateway.worker is not None:
-            out["processor"] = {o.value: n for o, n in gateway.worker.counts.items()}
+            out["processor"] = gateway.worker.outcomes()
         out["queue"] = depth = yield gateway.queue.depth()
         # What the dashboard shows as the backlog, against its bound.
         out["backlog"] = {"waiting": depth.get("visible", 0) + depth.get("in_flight", 0),
