@@ -27,7 +27,7 @@ from sense_gateway.errors import ConfigError
 __all__ = ["AwsConfig", "CoapConfig", "CoapsConfig", "Config", "DevicesConfig", "InfluxConfig",
            "ProcessorConfig", "QueueConfig", "RegistryConfig", "SecurityConfig", "SinksConfig",
            "StoreConfig", "ValidationConfig", "WebConfig", "load_config", "validate", "env_names",
-           "backend_settings", "check_backend_env", "worker_count"]
+           "backend_settings", "check_backend_env", "processes", "worker_count"]
 
 ROLES = ("all", "gateway", "processor")
 PLAIN_INGEST = ("open", "uncredentialed", "off")
@@ -245,10 +245,16 @@ def check_backend_env(config: Config, declared: Mapping[str, type | None]) -> No
 
 def worker_count(config: Config) -> int:
     """How many worker processes ``workers`` asks for."""
-    if config.workers == "auto":
+    return processes(config.workers)
+
+
+def processes(workers: str) -> int:
+    """A ``workers`` setting (a count, or ``auto``: one per core this
+    process may run on) as a number of processes."""
+    if str(workers) == "auto":
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
             else os.cpu_count() or 1
-    return int(config.workers)
+    return int(workers)
 
 
 def validate(config: Config) -> None:

@@ -14,6 +14,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from sense_gateway.config import processes
+
 BIN = Path(sys.executable).parent
 
 
@@ -143,7 +145,7 @@ class Gateway(Child):
             # Every worker's listener, so the load is spread from the start.
             self.wait_until_logged(b"CoAP listening" if role != "processor"
                                    else b"processor started",
-                                   times=_count(settings.get("workers", 1)))
+                                   times=processes(settings.get("workers", 1)))
 
     def wait_until_logged(self, text: bytes, timeout: float = 30.0, times: int = 1) -> None:
         self.wait_for(lambda: self.log_path.exists()
@@ -207,8 +209,3 @@ class VictoriaMetrics(Child):
             if line.strip():
                 total += len(orjson.loads(line)["timestamps"])
         return total
-
-
-def _count(workers) -> int:
-    """A ``workers`` setting as a number of processes."""
-    return os.cpu_count() or 1 if str(workers) == "auto" else int(workers)
