@@ -74,10 +74,22 @@ class ProcessorService(Service):
         self.counts = {outcome: 0 for outcome in Outcome}
         #: releases, dead letters and deletes the queue failed to make
         self.settle_failures = 0
-        #: why the worker is not processing now (None while it is)
-        self.problem: str | None = None
+        # why the worker is not processing now: starting failed, an outage
+        self._problem: str | None = None
         #: failed tries in a row of the current outage (or of starting)
         self._failures = 0
+
+    @property
+    def problem(self) -> str | None:
+        """Why the worker is not processing (all of its queue) now, for
+        ``/healthz``; None while it is. Besides its own outages, a shard
+        of its queue that cannot be received from."""
+        receive_problem = getattr(self.queue, "receive_problem", None)
+        return self._problem or (receive_problem() if receive_problem else None)
+
+    @problem.setter
+    def problem(self, value: str | None) -> None:
+        self._problem = value
 
     def startService(self) -> None:
         super().startService()
@@ -94,7 +106,7 @@ class ProcessorService(Service):
     @defer.inlineCallbacks
     def _sweep(self):
         # Not while starting or in an outage: the sinks are down anyway.
-        if self.processor is None or self.problem is not None:
+        if self.processor is None or self._problem is not None:
             return
         try:
             self.swept = yield self._in_thread(self.processor.sweep)
@@ -108,7 +120,8 @@ class ProcessorService(Service):
 
     def state(self) -> dict:
         """Whether it processes (and why not), and its settle failures."""
-        return {"problem": self.problem, "running": 1 if self.problem is None else 0,
+        problem = self.problem
+        return {"problem": problem, "running": 1 if problem is None else 0,
                 "settle_failures": self.settle_failures}
 
     def _in_thread(self, function, *args):
@@ -204,7 +217,7 @@ class ProcessorService(Service):
                 try:
                     messages, prefetched = (yield prefetched), None
                     yield self._settle_each(self.queue.postpone,
-                                            [[m.receipt for m in messages], self.problem or ""])
+                                            [[m.receipt for m in messages], self._problem or ""])
                 except Exception:
                     log.failure("giving a prefetched batch back failed")
                     prefetched = None
@@ -264,7 +277,7 @@ class ProcessorService(Service):
             log.warn("{count} messages wait in the queue, trying again in {delay} s: {reason}",
                      count=len(postponed), delay=self.backoff(), reason=outage)
         elif self._failures:
-            log.info("processing again after: {problem}", problem=self.problem)
+            log.info("processing again after: {problem}", problem=self._problem)
             self._failures, self.problem = 0, None
         yield self._settled()
         # The deletes first: nothing that goes wrong settling the others

@@ -6,6 +6,9 @@ real SQLite files, moto, influxd."""
 from __future__ import annotations
 
 import json
+import sqlite3
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
@@ -13,6 +16,7 @@ from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 from txthings import coap
 
+from sense_gateway.envelope import Reading
 from sense_gateway.queues.sqlite import SQLiteQueueStore
 from sense_gateway.registry.sqlite import SQLiteRegistry
 from sense_gateway.sinks.sqlite import SQLiteStore
@@ -82,6 +86,72 @@ class StoreFullTests(TestCase):
         self.assertIsNone(gateway.worker.problem)
         status, _ = yield get_json(gateway, "/healthz")
         self.assertEqual(status, 200)
+
+
+class DamagedShardTests(TestCase):
+    """One shard of the queue cannot be read: the others are processed
+    meanwhile, ``/healthz`` names it, and once it can be read again its
+    messages are processed too."""
+
+    timeout = 120
+
+    @staticmethod
+    def put_outside(path: Path, device: str, values) -> None:
+        """Readings of *device* into the shard at *path*, by a second connection
+        (as the worker that owns the shard would)."""
+        from tests.test_queue_sqlite import envelope
+
+        store = SQLiteQueueStore(path)  # creates the table if it is missing
+        try:
+            store.put_many([replace(envelope(seq), device=device, readings=[
+                Reading({"t": value}, time.time())]).to_json()
+                for seq, value in enumerate(values, 1)])
+        finally:
+            store.close()
+
+    @defer.inlineCallbacks
+    def test_a_shard_that_cannot_be_read_holds_back_only_its_own_messages(self):
+        shards = Path(self.mktemp()).resolve()
+        shards.mkdir(parents=True)
+        # What a run with three workers left: two more shards beside the first.
+        for n in (1, 2):
+            SQLiteQueueStore(shards / f"queue-{n}.sqlite3").close()
+        gateway = yield start_gateway(self, role="all", **{
+            "queue.sqlite.path": str(shards / "queue.sqlite3"), "sinks.enabled": ("sqlite",),
+            "processor.poll_interval": 0.05})
+        yield eventually(lambda: gateway.worker.processor is not None)
+        # Shard 1 is damaged under the running gateway: its table is gone.
+        db = sqlite3.connect(shards / "queue-1.sqlite3")
+        db.execute("DROP TABLE messages")
+        db.commit()
+        db.close()
+        readings = SQLiteStore(gateway.config.store_path)
+        self.addCleanup(readings.close)
+
+        def values(device: str) -> list[float]:
+            return sorted(value for _, value in readings.query(device, "t"))
+
+        peer = RawCoapPeer(self)
+        for seq in (1, 2, 3):
+            response = yield peer.request(request_datagram(payload=orjson.dumps(
+                {"id": "node-a", "seq": seq, "data": {"t": seq}}), content_format=50, mid=seq),
+                gateway.port)
+            self.assertEqual(response.code, coap.CHANGED, response.payload)
+        self.put_outside(shards / "queue-2.sqlite3", "node-b", (4.0, 5.0))
+        yield eventually(lambda: (values("node-a"), values("node-b"))
+                         == ([1.0, 2.0, 3.0], [4.0, 5.0]))
+        status, health = yield get_json(gateway, "/healthz")
+        self.assertEqual(status, 503)
+        self.assertIn("queue shard 1 (", health["failing"]["processor"])
+        self.assertIn("receiving fails: OperationalError: no such table: messages",
+                      health["failing"]["processor"])
+
+        # Repaired (the table back, a reading waiting in it): processed, healthy.
+        self.put_outside(shards / "queue-1.sqlite3", "node-c", (6.0,))
+        yield eventually(lambda: values("node-c") == [6.0])
+        yield eventually(lambda: gateway.worker.problem is None)
+        status, health = yield get_json(gateway, "/healthz")
+        self.assertEqual((status, health), (200, {"status": "ok"}))
 
 
 class ProcessorStartTests(TestCase):

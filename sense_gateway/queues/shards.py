@@ -12,9 +12,13 @@ dead-letter ids name their shard: ``"1:42"`` is message 42 of shard 1.
 from __future__ import annotations
 
 from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from sense_gateway.errors import ConfigError
 from sense_gateway.queues import DeadLetter, EnvelopeQueue, Received
+
+log = Logger()
 
 
 def _split(tagged) -> tuple[int, str]:
@@ -71,6 +75,8 @@ class ShardedQueue(EnvelopeQueue):
             s.max_depth is not None for s in self.shards) else None
         #: the shard the next receive starts at: every shard gets its turn
         self._next = 0
+        #: shards whose last receive failed: index -> why
+        self.failing: dict[int, str] = {}
 
     @property
     def refusals(self) -> dict[str, int]:
@@ -95,16 +101,49 @@ class ShardedQueue(EnvelopeQueue):
     @defer.inlineCallbacks
     def receive(self, max_messages: int, visibility_timeout: float | None = None):
         received: list[Received] = []
+        failures: list[Failure] = []
         start, self._next = self._next, (self._next + 1) % len(self.shards)
         for offset in range(len(self.shards)):
             if len(received) >= max_messages:
                 break
             index = (start + offset) % len(self.shards)
-            batch = yield self.shards[index].receive(max_messages - len(received),
-                                                     visibility_timeout)
+            try:
+                batch = yield self.shards[index].receive(max_messages - len(received),
+                                                         visibility_timeout)
+            except Exception as e:
+                # One shard that cannot be read (a damaged file) must not
+                # hold back the others; the processor says which one fails.
+                self._receive_failed(index, e)
+                failures.append(Failure())
+                continue
+            if self.failing.pop(index, None) is not None:
+                log.info("queue shard {index} ({name}): receiving again",
+                         index=index, name=self._name(index))
             received += [Received(m.message_id, f"{index}:{m.receipt}", m.envelope,
                                   m.receive_count) for m in batch]
+        if failures and len(failures) == len(self.shards):
+            failures[0].raiseException()
         return received
+
+    def _name(self, index: int) -> str:
+        return str(getattr(self.shards[index], "path", index))
+
+    def _receive_failed(self, index: int, error: Exception) -> None:
+        reason = f"{type(error).__name__}: {error}"[:200]
+        if index not in self.failing:
+            # Once when it starts failing, not every round.
+            log.warn("queue shard {index} ({name}): receiving failed, the other shards "
+                     "are processed meanwhile: {reason}",
+                     index=index, name=self._name(index), reason=reason)
+        self.failing[index] = reason
+
+    def receive_problem(self) -> str | None:
+        """Why some shards' messages are not being processed now (None if
+        every shard was received from at its last try)."""
+        if not self.failing:
+            return None
+        return "; ".join(f"queue shard {i} ({self._name(i)}): receiving fails: {reason}"
+                         for i, reason in sorted(self.failing.items()))[:300]
 
     def _each_shard(self, method: str, receipts, *args):
         calls = [getattr(self.shards[i], method)(inner, *args)
