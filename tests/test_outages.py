@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 from txthings import coap
@@ -145,6 +146,18 @@ class DamagedShardTests(TestCase):
         self.assertIn("queue shard 1 (", health["failing"]["processor"])
         self.assertIn("receiving fails: OperationalError: no such table: messages",
                       health["failing"]["processor"])
+        # The queue's depth cannot be read: left out and named, the rest served.
+        status, stats = yield get_json(gateway, "/api/stats")
+        self.assertEqual(status, 200)
+        self.assertNotIn("queue", stats)
+        self.assertEqual(stats["unavailable"]["queue"],
+                         "OperationalError: no such table: messages")
+        self.assertEqual(stats["processor"]["written"], 5)
+        self.assertEqual(stats["devices"], 2)
+        metrics = yield metric_samples(gateway)
+        self.assertEqual(metrics[("sense_stats_unavailable", (("part", "queue"),))], 1)
+        self.assertEqual(metrics[("sense_processed_messages_total", (("outcome", "written"),))], 5)
+        self.assertNotIn(("sense_dead_letters", ()), metrics)
 
         # Repaired (the table back, a reading waiting in it): processed, healthy.
         self.put_outside(shards / "queue-1.sqlite3", "node-c", (6.0,))
@@ -152,6 +165,19 @@ class DamagedShardTests(TestCase):
         yield eventually(lambda: gateway.worker.problem is None)
         status, health = yield get_json(gateway, "/healthz")
         self.assertEqual((status, health), (200, {"status": "ok"}))
+        metrics = yield metric_samples(gateway)
+        self.assertEqual(metrics[("sense_dead_letters", ())], 0)
+        self.assertFalse([key for key in metrics if key[0] == "sense_stats_unavailable"])
+
+
+@defer.inlineCallbacks
+def metric_samples(gateway) -> dict:
+    """{(name, sorted labels): value} of an in-process gateway's /metrics."""
+    response = yield http_get(web_base(gateway) + "/metrics")
+    assert response.code == 200, response
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(response.body.decode())
+            for sample in family.samples}
 
 
 class ProcessorStartTests(TestCase):

@@ -56,6 +56,13 @@ def _replay_ids(ids, count: int) -> dict[int, list]:
             for shard, inner in _by_shard(ids, count).items()}
 
 
+def _all(calls) -> defer.Deferred:
+    """Every call's result, or the first failure itself (not wrapped in a
+    FirstError, so it reads as what went wrong)."""
+    return defer.gatherResults(calls, consumeErrors=True).addErrback(
+        lambda failure: failure.value.subFailure if failure.check(defer.FirstError) else failure)
+
+
 def _sum_depths(depths) -> dict[str, int]:
     total: dict[str, int] = {}
     for depth in depths:
@@ -148,7 +155,7 @@ class ShardedQueue(EnvelopeQueue):
     def _each_shard(self, method: str, receipts, *args):
         calls = [getattr(self.shards[i], method)(inner, *args)
                  for i, inner in _by_shard(receipts, len(self.shards)).items()]
-        return defer.gatherResults(calls, consumeErrors=True)
+        return _all(calls)
 
     def delete(self, receipts):
         return self._each_shard("delete", receipts).addCallback(sum)
@@ -165,13 +172,10 @@ class ShardedQueue(EnvelopeQueue):
         return self.shards[shard].dead_letter(inner, reason)
 
     def check(self):
-        return defer.gatherResults([s.check() for s in self.shards],
-                                   consumeErrors=True).addErrback(
-            lambda failure: failure.value.subFailure).addCallback(lambda _: None)
+        return _all([s.check() for s in self.shards]).addCallback(lambda _: None)
 
     def depth(self):
-        return defer.gatherResults([s.depth() for s in self.shards],
-                                   consumeErrors=True).addCallback(_sum_depths)
+        return _all([s.depth() for s in self.shards]).addCallback(_sum_depths)
 
     @defer.inlineCallbacks
     def dead_letters(self, limit: int = 100):
@@ -186,7 +190,7 @@ class ShardedQueue(EnvelopeQueue):
         else:
             calls = [self.shards[i].replay(inner)
                      for i, inner in _replay_ids(ids, len(self.shards)).items()]
-        return defer.gatherResults(calls, consumeErrors=True).addCallback(sum)
+        return _all(calls).addCallback(sum)
 
 
 class ShardedStore:

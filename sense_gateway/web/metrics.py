@@ -130,14 +130,21 @@ class StatsCollector:
             for index, count in self.stats["workers"]["starts"].items():
                 starts.add_metric([index], count)
             yield starts
-        depth = GaugeMetricFamily("sense_queue_messages", "Messages in the queue",
-                                  labels=["state"])
-        for state, count in self.stats.get("queue", {}).items():
-            depth.add_metric([state], count)
-        yield depth
-        dead = GaugeMetricFamily("sense_dead_letters", "Messages in the dead letters")
-        dead.add_metric([], self.stats.get("queue", {}).get("dead", 0))
-        yield dead
+        if "queue" in self.stats:  # (not when it could not be read: see below)
+            depth = GaugeMetricFamily("sense_queue_messages", "Messages in the queue",
+                                      labels=["state"])
+            for state, count in self.stats["queue"].items():
+                depth.add_metric([state], count)
+            yield depth
+            dead = GaugeMetricFamily("sense_dead_letters", "Messages in the dead letters")
+            dead.add_metric([], self.stats["queue"].get("dead", 0))
+            yield dead
+        unavailable = GaugeMetricFamily(
+            "sense_stats_unavailable", "1 for each part of the gateway's state this scrape "
+            "could not read (its metrics are left out; /healthz says why)", labels=["part"])
+        for part in sorted(self.stats.get("unavailable", {})):
+            unavailable.add_metric([part], 1)
+        yield unavailable
         max_depth = self.stats.get("backlog", {}).get("max_depth")
         if max_depth is not None:
             bound = GaugeMetricFamily("sense_queue_max_depth",
@@ -237,8 +244,12 @@ class MetricsResource(AsyncResource):
         registry = CollectorRegistry(auto_describe=False)
         registry.register(StatsCollector(stats, web.gateway))
         if web.backends is not None:
-            records = yield web.in_thread(web.backends.devices)
-            registry.register(FleetCollector(records, web.reactor.seconds(), web.policy,
-                                             web.metrics_limit))
+            try:
+                records = yield web.in_thread(web.backends.devices)
+            except Exception as e:
+                stats.setdefault("unavailable", {})["fleet"] = f"{type(e).__name__}: {e}"[:300]
+            else:
+                registry.register(FleetCollector(records, web.reactor.seconds(), web.policy,
+                                                 web.metrics_limit))
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
         return generate_latest(registry)

@@ -65,6 +65,12 @@ class Backends:
                 part.close()
 
 
+def _reason(error: Exception) -> str:
+    """Why a part failed, short: a queue that refuses says it in its own words."""
+    text = str(error) if isinstance(error, Unavailable) else f"{type(error).__name__}: {error}"
+    return text[:300]
+
+
 def _directory_health(directory):
     """Fails while the device directory cannot be refreshed (or never was)."""
     if directory.failure is not None:
@@ -128,17 +134,31 @@ class WebService(Service):
                        if part in summed)
         if gateway.worker is not None:
             out["processor"] = gateway.worker.outcomes()
-        out["queue"] = depth = yield gateway.queue.depth()
-        # What the dashboard shows as the backlog, against its bound.
-        out["backlog"] = {"waiting": depth.get("visible", 0) + depth.get("in_flight", 0),
-                          "max_depth": getattr(gateway.queue, "max_depth", None)}
+        # A part that cannot be read (the queue's server down, a damaged
+        # shard, the registry) is left out and named, not the whole answer:
+        # /metrics matters most while something is down.
+        unavailable = {}
+        try:
+            depth = yield gateway.queue.depth()
+        except Exception as e:
+            unavailable["queue"] = _reason(e)
+        else:
+            out["queue"] = depth
+            # What the dashboard shows as the backlog, against its bound.
+            out["backlog"] = {"waiting": depth.get("visible", 0) + depth.get("in_flight", 0),
+                              "max_depth": getattr(gateway.queue, "max_depth", None)}
         if supervisor is not None:
             out["workers"] = {**supervisor.state(), "counters": supervisor.reports.by_worker()}
         refusals = getattr(gateway.queue, "refusals", None)
         if refusals is not None:
             out["queue_refusals"] = dict(refusals)
         if self.backends is not None:
-            out["devices"] = yield self.in_thread(self.backends.count_devices)
+            try:
+                out["devices"] = yield self.in_thread(self.backends.count_devices)
+            except Exception as e:
+                unavailable["devices"] = _reason(e)
+        if unavailable:
+            out["unavailable"] = unavailable
         return out
 
     @defer.inlineCallbacks
@@ -168,9 +188,7 @@ class WebService(Service):
             try:
                 yield check()
             except Exception as e:
-                # A queue that refuses says why in its own words.
-                text = str(e) if isinstance(e, Unavailable) else f"{type(e).__name__}: {e}"
-                failing[part] = text[:300]
+                failing[part] = _reason(e)
         return failing
 
     def startService(self):

@@ -72,9 +72,16 @@
     // The backlog against its bound (queue.max_depth): at the bound, new
     // readings are refused with 5.03 until the processor catches up.
     const backlog = stats.backlog || {};
+    const cell = document.querySelector('[data-stat="backlog"]');
+    if (stats.queue === undefined) {
+      // The queue could not be read (its server down, a damaged shard).
+      cell.textContent = "–";
+      cell.classList.remove("full");
+      cell.title = `The queue could not be read: ${(stats.unavailable || {}).queue || ""}`;
+      return;
+    }
     const waiting = backlog.waiting === undefined
       ? (queue.visible || 0) + (queue.in_flight || 0) : backlog.waiting;
-    const cell = document.querySelector('[data-stat="backlog"]');
     const bound = backlog.max_depth;
     cell.textContent = bound ? `${waiting.toLocaleString()} of ${bound.toLocaleString()}`
       : waiting.toLocaleString();
