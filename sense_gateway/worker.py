@@ -21,7 +21,9 @@ settles the rest:
   ``queue.max_depth``, for as long as the outage lasts.
 
 Starting (opening the registry and the sinks) is retried with the same
-backoff until it succeeds. :attr:`ProcessorService.problem` says why the
+backoff until it succeeds, and so is a receive that fails (the queue's
+server unreachable, its file damaged; one damaged shard of a sharded
+queue holds back only its own messages). :attr:`ProcessorService.problem` says why the
 worker is not processing, for ``/healthz``. A failure to settle one
 message (a release, a dead letter) is logged and counted; it never keeps
 the round's deletes from being written. An empty queue is polled every
@@ -76,6 +78,9 @@ class ProcessorService(Service):
         self.settle_failures = 0
         # why the worker is not processing now: starting failed, an outage
         self._problem: str | None = None
+        # receives failed in a row, and why the last one did
+        self._receive_failures = 0
+        self._receive_problem: str | None = None
         #: failed tries in a row of the current outage (or of starting)
         self._failures = 0
 
@@ -84,8 +89,9 @@ class ProcessorService(Service):
         """Why the worker is not processing (all of its queue) now, for
         ``/healthz``; None while it is. Besides its own outages, a shard
         of its queue that cannot be received from."""
-        receive_problem = getattr(self.queue, "receive_problem", None)
-        return self._problem or (receive_problem() if receive_problem else None)
+        shards_failing = getattr(self.queue, "receive_problem", None)
+        return (self._problem or self._receive_problem
+                or (shards_failing() if shards_failing else None))
 
     @problem.setter
     def problem(self, value: str | None) -> None:
@@ -201,6 +207,15 @@ class ProcessorService(Service):
                     messages, prefetched = (yield prefetched), None
                 else:
                     messages = yield self.queue.receive(self.batch_size)
+            except Exception as e:
+                prefetched = None
+                yield self._receive_failed(e)
+                continue
+            if self._receive_failures:
+                log.info("receiving from the queue again after: {problem}",
+                         problem=self._receive_problem)
+                self._receive_failures, self._receive_problem = 0, None
+            try:
                 if probing and not messages:
                     # Everything answers and nothing waits to prove it:
                     # back to polling; the next batch shows what is left.
@@ -224,6 +239,19 @@ class ProcessorService(Service):
             if not busy and not self._failures and self.running:
                 yield self._pause(self.poll_interval)
         yield self._settled()
+
+    def _receive_failed(self, error: Exception) -> defer.Deferred:
+        """A receive failed (the queue's server unreachable, its file
+        damaged): say so in :attr:`problem`, log it once, and wait the
+        backoff before the next try."""
+        self._receive_failures += 1
+        self._receive_problem = f"receiving failed: {type(error).__name__}: {error}"[:300]
+        delay = min(self.retry_max, self.retry_base * 2 ** (self._receive_failures - 1))
+        if self._receive_failures == 1:
+            log.warn("receiving from the queue failed, trying again in {delay} s (then "
+                     "with the backoff, logged once): {reason}", delay=delay,
+                     reason=f"{type(error).__name__}: {error}")
+        return self._pause(delay)
 
     def process_round(self):
         """Receive, process, settle one batch; fires True if there was work."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 from txthings import coap
 
@@ -89,10 +90,11 @@ class StoreFullTests(TestCase):
         self.assertEqual(status, 200)
 
 
-class DamagedShardTests(TestCase):
-    """One shard of the queue cannot be read: the others are processed
-    meanwhile, ``/healthz`` names it, and once it can be read again its
-    messages are processed too."""
+class UnreadableQueueTests(TestCase):
+    """A queue, or one shard of it, that cannot be read (its file damaged
+    under the running gateway): the other shards are processed meanwhile,
+    the processor tries again with the backoff, ``/healthz`` names it, and
+    once it can be read again its messages are processed too."""
 
     timeout = 120
 
@@ -168,6 +170,42 @@ class DamagedShardTests(TestCase):
         metrics = yield metric_samples(gateway)
         self.assertEqual(metrics[("sense_dead_letters", ())], 0)
         self.assertFalse([key for key in metrics if key[0] == "sense_stats_unavailable"])
+
+
+    @defer.inlineCallbacks
+    def test_a_queue_that_cannot_be_read_is_tried_again_with_the_backoff(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        queue = Path(self.mktemp()).resolve() / "queue.sqlite3"
+        queue.parent.mkdir(parents=True)
+        gateway = yield start_gateway(self, role="all", **{
+            "queue.sqlite.path": str(queue), "sinks.enabled": ("sqlite",),
+            "processor.poll_interval": 0.05, "processor.retry_base": 0.05,
+            "processor.retry_max": 0.2})
+        yield eventually(lambda: gateway.worker.processor is not None)
+        db = sqlite3.connect(queue)
+        db.execute("DROP TABLE messages")
+        db.commit()
+        db.close()
+        yield eventually(lambda: gateway.worker._receive_failures >= 4)
+        self.assertEqual(gateway.worker.problem,
+                         "receiving failed: OperationalError: no such table: messages")
+        status, health = yield get_json(gateway, "/healthz")
+        self.assertEqual(status, 503)
+        self.assertEqual(health["failing"]["processor"], gateway.worker.problem)
+        # Logged once, not every try.
+        failed = [e for e in events
+                  if e.get("log_format", "").startswith("receiving from the queue failed")]
+        self.assertEqual(len(failed), 1)
+
+        self.put_outside(queue, "node-d", (7.0,))
+        readings = SQLiteStore(gateway.config.store_path)
+        self.addCleanup(readings.close)
+        yield eventually(lambda: [v for _, v in readings.query("node-d", "t")] == [7.0])
+        self.assertIsNone(gateway.worker.problem)
+        status, _ = yield get_json(gateway, "/healthz")
+        self.assertEqual(status, 200)
 
 
 @defer.inlineCallbacks
