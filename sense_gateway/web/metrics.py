@@ -169,7 +169,8 @@ class StatsCollector:
             settle = CounterMetricFamily("sense_settle_failures", "Deletes, releases and "
                                          "dead letters the queue failed", labels=labels)
             running = GaugeMetricFamily("sense_processor_running", "1 while the processor "
-                                        "processes, 0 while it waits", labels=labels)
+                                        "processes all of its queue, 0 while it waits "
+                                        "(/healthz says why)", labels=labels)
             for values, state in processing:
                 settle.add_metric(values, state.get("settle_failures", 0))
                 if "running" in state:  # a gone worker's processor runs nowhere
