@@ -146,9 +146,13 @@ class ProcessorService(Service):
             raise
         self.processor = processor
 
-    def backoff(self) -> float:
-        """Seconds to wait after the current run of failed tries."""
-        return min(self.retry_max, self.retry_base * 2 ** max(0, self._failures - 1))
+    def backoff(self, failures: int | None = None) -> float:
+        """Seconds to wait after *failures* failed tries in a row (default:
+        those of the current outage or start)."""
+        failures = self._failures if failures is None else failures
+        # (The exponent capped: 2.0 ** 1024 is no float, and days of an
+        # outage must not end the processor.)
+        return min(self.retry_max, self.retry_base * 2.0 ** min(max(0, failures - 1), 64))
 
     @defer.inlineCallbacks
     def _start(self):
@@ -246,7 +250,9 @@ class ProcessorService(Service):
         backoff before the next try."""
         self._receive_failures += 1
         self._receive_problem = f"receiving failed: {type(error).__name__}: {error}"[:300]
-        delay = min(self.retry_max, self.retry_base * 2 ** (self._receive_failures - 1))
+        if not self.running:
+            return defer.succeed(None)  # stopping: no pause a stop would not cut short
+        delay = self.backoff(self._receive_failures)
         if self._receive_failures == 1:
             log.warn("receiving from the queue failed, trying again in {delay} s (then "
                      "with the backoff, logged once): {reason}", delay=delay,
@@ -337,7 +343,7 @@ class ProcessorService(Service):
         return settling if settling is not None else defer.succeed(None)
 
     def _delay(self, message) -> float:
-        return min(self.retry_max, self.retry_base * 2 ** (message.receive_count - 1))
+        return self.backoff(message.receive_count)
 
     @defer.inlineCallbacks
     def stopService(self):

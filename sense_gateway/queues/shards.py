@@ -11,6 +11,8 @@ dead-letter ids name their shard: ``"1:42"`` is message 42 of shard 1.
 
 from __future__ import annotations
 
+import time
+
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -19,6 +21,12 @@ from sense_gateway.errors import ConfigError
 from sense_gateway.queues import DeadLetter, EnvelopeQueue, Received
 
 log = Logger()
+
+#: a shard whose receive failed is skipped for this long, doubled per
+#: failure in a row up to SHARD_RETRY_MAX: one that fails slowly (a lock
+#: waited for) must not slow every round of the others
+SHARD_RETRY_BASE = 1.0
+SHARD_RETRY_MAX = 60.0
 
 
 def _split(tagged) -> tuple[int, str]:
@@ -84,6 +92,8 @@ class ShardedQueue(EnvelopeQueue):
         self._next = 0
         #: shards whose last receive failed: index -> why
         self.failing: dict[int, str] = {}
+        # index -> (failures in a row, when to try it again)
+        self._retry: dict[int, tuple[int, float]] = {}
 
     @property
     def refusals(self) -> dict[str, int]:
@@ -114,6 +124,8 @@ class ShardedQueue(EnvelopeQueue):
             if len(received) >= max_messages:
                 break
             index = (start + offset) % len(self.shards)
+            if index in self._retry and time.monotonic() < self._retry[index][1]:
+                continue
             try:
                 batch = yield self.shards[index].receive(max_messages - len(received),
                                                          visibility_timeout)
@@ -124,24 +136,29 @@ class ShardedQueue(EnvelopeQueue):
                 failures.append(Failure())
                 continue
             if self.failing.pop(index, None) is not None:
-                log.info("queue shard {index} ({name}): receiving again",
-                         index=index, name=self._name(index))
+                del self._retry[index]
+                log.info("queue shard {name}: receiving again", name=self._name(index))
             received += [Received(m.message_id, f"{index}:{m.receipt}", m.envelope,
                                   m.receive_count) for m in batch]
-        if failures and len(failures) == len(self.shards):
-            failures[0].raiseException()
+        if failures and not received and len(self.failing) == len(self.shards):
+            failures[0].raiseException()  # every shard fails: the processor backs off
         return received
 
     def _name(self, index: int) -> str:
-        return str(getattr(self.shards[index], "path", index))
+        """The shard's file (its number in this queue's list if it has none:
+        a worker's list is not every shard)."""
+        return str(getattr(self.shards[index], "path", f"#{index}"))
 
     def _receive_failed(self, index: int, error: Exception) -> None:
         reason = f"{type(error).__name__}: {error}"[:200]
+        failures = self._retry.get(index, (0, 0.0))[0] + 1
+        delay = min(SHARD_RETRY_MAX, SHARD_RETRY_BASE * 2.0 ** min(failures - 1, 16))
+        self._retry[index] = (failures, time.monotonic() + delay)
         if index not in self.failing:
             # Once when it starts failing, not every round.
-            log.warn("queue shard {index} ({name}): receiving failed, the other shards "
-                     "are processed meanwhile: {reason}",
-                     index=index, name=self._name(index), reason=reason)
+            log.warn("queue shard {name}: receiving failed, the other shards are processed "
+                     "meanwhile, tried again after {delay} s (then with a backoff): {reason}",
+                     name=self._name(index), delay=delay, reason=reason)
         self.failing[index] = reason
 
     def receive_problem(self) -> str | None:
@@ -149,7 +166,7 @@ class ShardedQueue(EnvelopeQueue):
         every shard was received from at its last try)."""
         if not self.failing:
             return None
-        return "; ".join(f"queue shard {i} ({self._name(i)}): receiving fails: {reason}"
+        return "; ".join(f"queue shard {self._name(i)}: receiving fails: {reason}"
                          for i, reason in sorted(self.failing.items()))[:300]
 
     def _each_shard(self, method: str, receipts, *args):
