@@ -84,6 +84,14 @@ class Unavailable(RequestError):
         self.max_age = max_age
 
 
+def failure_text(error: BaseException, limit: int = 300) -> str:
+    """Why a part failed, short, for ``/healthz`` and ``/api/stats``: an
+    :class:`Unavailable` says it in its own words, anything else with its
+    type."""
+    text = str(error) if isinstance(error, Unavailable) else f"{type(error).__name__}: {error}"
+    return text[:limit]
+
+
 class ConfigError(Exception):
     """A configuration value is wrong; the message names the key."""
 

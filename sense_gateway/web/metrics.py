@@ -8,6 +8,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.internet import defer
 
+from sense_gateway.errors import failure_text
 from sense_gateway.pipeline import cumulative_buckets
 from sense_gateway.web.api import AsyncResource
 
@@ -248,7 +249,7 @@ class MetricsResource(AsyncResource):
             try:
                 records = yield web.in_thread(web.backends.devices)
             except Exception as e:
-                stats.setdefault("unavailable", {})["fleet"] = f"{type(e).__name__}: {e}"[:300]
+                stats.setdefault("unavailable", {})["fleet"] = failure_text(e)
             else:
                 registry.register(FleetCollector(records, web.reactor.seconds(), web.policy,
                                                  web.metrics_limit))

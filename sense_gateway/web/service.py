@@ -10,7 +10,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import server
 
-from sense_gateway.errors import Unavailable, code_text
+from sense_gateway.errors import code_text, failure_text
 from sense_gateway.liveness import LivenessPolicy
 from sense_gateway.threads import BlockingThreads
 from sense_gateway.web.api import (DevicesResource, Folder, HealthResource, ReadingsResource,
@@ -63,12 +63,6 @@ class Backends:
         for part in (self.registry, self.store, *(self.sinks or ())):
             if part is not None:
                 part.close()
-
-
-def _reason(error: Exception) -> str:
-    """Why a part failed, short: a queue that refuses says it in its own words."""
-    text = str(error) if isinstance(error, Unavailable) else f"{type(error).__name__}: {error}"
-    return text[:300]
 
 
 def _directory_health(directory):
@@ -141,7 +135,7 @@ class WebService(Service):
         try:
             depth = yield gateway.queue.depth()
         except Exception as e:
-            unavailable["queue"] = _reason(e)
+            unavailable["queue"] = failure_text(e)
         else:
             out["queue"] = depth
             # What the dashboard shows as the backlog, against its bound.
@@ -156,7 +150,7 @@ class WebService(Service):
             try:
                 out["devices"] = yield self.in_thread(self.backends.count_devices)
             except Exception as e:
-                unavailable["devices"] = _reason(e)
+                unavailable["devices"] = failure_text(e)
         if unavailable:
             out["unavailable"] = unavailable
         return out
@@ -188,7 +182,7 @@ class WebService(Service):
             try:
                 yield check()
             except Exception as e:
-                failing[part] = _reason(e)
+                failing[part] = failure_text(e)
         return failing
 
     def startService(self):
