@@ -5,12 +5,23 @@ A key's bucket holds at most ``burst`` tokens and gains ``rate`` per
 second; each event takes one. When the table is full, the bucket touched
 longest ago is forgotten (a forgotten source starts again with a full
 bucket: the bound costs precision, never memory).
+
+:func:`backoff` is the one doubling delay of whatever is tried again
+after failing (the processor's outages and receives, a queue's shards).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+
+
+def backoff(base: float, maximum: float, failures: int) -> float:
+    """Seconds to wait after *failures* failed tries in a row: *base*,
+    doubled per failure after the first, at most *maximum*."""
+    # The exponent capped: 2.0 ** 1024 is no float, and days of failing
+    # must not end what retries.
+    return min(maximum, base * 2.0 ** min(max(0, failures - 1), 64))
 
 
 class TokenBuckets:

@@ -23,8 +23,9 @@ settles the rest:
 Starting (opening the registry and the sinks) is retried with the same
 backoff until it succeeds, and so is a receive that fails (the queue's
 server unreachable, its file damaged; one damaged shard of a sharded
-queue holds back only its own messages). :attr:`ProcessorService.problem` says why the
-worker is not processing, for ``/healthz``. A failure to settle one
+queue holds back only its own messages).
+:attr:`ProcessorService.problem` says why the worker is not processing,
+for ``/healthz``. A failure to settle one
 message (a release, a dead letter) is logged and counted; it never keeps
 the round's deletes from being written. An empty queue is polled every
 ``processor.poll_interval`` seconds.
@@ -42,6 +43,8 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from sense_gateway.errors import failure_text
+from sense_gateway.limits import backoff
 from sense_gateway.processor import BatchProcessor, Outcome, Result
 from sense_gateway.registry import RegistryUnavailable
 from sense_gateway.threads import BlockingThreads
@@ -150,9 +153,7 @@ class ProcessorService(Service):
         """Seconds to wait after *failures* failed tries in a row (default:
         those of the current outage or start)."""
         failures = self._failures if failures is None else failures
-        # (The exponent capped: 2.0 ** 1024 is no float, and days of an
-        # outage must not end the processor.)
-        return min(self.retry_max, self.retry_base * 2.0 ** min(max(0, failures - 1), 64))
+        return backoff(self.retry_base, self.retry_max, failures)
 
     @defer.inlineCallbacks
     def _start(self):
@@ -248,15 +249,15 @@ class ProcessorService(Service):
         """A receive failed (the queue's server unreachable, its file
         damaged): say so in :attr:`problem`, log it once, and wait the
         backoff before the next try."""
+        reason = failure_text(error)
         self._receive_failures += 1
-        self._receive_problem = f"receiving failed: {type(error).__name__}: {error}"[:300]
+        self._receive_problem = f"receiving failed: {reason}"[:300]
         if not self.running:
             return defer.succeed(None)  # stopping: no pause a stop would not cut short
         delay = self.backoff(self._receive_failures)
         if self._receive_failures == 1:
             log.warn("receiving from the queue failed, trying again in {delay} s (then "
-                     "with the backoff, logged once): {reason}", delay=delay,
-                     reason=f"{type(error).__name__}: {error}")
+                     "with the backoff, logged once): {reason}", delay=delay, reason=reason)
         return self._pause(delay)
 
     def process_round(self):

@@ -596,3 +596,12 @@ class CoapEndpoint:
 
     def written(self) -> list[bytes]:
         return [d for d, _ in self.transport.sent]
+
+
+def metric_samples(page: bytes) -> dict:
+    """{(name, sorted label pairs): value} of every sample in a /metrics page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(page.decode())
+            for sample in family.samples}

@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 import orjson
-from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, task, utils
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.servers import Prometheus
-from tests.support import BIN, GatewayProcess, RawCoapPeer, deferLater, request_datagram
+from tests.support import (BIN, GatewayProcess, RawCoapPeer, deferLater, metric_samples,
+                           request_datagram)
 from tests.test_dashboard import BrowserSession, output_directory
 
 RULES = Path(__file__).resolve().parent.parent / "etc" / "prometheus"
@@ -148,9 +148,7 @@ class FleetLivenessTests(TestCase):
     @defer.inlineCallbacks
     def metrics(self) -> dict:
         status, body = yield self.gateway.get("/metrics")
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for family in text_string_to_metric_families(body.decode())
-                for s in family.samples}
+        return metric_samples(body)
 
     @staticmethod
     def alerts(prometheus) -> list[dict]:

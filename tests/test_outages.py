@@ -12,7 +12,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import orjson
-from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
@@ -24,7 +23,8 @@ from sense_gateway.registry.sqlite import SQLiteRegistry
 from sense_gateway.sinks.sqlite import SQLiteStore
 from tests.servers import InfluxDB1, MotoServer, http
 from tests.support import (GatewayProcess, RawCoapPeer, coap_url, deferLater, eventually, http_get,
-                           libcoap_request, request_datagram, start_gateway, web_base)
+                           libcoap_request, metric_samples, request_datagram, start_gateway,
+                           web_base)
 from tests.test_cloud import AWS_ENV, set_environ
 
 NOW = 1764300000
@@ -112,6 +112,14 @@ class UnreadableQueueTests(TestCase):
         finally:
             store.close()
 
+    @staticmethod
+    def damage(path: Path) -> None:
+        """The queue file at *path* loses its table under the running gateway."""
+        db = sqlite3.connect(path)
+        db.execute("DROP TABLE messages")
+        db.commit()
+        db.close()
+
     @defer.inlineCallbacks
     def test_a_shard_that_cannot_be_read_holds_back_only_its_own_messages(self):
         shards = Path(self.mktemp()).resolve()
@@ -123,11 +131,8 @@ class UnreadableQueueTests(TestCase):
             "queue.sqlite.path": str(shards / "queue.sqlite3"), "sinks.enabled": ("sqlite",),
             "processor.poll_interval": 0.05})
         yield eventually(lambda: gateway.worker.processor is not None)
-        # Shard 1 is damaged under the running gateway: its table is gone.
-        db = sqlite3.connect(shards / "queue-1.sqlite3")
-        db.execute("DROP TABLE messages")
-        db.commit()
-        db.close()
+        # Shard 1 is damaged under the running gateway.
+        self.damage(shards / "queue-1.sqlite3")
         readings = SQLiteStore(gateway.config.store_path)
         self.addCleanup(readings.close)
 
@@ -156,7 +161,7 @@ class UnreadableQueueTests(TestCase):
                          "OperationalError: no such table: messages")
         self.assertEqual(stats["processor"]["written"], 5)
         self.assertEqual(stats["devices"], 2)
-        metrics = yield metric_samples(gateway)
+        metrics = yield metrics_of(gateway)
         self.assertEqual(metrics[("sense_stats_unavailable", (("part", "queue"),))], 1)
         self.assertEqual(metrics[("sense_processed_messages_total", (("outcome", "written"),))], 5)
         self.assertNotIn(("sense_dead_letters", ()), metrics)
@@ -167,10 +172,9 @@ class UnreadableQueueTests(TestCase):
         yield eventually(lambda: gateway.worker.problem is None)
         status, health = yield get_json(gateway, "/healthz")
         self.assertEqual((status, health), (200, {"status": "ok"}))
-        metrics = yield metric_samples(gateway)
+        metrics = yield metrics_of(gateway)
         self.assertEqual(metrics[("sense_dead_letters", ())], 0)
         self.assertFalse([key for key in metrics if key[0] == "sense_stats_unavailable"])
-
 
     @defer.inlineCallbacks
     def test_a_queue_that_cannot_be_read_is_tried_again_with_the_backoff(self):
@@ -184,10 +188,7 @@ class UnreadableQueueTests(TestCase):
             "processor.poll_interval": 0.05, "processor.retry_base": 0.05,
             "processor.retry_max": 0.2})
         yield eventually(lambda: gateway.worker.processor is not None)
-        db = sqlite3.connect(queue)
-        db.execute("DROP TABLE messages")
-        db.commit()
-        db.close()
+        self.damage(queue)
         yield eventually(lambda: gateway.worker._receive_failures >= 1)
         # Tried again with the backoff (0.05, 0.1, then 0.2 s), not every poll.
         yield deferLater(1.0)
@@ -218,10 +219,7 @@ class UnreadableQueueTests(TestCase):
             "queue.sqlite.path": str(queue), "processor.poll_interval": 0.05,
             "processor.retry_base": 300.0, "processor.retry_max": 300.0})
         yield eventually(lambda: gateway.worker.processor is not None)
-        db = sqlite3.connect(queue)
-        db.execute("DROP TABLE messages")
-        db.commit()
-        db.close()
+        self.damage(queue)
         yield eventually(lambda: gateway.worker._receive_failures >= 1)
         started = time.monotonic()
         # (Without the cut, this waits for the 300 s pause and times out.)
@@ -230,13 +228,11 @@ class UnreadableQueueTests(TestCase):
 
 
 @defer.inlineCallbacks
-def metric_samples(gateway) -> dict:
-    """{(name, sorted labels): value} of an in-process gateway's /metrics."""
+def metrics_of(gateway) -> dict:
+    """The samples of an in-process gateway's /metrics."""
     response = yield http_get(web_base(gateway) + "/metrics")
     assert response.code == 200, response
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(response.body.decode())
-            for sample in family.samples}
+    return metric_samples(response.body)
 
 
 class ProcessorStartTests(TestCase):

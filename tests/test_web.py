@@ -4,12 +4,12 @@ and /metrics, read with a real HTTP client."""
 from __future__ import annotations
 
 import orjson
-from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from tests.servers import VictoriaMetrics
-from tests.support import coap_url, eventually, http_get, libcoap_request, start_gateway, web_base
+from tests.support import (coap_url, eventually, http_get, libcoap_request, metric_samples,
+                           start_gateway, web_base)
 
 NOW = 1764300000
 
@@ -58,9 +58,7 @@ class WebTests(TestCase):
         yield self.send_readings()
         code, body = yield self.get("/metrics")
         self.assertEqual(code, 200)
-        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                   for family in text_string_to_metric_families(body.decode())
-                   for s in family.samples}
+        samples = metric_samples(body)
         self.assertEqual(samples[("sense_coap_responses_total", (("code", "2.04"),))], 3)
         self.assertEqual(samples[("sense_coap_responses_total", (("code", "4.00"),))], 1)
         self.assertEqual(samples[("sense_processed_messages_total", (("outcome", "written"),))], 3)
@@ -178,9 +176,7 @@ class GatewayRoleTests(TestCase):
         self.assertEqual((response.code, response.json()),
                          (200, {"status": "ok"}))
         response = yield get("/metrics")
-        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                   for family in text_string_to_metric_families(response.body.decode())
-                   for s in family.samples}
+        samples = metric_samples(response.body)
         self.assertEqual(samples[("sense_coap_responses_total", (("code", "2.04"),))], 1)
         self.assertEqual(samples[("sense_queue_messages", (("state", "visible"),))], 1)
         self.assertNotIn(("sense_devices", ()), samples)

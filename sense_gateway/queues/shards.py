@@ -17,7 +17,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from sense_gateway.errors import ConfigError
+from sense_gateway.errors import ConfigError, failure_text
+from sense_gateway.limits import backoff
 from sense_gateway.queues import DeadLetter, EnvelopeQueue, Received
 
 log = Logger()
@@ -90,10 +91,9 @@ class ShardedQueue(EnvelopeQueue):
             s.max_depth is not None for s in self.shards) else None
         #: the shard the next receive starts at: every shard gets its turn
         self._next = 0
-        #: shards whose last receive failed: index -> why
-        self.failing: dict[int, str] = {}
-        # index -> (failures in a row, when to try it again)
-        self._retry: dict[int, tuple[int, float]] = {}
+        # shards whose last receive failed: index -> (why, failures in a
+        # row, when to try it again)
+        self._failing: dict[int, tuple[str, int, float]] = {}
 
     @property
     def refusals(self) -> dict[str, int]:
@@ -124,7 +124,7 @@ class ShardedQueue(EnvelopeQueue):
             if len(received) >= max_messages:
                 break
             index = (start + offset) % len(self.shards)
-            if index in self._retry and time.monotonic() < self._retry[index][1]:
+            if index in self._failing and time.monotonic() < self._failing[index][2]:
                 continue
             try:
                 batch = yield self.shards[index].receive(max_messages - len(received),
@@ -135,12 +135,11 @@ class ShardedQueue(EnvelopeQueue):
                 self._receive_failed(index, e)
                 failures.append(Failure())
                 continue
-            if self.failing.pop(index, None) is not None:
-                del self._retry[index]
+            if self._failing.pop(index, None) is not None:
                 log.info("queue shard {name}: receiving again", name=self._name(index))
             received += [Received(m.message_id, f"{index}:{m.receipt}", m.envelope,
                                   m.receive_count) for m in batch]
-        if failures and not received and len(self.failing) == len(self.shards):
+        if failures and not received and len(self._failing) == len(self.shards):
             failures[0].raiseException()  # every shard fails: the processor backs off
         return received
 
@@ -150,24 +149,23 @@ class ShardedQueue(EnvelopeQueue):
         return str(getattr(self.shards[index], "path", f"#{index}"))
 
     def _receive_failed(self, index: int, error: Exception) -> None:
-        reason = f"{type(error).__name__}: {error}"[:200]
-        failures = self._retry.get(index, (0, 0.0))[0] + 1
-        delay = min(SHARD_RETRY_MAX, SHARD_RETRY_BASE * 2.0 ** min(failures - 1, 16))
-        self._retry[index] = (failures, time.monotonic() + delay)
-        if index not in self.failing:
+        reason = failure_text(error, 200)
+        failures = self._failing[index][1] + 1 if index in self._failing else 1
+        delay = backoff(SHARD_RETRY_BASE, SHARD_RETRY_MAX, failures)
+        if failures == 1:
             # Once when it starts failing, not every round.
             log.warn("queue shard {name}: receiving failed, the other shards are processed "
                      "meanwhile, tried again after {delay} s (then with a backoff): {reason}",
                      name=self._name(index), delay=delay, reason=reason)
-        self.failing[index] = reason
+        self._failing[index] = (reason, failures, time.monotonic() + delay)
 
     def receive_problem(self) -> str | None:
         """Why some shards' messages are not being processed now (None if
         every shard was received from at its last try)."""
-        if not self.failing:
+        if not self._failing:
             return None
         return "; ".join(f"queue shard {self._name(i)}: receiving fails: {reason}"
-                         for i, reason in sorted(self.failing.items()))[:300]
+                         for i, (reason, _, _) in sorted(self._failing.items()))[:300]
 
     def _each_shard(self, method: str, receipts, *args):
         calls = [getattr(self.shards[i], method)(inner, *args)
